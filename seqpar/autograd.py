@@ -1,0 +1,166 @@
+"""The backward pass: the adjoint recurrence at the solution, as an autograd Function.
+
+With states h_t = f(h_{t-1}, u_t) and upstream gradients g_t = dL/dh_t, the
+adjoint is the reverse-time linear recurrence (DESIGN.md section 2)
+
+    lambda_t = g_t + J_{t+1}^T lambda_{t+1},      lambda_{n-1} = g_{n-1} + v
+
+where ``v`` is the adjoint arriving from the next rank (0 on the last rank).
+It is solved by the same chunked scans as the forward pass, run on the
+time-reversed sequence with transposed (exact) Jacobians.  Input, h0 and
+parameter gradients then come from vector-Jacobian products of
+``f(h_prev, project_inputs(x))`` with lambda, chunk by chunk.  Parameter
+gradients are summed over the sequence group, so every rank holds the full
+gradient; dL/dh0 is rank 0's and is broadcast to all ranks.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .comm import Communicator
+from .newton import NewtonOptions, auto_chunk, incoming_state, newton_solve, shift
+from .scan import chunk_bounds, chunked_reduce, chunked_scan
+from .structure import Structure
+
+
+class _ReversedAdjoint:
+    """Chunks of the time-reversed adjoint recurrence, in reversed coordinates.
+
+    Reversed step i corresponds to t = n-1-i; its matrix is J_{t+1}^T (identity
+    for t = n-1, which takes the incoming adjoint v) and its offset g_t.
+    """
+
+    def __init__(self, cell, structure: Structure, h_prev, xp, g):
+        self.cell, self.st, self.h_prev, self.xp, self.g = cell, structure, h_prev, xp, g
+        self.n = g.shape[0]
+
+    def __call__(self, s: int, e: int):
+        n, st = self.n, self.st
+        a, b = n - e, n - s
+        hi = min(b + 1, n)
+        J = st.transpose(self.cell.jacobian(self.h_prev[a + 1:hi], self.xp[a + 1:hi], st))
+        if b == n:
+            B, D = self.g.shape[1:]
+            J = torch.cat([J, st.identity((1, B), D, self.g.dtype, self.g.device)], 0)
+        return J.flip(0), self.g[a:b].flip(0)
+
+
+def adjoint_scan(cell, structure: Structure, h_prev, xp, g, comm: Communicator, chunk: int):
+    """lambda (n, B, D) on this rank's shard; handles the cross-rank exchange."""
+    n = g.shape[0]
+    B, D = g.shape[1:]
+    P, rank = comm.world_size, comm.rank
+    rev = _ReversedAdjoint(cell, structure, h_prev, xp, g)
+    v = g.new_zeros(B, D)
+    if P > 1:
+        if n:
+            A, c = chunked_reduce(rev, n, structure, chunk)        # v -> lambda_0
+            J0T = structure.transpose(cell.jacobian(h_prev[:1], xp[:1], structure))[0]
+            A, c = structure.matmul(J0T, A), structure.matvec(J0T, c)  # v -> J_0^T lambda_0 (to the left)
+        else:
+            A, c = structure.identity((B,), D, g.dtype, g.device), g.new_zeros(B, D)
+        nA = A.numel()
+        gathered = comm.all_gather(torch.cat([A.reshape(-1), c.reshape(-1)]))
+        gA = gathered[:, :nA].reshape(P, *A.shape)
+        gc = gathered[:, nA:].reshape(P, B, D)
+        # ranks to the right, nearest last: reverse rank order
+        order = list(range(P - 1, rank, -1))
+        v = incoming_state(gA[order], gc[order], v, len(order), structure)
+    if n == 0:
+        return g.new_zeros(0, B, D)
+    return chunked_scan(rev, n, v, structure, chunk).flip(0)
+
+
+def _vjp_chunks(cell, inputs, cdt, h_prev, lam, params: List[torch.nn.Parameter], need_x: bool, chunk: int):
+    """Gradients of sum_t <lambda_t, f(h_prev_t, project(x_t))> w.r.t. x, h_prev[0], params."""
+    n = lam.shape[0]
+    dx = torch.zeros_like(inputs) if need_x else None
+    dh_first = None
+    dparams = [None] * len(params)
+    for s, e in chunk_bounds(n, chunk):
+        with torch.enable_grad():
+            x = inputs[s:e].detach().to(cdt).requires_grad_(need_x)
+            hp = h_prev[s:e].detach()
+            first = None
+            if s == 0:
+                first = hp[:1].clone().requires_grad_(True)
+                hp = torch.cat([first, hp[1:]], 0)
+            out = cell.step(hp, cell.project_inputs(x).to(cdt))
+            wrt = ([x] if need_x else []) + ([first] if first is not None else []) + list(params)
+            grads = torch.autograd.grad(out, wrt, lam[s:e], allow_unused=True)
+        k = 0
+        if need_x:
+            dx[s:e] = grads[0].to(dx.dtype)
+            k = 1
+        if first is not None:
+            dh_first = grads[k][0]
+            k += 1
+        for i, gp in enumerate(grads[k:]):
+            if gp is not None:
+                dparams[i] = gp if dparams[i] is None else dparams[i] + gp
+    return dx, dh_first, dparams
+
+
+def _all_reduce_grads(dparams, params, comm: Communicator):
+    """Sum parameter gradients over the sequence group in one flat collective."""
+    if comm.world_size == 1 or not params:
+        return dparams
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+                      for g, p in zip(dparams, params)])
+    flat = comm.all_reduce_sum(flat)
+    out, off = [], 0
+    for p in params:
+        k = p.numel()
+        out.append(flat[off:off + k].reshape(p.shape).to(p.dtype))
+        off += k
+    return out
+
+
+class SolveFunction(torch.autograd.Function):
+    """states = solve(cell, inputs, h0); backward by the adjoint scan.
+
+    ``apply(cell, opts, comm, info_out, inputs, h0, initial_guess, *params)``;
+    ``info_out`` is a list receiving the SolveInfo.
+    """
+
+    @staticmethod
+    def forward(ctx, cell, opts: NewtonOptions, comm: Communicator, info_out: list, inputs, h0, initial_guess, *params):
+        cdt = h0.dtype if h0.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            xp = cell.project_inputs(inputs.to(cdt)).to(cdt)
+            states, info, boundary = newton_solve(cell, xp, h0.to(cdt), opts, comm, initial_guess)
+        info_out.append(info)
+        ctx.cell, ctx.opts, ctx.comm, ctx.cdt = cell, opts, comm, cdt
+        ctx.save_for_backward(inputs, h0, states, boundary)
+        return states.to(inputs.dtype)
+
+    @staticmethod
+    def backward(ctx, g_states):
+        inputs, h0, states, boundary = ctx.saved_tensors
+        cell, comm, cdt = ctx.cell, ctx.comm, ctx.cdt
+        params = [p for p in cell.parameters() if p.requires_grad]
+        n = states.shape[0]
+        B, D = h0.shape
+        exact = cell.structure
+        g = g_states.to(cdt) if g_states is not None else states.new_zeros(states.shape)
+        with torch.no_grad():
+            xp = cell.project_inputs(inputs.to(cdt)).to(cdt)
+            h_prev = shift(states, boundary) if n else states
+            chunk = ctx.opts.chunk_size or auto_chunk(exact, B, D, cdt)
+            lam = adjoint_scan(cell, exact, h_prev, xp, g, comm, chunk)
+        need_x = ctx.needs_input_grad[4]
+        vjp_chunk = max(1, (1 << 22) // max(1, B * max(D, xp.shape[-1] if n else 1)))
+        dx, dh_first, dparams = _vjp_chunks(cell, inputs, cdt, h_prev, lam, params, need_x, vjp_chunk)
+        dparams = _all_reduce_grads(dparams, params, comm)
+        dh0 = None
+        if ctx.needs_input_grad[5]:
+            dh0 = dh_first if dh_first is not None else h0.new_zeros(B, D, dtype=cdt)
+            if comm.world_size > 1:  # h0 feeds the first non-empty shard; every rank gets its gradient
+                lens = comm.all_gather(h0.new_tensor([float(n)])).reshape(-1).tolist()
+                src = next((q for q, m in enumerate(lens) if m > 0), 0)
+                dh0 = comm.broadcast(dh0.contiguous(), src=src)
+            dh0 = dh0.to(h0.dtype)
+        # map grads back to the params the Function was called with (those requiring grad)
+        return (None, None, None, None, dx, dh0, None, *dparams)

@@ -1,0 +1,474 @@
+"""Built-in recurrent cells and the cell protocol.
+
+A cell is a ``torch.nn.Module`` describing one step ``h_t = f(h_{t-1}, u_t)``:
+
+* ``project_inputs(inputs)``: the part of f that depends on the input only,
+  done for all T at once (one GEMM), (T, B, D_in) -> (T, B, P);
+* ``step(h_prev, xp)``: f itself on projected inputs, batched over any
+  leading dims, (..., D), (..., P) -> (..., D);
+* ``jacobian(h_prev, xp, structure)``: dJ = df/dh_prev stored as
+  ``structure`` dictates (see :mod:`seqpar.structure`); the exact one when
+  ``structure`` equals ``self.structure``, a restriction of it otherwise
+  (quasi-Newton).  The base class computes it with ``torch.func`` forward-mode
+  AD; built-in cells give it analytically;
+* ``structure``: the structure of the exact Jacobian;
+* ``output(states)``: the layer output carried by the state (LSTM: h of [h, c]).
+
+Weights are cast to the compute dtype of ``h_prev`` inside ``step`` so that
+bfloat16 storage with float32 parameters (mixed precision) works.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .structure import DENSE, DIAG, Structure, parse_structure
+
+
+def _cast(t: Optional[torch.Tensor], like: torch.Tensor):
+    return None if t is None else t.to(like.dtype)
+
+
+class Cell(nn.Module):
+    """Base class: subclasses set ``input_size``, ``hidden_size`` (state size D),
+    ``structure`` and implement ``step``; override ``jacobian`` for speed."""
+
+    input_size: int
+    hidden_size: int
+    structure: Structure = DENSE
+
+    @property
+    def state_size(self) -> int:
+        return self.hidden_size
+
+    @property
+    def output_size(self) -> int:
+        return self.state_size
+
+    def project_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs
+
+    def step(self, h_prev: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def output(self, states: torch.Tensor) -> torch.Tensor:
+        return states
+
+    def forward(self, h_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One step on raw inputs: ``f(h_prev, x)``."""
+        return self.step(h_prev, self.project_inputs(x))
+
+    # ---------------------------------------------------------------- Jacobian
+    def jacobian(self, h_prev: torch.Tensor, xp: torch.Tensor, structure: Structure) -> torch.Tensor:
+        return generic_jacobian(self.step, h_prev, xp, self.structure, structure)
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, hidden_size={self.hidden_size}, structure={self.structure.describe()}"
+
+
+def generic_jacobian(step, h_prev, xp, exact: Structure, want: Structure) -> torch.Tensor:
+    """df/dh by forward-mode AD, probing only the columns the exact structure needs.
+
+    diag cells: one JVP with a ones tangent; k-block cells: k JVPs; dense: D JVPs
+    (vmapped).  The result is restricted to ``want``.
+    """
+    from torch.func import jvp, vmap
+
+    D = h_prev.shape[-1]
+    lead = h_prev.shape[:-1]
+    f = lambda h: step(h, xp)  # noqa: E731
+    if exact.kind == "diag":
+        _, d = jvp(f, (h_prev,), (torch.ones_like(h_prev),))
+        return DIAG.diag_matrix(d) if want.kind == "diag" else want.from_dense(torch.diag_embed(d))
+    k = exact.block_size(D)
+    if exact.kind == "block":
+        nb = D // k
+        cols = []
+        for j in range(k):
+            v = torch.zeros(nb, k, dtype=h_prev.dtype, device=h_prev.device)
+            v[:, j] = 1
+            _, cj = jvp(f, (h_prev,), (v.reshape(D).expand_as(h_prev).contiguous(),))
+            cols.append(cj.reshape(*lead, nb, k))
+        blocks = torch.stack(cols, -1)  # (*lead, nb, k_out, k_in)
+        if want.kind == "block" and want.block_size(D) == k:
+            return blocks
+        return want.from_dense(exact.to_dense(blocks, D))
+    eye = torch.eye(D, dtype=h_prev.dtype, device=h_prev.device)
+    tangents = eye.reshape(D, *([1] * len(lead)), D).expand(D, *lead, D).contiguous()
+    cols = vmap(lambda v: jvp(f, (h_prev,), (v,))[1])(tangents)  # (D_in, *lead, D_out)
+    Jd = cols.movedim(0, -1)  # (*lead, D_out, D_in)
+    return want.from_dense(Jd)
+
+
+def _uniform_(params, hidden_size):
+    bound = 1.0 / math.sqrt(hidden_size)
+    for p in params:
+        if p is not None:
+            nn.init.uniform_(p, -bound, bound)
+
+
+def _torch_layer0(m, kind):
+    """(weight_ih, weight_hh, bias_ih, bias_hh) of layer 0 of a torch RNN module or cell."""
+    if isinstance(m, nn.RNNBase):
+        if m.bidirectional:
+            raise ValueError(f"{kind}.from_torch: bidirectional modules are not supported; got {m}")
+        if getattr(m, "proj_size", 0):
+            raise ValueError(f"{kind}.from_torch: proj_size is not supported; got {m}")
+        sfx = "_l0"
+    elif isinstance(m, nn.RNNCellBase):
+        sfx = ""
+    else:
+        raise TypeError(f"{kind}.from_torch expects a torch.nn RNN/GRU/LSTM module or cell; got {type(m).__name__}")
+    get = lambda n: getattr(m, n + sfx, None)  # noqa: E731
+    return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+
+
+class _TorchWeightsCell(Cell):
+    """Shared parameter layout of torch.nn's RNN/GRU/LSTM: weight_ih (G*H, I),
+    weight_hh (G*H, H) (or (G*H,) for diagonal cells), bias_ih, bias_hh (G*H,)."""
+
+    gates = 1
+    diagonal_recurrence = False
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if input_size < 1 or hidden_size < 1:
+            raise ValueError(f"input_size and hidden_size must be >= 1; got {input_size}, {hidden_size}")
+        self.input_size, self.hidden_size, self.bias = int(input_size), int(hidden_size), bool(bias)
+        G, H = self.gates, self.hidden_size
+        kw = dict(device=device, dtype=dtype)
+        self.weight_ih = nn.Parameter(torch.empty(G * H, input_size, **kw))
+        hh_shape = (G * H,) if self.diagonal_recurrence else (G * H, H)
+        self.weight_hh = nn.Parameter(torch.empty(*hh_shape, **kw))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(G * H, **kw))
+            self.bias_hh = nn.Parameter(torch.empty(G * H, **kw))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        _uniform_(self.parameters(), self.hidden_size)
+
+    @classmethod
+    def from_torch(cls, m):
+        """A cell with copies of the weights of layer 0 of torch module ``m``."""
+        w_ih, w_hh, b_ih, b_hh = _torch_layer0(m, cls.__name__)
+        expect_gates = cls.gates
+        if w_hh.shape[0] != expect_gates * w_hh.shape[1]:
+            raise ValueError(f"{cls.__name__}.from_torch: weight_hh has shape {tuple(w_hh.shape)}, "
+                             f"expected ({expect_gates}*H, H) for a {cls.__name__}")
+        cell = cls(w_ih.shape[1], w_hh.shape[1], bias=b_ih is not None, device=w_ih.device, dtype=w_ih.dtype,
+                   **cls._from_torch_kwargs(m))
+        with torch.no_grad():
+            cell.weight_ih.copy_(w_ih)
+            cell.weight_hh.copy_(w_hh)
+            if b_ih is not None:
+                cell.bias_ih.copy_(b_ih)
+                cell.bias_hh.copy_(b_hh)
+        return cell
+
+    @staticmethod
+    def _from_torch_kwargs(m):
+        return {}
+
+    def project_inputs(self, inputs):
+        return F.linear(inputs, self.weight_ih.to(inputs.dtype), _cast(self.bias_ih, inputs))
+
+    def _hh(self, h):
+        """Recurrent pre-activations (..., G*H) without bias, in h's dtype."""
+        return F.linear(h, self.weight_hh.to(h.dtype))
+
+    def _bias_hh(self, like):
+        if self.bias_hh is None:
+            return like.new_zeros(self.gates * self.hidden_size)
+        return self.bias_hh.to(like.dtype)
+
+    def _w_hh_blocks(self, structure: Structure, like):
+        """Per-gate recurrent matrices restricted to ``structure``."""
+        H = self.hidden_size
+        W = self.weight_hh.to(like.dtype)
+        return [structure.restrict_weight(W[g * H:(g + 1) * H]) for g in range(self.gates)]
+
+
+class Elman(_TorchWeightsCell):
+    """``h' = act(W_ih x + b_ih + W_hh h + b_hh)`` (= torch.nn.RNN / RNNCell), act tanh or relu."""
+
+    gates = 1
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu'; got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+
+    @staticmethod
+    def _from_torch_kwargs(m):
+        return {"nonlinearity": m.nonlinearity}
+
+    def project_inputs(self, inputs):
+        xp = F.linear(inputs, self.weight_ih.to(inputs.dtype), _cast(self.bias_ih, inputs))
+        return xp if self.bias_hh is None else xp + self.bias_hh.to(inputs.dtype)
+
+    def step(self, h_prev, xp):
+        pre = xp.to(h_prev.dtype) + self._hh(h_prev)
+        return torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
+
+    def jacobian(self, h_prev, xp, structure):
+        h = self.step(h_prev, xp)
+        s = 1 - h * h if self.nonlinearity == "tanh" else (h > 0).to(h.dtype)
+        (Wr,) = self._w_hh_blocks(structure, h_prev)
+        return structure.row_scale(s, Wr)
+
+
+class GRU(_TorchWeightsCell):
+    """torch.nn.GRU's cell: gates (r, z, n), ``h' = (1 - z) n + z h``."""
+
+    gates = 3
+
+    def _gates(self, h_prev, xp):
+        H = self.hidden_size
+        xp = xp.to(h_prev.dtype)
+        hh = self._hh(h_prev) + self._bias_hh(h_prev)
+        xr, xz, xn = xp[..., :H], xp[..., H:2 * H], xp[..., 2 * H:]
+        hr, hz, hn = hh[..., :H], hh[..., H:2 * H], hh[..., 2 * H:]
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return r, z, n, hn
+
+    def step(self, h_prev, xp):
+        r, z, n, _ = self._gates(h_prev, xp)
+        return n + z * (h_prev - n)
+
+    def jacobian(self, h_prev, xp, structure):
+        r, z, n, hn = self._gates(h_prev, xp)
+        dn = (1 - z) * (1 - n * n)
+        a_r = dn * hn * r * (1 - r)
+        a_n = dn * r
+        a_z = (h_prev - n) * z * (1 - z)
+        Wr, Wz, Wn = self._w_hh_blocks(structure, h_prev)
+        return (structure.row_scale(a_r, Wr) + structure.row_scale(a_z, Wz)
+                + structure.row_scale(a_n, Wn) + structure.diag_matrix(z))
+
+
+class LSTM(_TorchWeightsCell):
+    """torch.nn.LSTM's cell.  State is ``[h, c]`` concatenated: D = 2 * hidden_size."""
+
+    gates = 4
+
+    @property
+    def state_size(self):
+        return 2 * self.hidden_size
+
+    @property
+    def output_size(self):
+        return self.hidden_size
+
+    def output(self, states):
+        return states[..., :self.hidden_size]
+
+    def project_inputs(self, inputs):
+        xp = F.linear(inputs, self.weight_ih.to(inputs.dtype), _cast(self.bias_ih, inputs))
+        return xp if self.bias_hh is None else xp + self.bias_hh.to(inputs.dtype)
+
+    def _gates(self, h_prev, xp):
+        H = self.hidden_size
+        h, c = h_prev[..., :H], h_prev[..., H:]
+        g = xp.to(h_prev.dtype) + F.linear(h, self.weight_hh.to(h_prev.dtype))
+        i, f, gg, o = (torch.sigmoid(g[..., :H]), torch.sigmoid(g[..., H:2 * H]),
+                       torch.tanh(g[..., 2 * H:3 * H]), torch.sigmoid(g[..., 3 * H:]))
+        c_new = f * c + i * gg
+        return i, f, gg, o, c, c_new, torch.tanh(c_new)
+
+    def step(self, h_prev, xp):
+        i, f, gg, o, c, c_new, tc = self._gates(h_prev, xp)
+        return torch.cat([o * tc, c_new], -1)
+
+    def _dense_parts(self, h_prev, xp):
+        H = self.hidden_size
+        i, f, gg, o, c, c_new, tc = self._gates(h_prev, xp)
+        W = self.weight_hh.to(h_prev.dtype)
+        Wi, Wf, Wg, Wo = W[:H], W[H:2 * H], W[2 * H:3 * H], W[3 * H:]
+        dc_dh = ((c * f * (1 - f))[..., None] * Wf + (gg * i * (1 - i))[..., None] * Wi
+                 + (i * (1 - gg * gg))[..., None] * Wg)
+        k = o * (1 - tc * tc)
+        dh_dh = (tc * o * (1 - o))[..., None] * Wo + k[..., None] * dc_dh
+        return dh_dh, torch.diag_embed(k * f), dc_dh, torch.diag_embed(f)
+
+    def jacobian(self, h_prev, xp, structure):
+        if structure.kind == "diag":
+            H = self.hidden_size
+            i, f, gg, o, c, c_new, tc = self._gates(h_prev, xp)
+            W = self.weight_hh.to(h_prev.dtype)
+            di, df, dg, do = (W[g * H:(g + 1) * H].diagonal() for g in range(4))
+            dc_dh = c * f * (1 - f) * df + gg * i * (1 - i) * di + i * (1 - gg * gg) * dg
+            dh_dh = tc * o * (1 - o) * do + o * (1 - tc * tc) * dc_dh
+            return torch.cat([dh_dh, f], -1)
+        hh, hc, ch, cc = self._dense_parts(h_prev, xp)
+        Jd = torch.cat([torch.cat([hh, hc], -1), torch.cat([ch, cc], -1)], -2)
+        return structure.from_dense(Jd)
+
+
+class DiagGRU(_TorchWeightsCell):
+    """ParaRNN-style GRU with diagonal recurrent weights: weight_hh is (3H,), one
+    weight per unit and gate, so dh'/dh is diagonal.  Gates as in torch.nn.GRU with
+    ``W_h* h`` replaced by ``w_h* * h``."""
+
+    gates = 3
+    diagonal_recurrence = True
+    structure = DIAG
+
+    @classmethod
+    def from_torch(cls, m):  # pragma: no cover - no torch counterpart
+        raise TypeError("DiagGRU has no torch.nn counterpart")
+
+    def _gates(self, h_prev, xp):
+        H = self.hidden_size
+        xp = xp.to(h_prev.dtype)
+        w = self.weight_hh.to(h_prev.dtype)
+        b = self._bias_hh(h_prev)
+        hr = w[:H] * h_prev + b[:H]
+        hz = w[H:2 * H] * h_prev + b[H:2 * H]
+        hn = w[2 * H:] * h_prev + b[2 * H:]
+        r = torch.sigmoid(xp[..., :H] + hr)
+        z = torch.sigmoid(xp[..., H:2 * H] + hz)
+        n = torch.tanh(xp[..., 2 * H:] + r * hn)
+        return r, z, n, hn, w
+
+    def step(self, h_prev, xp):
+        r, z, n, _, _ = self._gates(h_prev, xp)
+        return n + z * (h_prev - n)
+
+    def jacobian(self, h_prev, xp, structure):
+        H = self.hidden_size
+        r, z, n, hn, w = self._gates(h_prev, xp)
+        dn = (1 - z) * (1 - n * n)
+        d = dn * (hn * r * (1 - r) * w[:H] + r * w[2 * H:]) + z + (h_prev - n) * z * (1 - z) * w[H:2 * H]
+        return structure.diag_matrix(d)
+
+
+class DiagLSTM(_TorchWeightsCell):
+    """ParaRNN-style LSTM with diagonal recurrent weights (weight_hh (4H,)).
+
+    The state interleaves each unit's pair: ``[h_0, c_0, h_1, c_1, ...]`` (D = 2H),
+    so the exact Jacobian is block-diagonal with 2 x 2 blocks (structure block:2);
+    ``jacobian="diag"`` drops the h/c coupling (quasi-Newton).
+    """
+
+    gates = 4
+    diagonal_recurrence = True
+    structure = Structure("block", 2)
+
+    @classmethod
+    def from_torch(cls, m):  # pragma: no cover - no torch counterpart
+        raise TypeError("DiagLSTM has no torch.nn counterpart")
+
+    @property
+    def state_size(self):
+        return 2 * self.hidden_size
+
+    @property
+    def output_size(self):
+        return self.hidden_size
+
+    def output(self, states):
+        return states[..., 0::2]
+
+    def project_inputs(self, inputs):
+        xp = F.linear(inputs, self.weight_ih.to(inputs.dtype), _cast(self.bias_ih, inputs))
+        return xp if self.bias_hh is None else xp + self.bias_hh.to(inputs.dtype)
+
+    def _gates(self, h_prev, xp):
+        H = self.hidden_size
+        h, c = h_prev[..., 0::2], h_prev[..., 1::2]
+        w = self.weight_hh.to(h_prev.dtype)
+        g = xp.to(h_prev.dtype) + h.repeat(*([1] * (h.dim() - 1)), 4) * w
+        i, f, gg, o = (torch.sigmoid(g[..., :H]), torch.sigmoid(g[..., H:2 * H]),
+                       torch.tanh(g[..., 2 * H:3 * H]), torch.sigmoid(g[..., 3 * H:]))
+        c_new = f * c + i * gg
+        return i, f, gg, o, c, c_new, torch.tanh(c_new), w
+
+    def step(self, h_prev, xp):
+        i, f, gg, o, c, c_new, tc, _ = self._gates(h_prev, xp)
+        return torch.stack([o * tc, c_new], -1).flatten(-2)
+
+    def jacobian(self, h_prev, xp, structure):
+        H = self.hidden_size
+        i, f, gg, o, c, c_new, tc, w = self._gates(h_prev, xp)
+        wi, wf, wg, wo = w[:H], w[H:2 * H], w[2 * H:3 * H], w[3 * H:]
+        dc_dh = c * f * (1 - f) * wf + gg * i * (1 - i) * wi + i * (1 - gg * gg) * wg
+        k = o * (1 - tc * tc)
+        dh_dh = tc * o * (1 - o) * wo + k * dc_dh
+        dh_dc = k * f
+        if structure.kind == "diag":
+            return torch.stack([dh_dh, f], -1).flatten(-2)
+        blocks = torch.stack([torch.stack([dh_dh, dh_dc], -1), torch.stack([dc_dh, f], -1)], -2)  # (*, H, 2, 2)
+        if structure.kind == "block" and structure.block_size(2 * H) == 2:
+            return blocks
+        return structure.from_dense(self.structure.to_dense(blocks, 2 * H))
+
+
+class FunctionCell(Cell):
+    """Any user function ``fn(h_prev, u) -> h`` (batched over leading dims).
+
+    ``structure`` declares the exact Jacobian structure of ``fn`` in h ("dense",
+    "diag", "block:k"); the Jacobian comes from ``torch.func`` forward-mode AD.
+    If ``fn`` is an ``nn.Module`` its parameters belong to the cell and get
+    gradients.  ``input_size`` is only used for input validation (None: any).
+    """
+
+    def __init__(self, fn: Callable, hidden_size: int, structure="dense", input_size: Optional[int] = None):
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable; got {type(fn).__name__}")
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1; got {hidden_size}")
+        self.fn = fn
+        self.hidden_size = int(hidden_size)
+        self.input_size = input_size
+        self.structure = parse_structure(structure)
+        self.structure.block_size(self.hidden_size)  # validates divisibility
+
+    def step(self, h_prev, xp):
+        return self.fn(h_prev, xp)
+
+
+class ODECell(Cell):
+    """One fixed step of an explicit integrator for ``dy/dt = g(y, u)``.
+
+    ``method="euler"``: ``y + dt g(y, u)``; ``method="rk4"``: classical Runge-Kutta
+    with u held constant over the step.  ``g`` may be an ``nn.Module`` (a neural
+    ODE); ``structure`` is that of dg/dy ("dense" unless declared).
+    """
+
+    def __init__(self, g: Callable, hidden_size: int, dt: float, method: str = "euler",
+                 structure="dense", input_size: Optional[int] = None):
+        super().__init__()
+        if method not in ("euler", "rk4"):
+            raise ValueError(f"method must be 'euler' or 'rk4'; got {method!r}")
+        if not callable(g):
+            raise TypeError(f"g must be callable; got {type(g).__name__}")
+        if not (dt > 0 and math.isfinite(dt)):
+            raise ValueError(f"dt must be a positive finite number; got {dt}")
+        self.g, self.dt, self.method = g, float(dt), method
+        self.hidden_size, self.input_size = int(hidden_size), input_size
+        self.structure = parse_structure(structure)
+
+    def step(self, h_prev, xp):
+        g, dt = self.g, self.dt
+        if self.method == "euler":
+            return h_prev + dt * g(h_prev, xp)
+        k1 = g(h_prev, xp)
+        k2 = g(h_prev + 0.5 * dt * k1, xp)
+        k3 = g(h_prev + 0.5 * dt * k2, xp)
+        k4 = g(h_prev + dt * k3, xp)
+        return h_prev + (dt / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+__all__ = ["Cell", "Elman", "GRU", "LSTM", "DiagGRU", "DiagLSTM", "FunctionCell", "ODECell", "generic_jacobian"]

@@ -1,0 +1,264 @@
+"""Newton's iteration over the whole (sharded) sequence, with exact fallback.
+
+One iteration on a rank holding steps [0, n) of its shard (DESIGN.md section 2-3):
+
+1. ``h_prev = [boundary, h[:-1]]`` where ``boundary`` is h0 on rank 0 and the
+   previous rank's last state (the incoming state of the last scan) elsewhere;
+2. ``fval = f(h_prev, xp)``; the residual ``F = h - fval`` (max-norm,
+   relative to ``max(1, |fval|_max)``) measures the current iterate;
+3. with more than one rank: pass 1 reduces the shard's linearised steps to
+   one summary map; one all-gather carries summaries and residuals; each rank
+   composes the summaries of the ranks before it with h0: its new boundary;
+4. if the global residual is below ``tol`` the iterate is the answer;
+5. otherwise pass 2 scans the shard from the boundary: the next iterate.
+   ``J`` and ``b`` are recomputed per chunk in both passes, never stored
+   for the whole shard.
+
+If Newton stalls, diverges or hits ``max_iter``, the prefix whose residual is
+below tolerance is kept (it satisfies the recurrence) and the remaining tail
+is evaluated step by step, in rank order: exact.  Or, as the caller asks,
+``converged=False`` is returned or :class:`NotConvergedError` raised.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from .comm import Communicator
+from .errors import NotConvergedError
+from .scan import chunked_reduce, chunked_scan, compose_summaries
+from .structure import Structure
+
+FALLBACKS = ("sequential", "raise", "none")
+JACOBIAN_MEMORY_BUDGET = 256 * 2**20  # bytes of Jacobians alive per chunk (with scan temporaries)
+
+
+@dataclass
+class SolveInfo:
+    """What a solve did.  Residuals are relative max-norms of F(h) = h - f(h_prev)."""
+
+    converged: bool
+    iterations: int
+    residual: float
+    residuals: List[float] = field(default_factory=list)
+    newton_converged: bool = False
+    fallback: Optional[str] = None
+    fallback_steps: int = 0
+    first_unconverged: Optional[int] = None
+    jacobian: str = ""
+    method: str = "newton"
+    tol: float = 0.0
+    seq_len: int = 0
+    world_size: int = 1
+    wall_time_s: float = 0.0
+
+    def summary(self) -> str:
+        s = (f"converged={self.converged} iterations={self.iterations} residual={self.residual:.3e} "
+             f"jacobian={self.jacobian} T={self.seq_len} ranks={self.world_size} time={self.wall_time_s:.3f}s")
+        if self.fallback:
+            s += f" fallback={self.fallback}({self.fallback_steps} steps from t={self.first_unconverged})"
+        return s
+
+
+@dataclass
+class NewtonOptions:
+    structure: Structure
+    tol: float
+    max_iter: int
+    fallback: str = "sequential"
+    chunk_size: Optional[int] = None
+    callback: Optional[Callable[[int, float], None]] = None
+    patience: int = 10          # iterations without halving the best residual before giving up
+    floor: float = 0.0          # residual accepted once progress stalls (precision floor)
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    return 1e-12 if dtype == torch.float64 else 4e-6
+
+
+def precision_floor(dtype: torch.dtype) -> float:
+    return 100 * torch.finfo(dtype).eps
+
+
+def auto_chunk(structure: Structure, B: int, D: int, dtype: torch.dtype, budget: int = JACOBIAN_MEMORY_BUDGET) -> int:
+    per_step = math.prod(structure.jac_shape((B,), D)) + 2 * B * D
+    itemsize = torch.finfo(dtype).bits // 8
+    return max(1, budget // (4 * per_step * itemsize))
+
+
+def shift(h: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
+    """``h_prev``: states shifted one step later, ``boundary`` first.  (n, B, D)."""
+    return torch.cat([boundary.unsqueeze(0), h[:-1]], 0)
+
+
+def sequential_states(cell, xp: torch.Tensor, h_in: torch.Tensor, out: Optional[torch.Tensor] = None):
+    """Step-by-step evaluation (no autograd graph needed): states (n, B, D)."""
+    n = xp.shape[0]
+    out = xp.new_empty(n, *h_in.shape, dtype=h_in.dtype) if out is None else out
+    h = h_in
+    for t in range(n):
+        h = cell.step(h, xp[t])
+        out[t] = h
+    return out
+
+
+class _Linearisation:
+    """(J, b) of the Newton step around the current iterate, recomputed per chunk."""
+
+    def __init__(self, cell, structure: Structure, h_prev, xp, fval):
+        self.cell, self.structure, self.h_prev, self.xp, self.fval = cell, structure, h_prev, xp, fval
+
+    def __call__(self, s: int, e: int):
+        hp = self.h_prev[s:e]
+        J = self.cell.jacobian(hp, self.xp[s:e], self.structure)
+        return J, self.fval[s:e] - self.structure.matvec(J, hp)
+
+
+def incoming_state(gathered_A, gathered_c, h0, rank: int, structure: Structure):
+    """Compose the summaries of ranks 0..rank-1 with h0: this rank's boundary."""
+    h = h0
+    for q in range(rank):
+        h = structure.matvec(gathered_A[q], h) + gathered_c[q]
+    return h
+
+
+def _identity_summary(structure, B, D, like):
+    return structure.identity((B,), D, like.dtype, like.device), like.new_zeros(B, D)
+
+
+def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, comm: Communicator,
+                 initial_guess: Optional[torch.Tensor] = None):
+    """Solve the recurrence on this rank's shard.
+
+    ``xp`` (n, B, P) projected inputs of the shard, ``h0`` (B, D) the global
+    initial state (same on every rank).  Returns ``(states (n, B, D), info,
+    boundary (B, D))`` where ``boundary`` is the state before the shard's first
+    step (h0 on rank 0).
+    """
+    t_start = time.perf_counter()
+    n = xp.shape[0]
+    B, D = h0.shape
+    st = opts.structure
+    P, rank = comm.world_size, comm.rank
+    chunk = opts.chunk_size or auto_chunk(st, B, D, h0.dtype)
+    h = (initial_guess.to(h0.dtype).clone() if initial_guess is not None
+         else h0.new_zeros(n, B, D))
+
+    if P > 1:  # boundary = previous rank's last state of the initial iterate
+        last = h[-1] if n else h0
+        lasts = comm.all_gather(torch.cat([last.reshape(-1), h0.new_tensor([float(n)])]))
+        boundary = _boundary_from_lasts(lasts, h0, rank, B, D)
+    else:
+        boundary = h0
+
+    residuals: List[float] = []
+    best = math.inf
+    since_best = 0
+    converged = False
+    err_t = h0.new_zeros(n)
+    thr = math.inf
+    it = 0
+    while True:
+        h_prev = shift(h, boundary) if n else h
+        fval = cell.step(h_prev, xp) if n else h
+        err_t = (h - fval).abs().amax(dim=(1, 2)) if n else h0.new_zeros(0)
+        local = torch.stack([err_t.max() if n else h0.new_zeros(()),
+                             fval.abs().max() if n else h0.new_zeros(())])
+        lin = _Linearisation(cell, st, h_prev, xp, fval)
+        if P > 1:
+            A, c = chunked_reduce(lin, n, st, chunk) if n else _identity_summary(st, B, D, h0)
+            payload = torch.cat([A.reshape(-1), c.reshape(-1), local])
+            gathered = comm.all_gather(payload)
+            res_abs = float(gathered[:, -2].max()) if not torch.isnan(gathered[:, -2]).any() else math.nan
+            scale = float(gathered[:, -1].max())
+        else:
+            res_abs, scale = float(local[0]), float(local[1])
+        scale = max(1.0, scale) if math.isfinite(scale) else math.inf
+        res = res_abs / scale if math.isfinite(scale) else math.nan
+        thr = opts.tol * scale
+        residuals.append(res)
+        if opts.callback is not None:
+            opts.callback(it, res)
+        if res <= opts.tol:
+            converged = True
+            break
+        prev = residuals[-2] if len(residuals) > 1 else math.inf
+        if res <= opts.floor and res > 0.5 * prev:
+            converged = True  # stalled at the precision floor: as exact as sequential evaluation
+            thr = max(thr, opts.floor * scale)
+            break
+        if not math.isfinite(res):
+            break
+        if res < 0.5 * best:
+            best, since_best = res, 0
+        else:
+            since_best += 1
+        if it >= opts.max_iter or since_best >= opts.patience:
+            break
+        if P > 1:
+            nA = math.prod(st.jac_shape((B,), D))
+            gA = gathered[:, :nA].reshape(P, *st.jac_shape((B,), D))
+            gc = gathered[:, nA:nA + B * D].reshape(P, B, D)
+            boundary = incoming_state(gA, gc, h0, rank, st)
+        h = chunked_scan(lin, n, boundary, st, chunk) if n else h
+        it += 1
+
+    info = SolveInfo(converged=converged, iterations=it, residual=residuals[-1], residuals=residuals,
+                     newton_converged=converged, jacobian=st.describe(), tol=opts.tol, world_size=P)
+    if not converged:
+        h, boundary = _handle_non_convergence(cell, xp, h0, h, boundary, err_t, thr, opts, comm, info)
+    info.wall_time_s = time.perf_counter() - t_start
+    return h, info, boundary
+
+
+def _boundary_from_lasts(lasts, h0, rank, B, D):
+    """Boundary of ``rank`` from gathered (last state, shard length) rows; empty shards pass through."""
+    boundary = h0
+    for q in range(rank):
+        if float(lasts[q, -1]) > 0:
+            boundary = lasts[q, :-1].reshape(B, D)
+    return boundary
+
+
+def _handle_non_convergence(cell, xp, h0, h, boundary, err_t, thr, opts, comm, info):
+    """Keep the converged prefix, then evaluate the tail sequentially in rank order (exact)."""
+    n = xp.shape[0]
+    B, D = h0.shape
+    P, rank = comm.world_size, comm.rank
+    bad = ~(err_t <= thr)  # NaN counts as unconverged
+    t0 = int(bad.nonzero()[0]) if bool(bad.any()) else n
+    rows = comm.all_gather(h0.new_tensor([float(t0), float(n)]))
+    t0s, lens = [int(v) for v in rows[:, 0].tolist()], [int(v) for v in rows[:, 1].tolist()]
+    offsets = [sum(lens[:q]) for q in range(P)]
+    first_bad = next((q for q in range(P) if t0s[q] < lens[q]), None)
+    info.first_unconverged = None if first_bad is None else offsets[first_bad] + t0s[first_bad]
+    if opts.fallback == "none":
+        return h, boundary
+    if opts.fallback == "raise":
+        raise NotConvergedError(
+            f"Newton did not converge: residual {info.residual:.3e} > tol {opts.tol:.3e} after "
+            f"{info.iterations} iterations; converged prefix ends at t={info.first_unconverged}", info)
+    info.fallback = "sequential"
+    steps = 0
+    start = first_bad if first_bad is not None else P
+    for q in range(start, P):
+        if q == rank:
+            begin = t0 if q == start else 0
+            h_in = boundary if begin == 0 else h[begin - 1]
+            if begin < n:
+                h = h.clone()
+                sequential_states(cell, xp[begin:], h_in, out=h[begin:])
+            steps = n - begin
+        if q + 1 < P:
+            last = h[-1] if n else boundary
+            last = comm.broadcast(last.contiguous(), src=q)
+            if rank == q + 1:
+                boundary = last
+    total = comm.all_reduce_sum(h0.new_tensor([float(steps)]))
+    info.fallback_steps = int(total.item())
+    info.converged = True
+    return h, boundary

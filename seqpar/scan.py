@@ -1,0 +1,122 @@
+"""Scans of affine maps: reference loops and the pure-PyTorch parallel scans.
+
+Conventions: time is dim 0.  ``J`` has the storage of a :class:`Structure`
+for leading dims (n, B); ``b`` and states are (n, B, D).  The recurrence is
+``h_t = J_t h_{t-1} + b_t`` with ``h_{-1} = h_in``.
+
+Three levels (DESIGN.md section 3):
+
+* :func:`affine_scan` scans one block of time steps in log2(n) vectorised
+  rounds (Hillis-Steele); it is also the CPU path.
+* :func:`chunked_scan` / :func:`chunked_reduce` walk a sequence chunk by chunk,
+  asking a callback for each chunk's (J, b) so Jacobians are *recomputed*, never
+  stored for the whole sequence (the memory bound of the dense path).
+* the cross-rank level lives in :mod:`seqpar.distributed` and composes the
+  per-rank summaries produced by :func:`chunked_reduce`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .structure import Structure
+
+ChunkFn = Callable[[int, int], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def sequential_scan(J, b, h_in, structure: Structure):
+    """Reference: step-by-step loop.  Returns states (n, B, D)."""
+    out = torch.empty_like(b)
+    h = h_in
+    for t in range(b.shape[0]):
+        h = structure.matvec(J[t], h) + b[t]
+        out[t] = h
+    return out
+
+
+def _prefix_maps(J, b, structure: Structure, need_A: bool):
+    """Inclusive prefix compositions (A_t, c_t) = (J_t,b_t) o ... o (J_0,b_0)."""
+    A, c = J, b
+    n = b.shape[0]
+    s = 1
+    while s < n:
+        last = 2 * s >= n
+        c_tail = structure.matvec(A[s:], c[:-s]) + c[s:]
+        if need_A or not last:
+            A = torch.cat([A[:s], structure.matmul(A[s:], A[:-s])], 0)
+        c = torch.cat([c[:s], c_tail], 0)
+        s *= 2
+    return A, c
+
+
+def affine_scan(J, b, h_in, structure: Structure):
+    """Parallel inclusive scan: states (n, B, D) of ``h_t = J_t h_{t-1} + b_t``.
+
+    ``h_in`` (B, D) is folded into the first step, so only the offsets of the
+    prefix maps are needed at the end.
+    """
+    if b.shape[0] == 0:
+        return b.clone()
+    b = b.clone()
+    b[0] = structure.matvec(J[0], h_in) + b[0]
+    _, c = _prefix_maps(J, b, structure, need_A=False)
+    return c
+
+
+def affine_reduce(J, b, structure: Structure):
+    """Summary map (A, c) of a block: the composition of all its steps, by tree reduction."""
+    A, c = J, b
+    while A.shape[0] > 1:
+        n = A.shape[0]
+        m = n // 2
+        even_A, odd_A = A[0:2 * m:2], A[1:2 * m:2]
+        even_c, odd_c = c[0:2 * m:2], c[1:2 * m:2]
+        newA = structure.matmul(odd_A, even_A)
+        newc = structure.matvec(odd_A, even_c) + odd_c
+        if n % 2:
+            newA = torch.cat([newA, A[-1:]], 0)
+            newc = torch.cat([newc, c[-1:]], 0)
+        A, c = newA, newc
+    return A[0], c[0]
+
+
+def compose_summaries(later, earlier, structure: Structure):
+    """Summary of running ``earlier`` then ``later``."""
+    return structure.combine(later, earlier)
+
+
+def chunk_bounds(n: int, chunk: int):
+    chunk = max(1, int(chunk))
+    return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+
+
+def chunked_scan(chunk_fn: ChunkFn, n: int, h_in, structure: Structure, chunk: int,
+                 out: Optional[torch.Tensor] = None, scan=affine_scan):
+    """Scan a sequence of ``n`` steps chunk by chunk, carrying the state.
+
+    ``chunk_fn(s, e)`` returns (J, b) for steps [s, e); only one chunk's
+    Jacobians are alive at a time.  Returns states (n, B, D).
+    """
+    h = h_in
+    pieces = [] if out is None else None
+    for s, e in chunk_bounds(n, chunk):
+        J, b = chunk_fn(s, e)
+        states = scan(J, b, h, structure)
+        if out is None:
+            pieces.append(states)
+        else:
+            out[s:e] = states
+        h = states[-1]
+    if out is None:
+        return torch.cat(pieces, 0) if pieces else h_in.new_zeros(0, *h_in.shape)
+    return out
+
+
+def chunked_reduce(chunk_fn: ChunkFn, n: int, structure: Structure, chunk: int):
+    """Summary map (A, c) of a whole sequence, reducing chunk by chunk (pass 1)."""
+    total = None
+    for s, e in chunk_bounds(n, chunk):
+        summary = affine_reduce(*chunk_fn(s, e), structure)
+        total = summary if total is None else compose_summaries(summary, total, structure)
+    return total
