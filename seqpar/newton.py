@@ -4,8 +4,8 @@ One iteration on a rank holding steps [0, n) of its shard (DESIGN.md section 2-3
 
 1. ``h_prev = [boundary, h[:-1]]`` where ``boundary`` is h0 on rank 0 and the
    previous rank's last state (the incoming state of the last scan) elsewhere;
-2. ``fval = f(h_prev, xp)``; the residual ``F = h - fval`` (max-norm,
-   relative to ``max(1, |fval|_max)``) measures the current iterate;
+2. ``fval = f(h_prev, xp)``; the residual ``F = h - fval`` (max-norm of each
+   step relative to ``max(1, |fval_t|_max)``) measures the current iterate;
 3. with more than one rank: pass 1 reduces the shard's linearised steps to
    one summary map; one all-gather carries summaries and residuals; each rank
    composes the summaries of the ranks before it with h0: its new boundary;
@@ -39,7 +39,7 @@ JACOBIAN_MEMORY_BUDGET = 256 * 2**20  # bytes of Jacobians alive per chunk (with
 
 @dataclass
 class SolveInfo:
-    """What a solve did.  Residuals are relative max-norms of F(h) = h - f(h_prev)."""
+    """What a solve did.  Residuals: ``max_t |h_t - f(h_{t-1}, u_t)|_max / max(1, |f(...)|_max)``."""
 
     converged: bool
     iterations: int
@@ -165,21 +165,17 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     while True:
         h_prev = shift(h, boundary) if n else h
         fval = cell.step(h_prev, xp) if n else h
-        err_t = (h - fval).abs().amax(dim=(1, 2)) if n else h0.new_zeros(0)
-        local = torch.stack([err_t.max() if n else h0.new_zeros(()),
-                             fval.abs().max() if n else h0.new_zeros(())])
+        err_t = step_residuals(h, fval) if n else h0.new_zeros(0)
+        local = err_t.max().reshape(1) if n else h0.new_zeros(1)
         lin = _Linearisation(cell, st, h_prev, xp, fval)
         if P > 1:
             A, c = chunked_reduce(lin, n, st, chunk) if n else _identity_summary(st, B, D, h0)
-            payload = torch.cat([A.reshape(-1), c.reshape(-1), local])
-            gathered = comm.all_gather(payload)
-            res_abs = float(gathered[:, -2].max()) if not torch.isnan(gathered[:, -2]).any() else math.nan
-            scale = float(gathered[:, -1].max())
+            gathered = comm.all_gather(torch.cat([A.reshape(-1), c.reshape(-1), local]))
+            all_res = gathered[:, -1]
         else:
-            res_abs, scale = float(local[0]), float(local[1])
-        scale = max(1.0, scale) if math.isfinite(scale) else math.inf
-        res = res_abs / scale if math.isfinite(scale) else math.nan
-        thr = opts.tol * scale
+            all_res = local
+        res = math.nan if bool(torch.isnan(all_res).any()) else float(all_res.max())
+        thr = opts.tol
         residuals.append(res)
         if opts.callback is not None:
             opts.callback(it, res)
@@ -189,7 +185,7 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
         prev = residuals[-2] if len(residuals) > 1 else math.inf
         if res <= opts.floor and res > 0.5 * prev:
             converged = True  # stalled at the precision floor: as exact as sequential evaluation
-            thr = max(thr, opts.floor * scale)
+            thr = max(thr, opts.floor)
             break
         if not math.isfinite(res):
             break
@@ -213,6 +209,51 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
         h, boundary = _handle_non_convergence(cell, xp, h0, h, boundary, err_t, thr, opts, comm, info)
     info.wall_time_s = time.perf_counter() - t_start
     return h, info, boundary
+
+
+def step_residuals(h: torch.Tensor, fval: torch.Tensor) -> torch.Tensor:
+    """Relative residual of each step: ``max_{b,i} |h_t - f_t| / max(1, max_{b,i} |f_t|)``, shape (n,).
+
+    NaN/Inf anywhere in a step makes its residual NaN or Inf (never "converged").
+    """
+    err = (h - fval).abs().amax(dim=(1, 2))
+    return err / fval.abs().amax(dim=(1, 2)).clamp_min(1.0)
+
+
+def repair_tail(cell, xp: torch.Tensor, h_in: torch.Tensor, opts: NewtonOptions, out: torch.Tensor,
+                window: int = 256, min_window: int = 8) -> None:
+    """Exact evaluation of ``n`` steps from ``h_in`` into ``out`` (n, B, D) by Newton on windows.
+
+    Newton is run on a window of the remaining steps; a converged window is
+    accepted whole and the next one doubles, a failed one keeps its converged
+    prefix (exact: it satisfies the recurrence to tol) and the next one halves.
+    Windows shorter than ``min_window`` are evaluated step by step, so progress
+    is guaranteed and the worst case is plain sequential evaluation.
+    """
+    from .comm import SINGLE
+
+    n = xp.shape[0]
+    inner = NewtonOptions(structure=opts.structure, tol=opts.tol, max_iter=opts.max_iter, fallback="none",
+                          chunk_size=opts.chunk_size, patience=min(opts.patience, 5), floor=opts.floor)
+    s, h = 0, h_in
+    W = window
+    while s < n:
+        e = min(n, s + W)
+        if W <= min_window:
+            sequential_states(cell, xp[s:e], h, out=out[s:e])
+            W = 2 * min_window
+        else:
+            states, info, _ = newton_solve(cell, xp[s:e], h, inner, SINGLE)
+            if info.converged:
+                out[s:e] = states
+                W *= 2
+            else:
+                e = s + (info.first_unconverged or 0)
+                out[s:e] = states[:e - s]
+                W = max(1, W // 4)
+        if e > s:
+            h = out[e - 1]
+        s = e
 
 
 def _boundary_from_lasts(lasts, h0, rank, B, D):
@@ -242,7 +283,7 @@ def _handle_non_convergence(cell, xp, h0, h, boundary, err_t, thr, opts, comm, i
         raise NotConvergedError(
             f"Newton did not converge: residual {info.residual:.3e} > tol {opts.tol:.3e} after "
             f"{info.iterations} iterations; converged prefix ends at t={info.first_unconverged}", info)
-    info.fallback = "sequential"
+    info.fallback = "windowed-newton"
     steps = 0
     start = first_bad if first_bad is not None else P
     for q in range(start, P):
@@ -251,7 +292,7 @@ def _handle_non_convergence(cell, xp, h0, h, boundary, err_t, thr, opts, comm, i
             h_in = boundary if begin == 0 else h[begin - 1]
             if begin < n:
                 h = h.clone()
-                sequential_states(cell, xp[begin:], h_in, out=h[begin:])
+                repair_tail(cell, xp[begin:], h_in, opts, out=h[begin:])
             steps = n - begin
         if q + 1 < P:
             last = h[-1] if n else boundary
@@ -260,5 +301,9 @@ def _handle_non_convergence(cell, xp, h0, h, boundary, err_t, thr, opts, comm, i
                 boundary = last
     total = comm.all_reduce_sum(h0.new_tensor([float(steps)]))
     info.fallback_steps = int(total.item())
-    info.converged = True
+    # the repaired states are re-checked, not assumed: converged only if every step satisfies the recurrence
+    final = step_residuals(h, cell.step(shift(h, boundary), xp)).max().reshape(1) if n else h0.new_zeros(1)
+    final = comm.all_gather(final).reshape(-1)
+    info.residual = math.nan if bool(torch.isnan(final).any()) else float(final.max())
+    info.converged = info.residual <= max(opts.tol, opts.floor)
     return h, boundary

@@ -29,9 +29,8 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         jacobian: Newton's linearisation: "auto" (the cell's exact structure),
             "dense" (exact Newton, DEER), "diag" (exact for diagonal cells,
             quasi-Newton otherwise), "block" / "block:k" (k x k blocks).
-        tol: convergence tolerance on the relative max-norm residual
-            ``|h - f(h_prev)|_max / max(1, |f|_max)``; default 1e-12 for
-            float64, 4e-6 otherwise.
+        tol: convergence tolerance on the residual ``max_t |h_t - f(h_{t-1}, u_t)|_max /
+            max(1, |f(h_{t-1}, u_t)|_max)``; default 1e-12 for float64, 4e-6 otherwise.
         max_iter: Newton iteration cap (default 50, or 200 for quasi-Newton).
         initial_guess: (T, B, D) warm start (e.g. the previous training step's states).
         return_info: also return a :class:`SolveInfo`.
@@ -65,8 +64,8 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
             raise ValueError(f"max_iter must be a non-negative int; got {max_iter!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-        structure = resolve_jacobian(jacobian, cell)
         h0 = check_solve_args(cell, inputs, h0, initial_guess, allow_empty=comm.world_size > 1)
+        structure = resolve_jacobian(jacobian, cell)
     except Exception as e:  # noqa: BLE001 - re-raised on this rank, reported to the others
         error = e
     comm.agree(error)

@@ -1,0 +1,96 @@
+"""One fused Newton iteration of :class:`seqpar.cells.DiagGRU` (exact, diagonal Jacobian).
+
+From the current iterate ``h`` (T, B, D) and the projected inputs ``xp``
+(T, B, 3D) (one GEMM before the loop), one pass computes for every step
+``h_prev = [boundary, h[:-1]]``, ``f = f(h_prev, xp)``, ``J = df/dh_prev``
+(diagonal), ``b = f - J h_prev``, the residual ``max|h - f|`` and ``max|f|``,
+and scans ``h_new_t = J_t h_new_{t-1} + b_t`` from ``boundary`` with the
+decoupled look-back of :mod:`seqpar.kernels._common`.  J and b live only in
+registers.  Reference: ``seqpar.newton`` (``cell.step`` / ``cell.jacobian`` +
+``affine_scan``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import comb_diag, last_row, lookback_diag, sigmoid, tanh, ticket
+
+DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 32, 128, 4
+
+
+@triton.jit
+def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags, Counter,
+                           T, D, N, n_lb, TT: tl.constexpr, BN: tl.constexpr):
+    c, lb = ticket(Counter, n_lb, 0)
+    lanes = lb * BN + tl.arange(0, BN)
+    lmask = lanes < N
+    bidx = lanes // D
+    d = lanes % D
+    rows = tl.arange(0, TT)
+    i = c * TT + rows
+    valid = i < T
+    m = valid[:, None] & lmask[None, :]
+    i64 = i.to(tl.int64)[:, None]
+    off = i64 * N + lanes[None, :]
+    hc = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
+    first = (i == 0)[:, None]
+    hp = tl.load(H + off - N, mask=m & (i >= 1)[:, None], other=0.0).to(tl.float32)
+    bnd = tl.load(Bnd + lanes, mask=lmask, other=0.0).to(tl.float32)
+    hp = tl.where(first, bnd[None, :], hp)
+    xo = i64 * (3 * N) + (bidx * (3 * D) + d)[None, :]
+    xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
+    xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
+    xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+    wr = tl.load(W + d, mask=lmask, other=0.0)[None, :]
+    wz = tl.load(W + D + d, mask=lmask, other=0.0)[None, :]
+    wn = tl.load(W + 2 * D + d, mask=lmask, other=0.0)[None, :]
+    br = tl.load(BH + d, mask=lmask, other=0.0)[None, :]
+    bz = tl.load(BH + D + d, mask=lmask, other=0.0)[None, :]
+    bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)[None, :]
+    r = sigmoid(xr + wr * hp + br)
+    z = sigmoid(xz + wz * hp + bz)
+    hn = wn * hp + bn
+    n = tanh(xn + r * hn)
+    f = n + z * (hp - n)
+    jd = (1 - z) * (1 - n * n) * (hn * r * (1 - r) * wr + r * wn) + z + (hp - n) * z * (1 - z) * wz
+    bb = f - jd * hp
+    jd = tl.where(m, jd, 1.0)
+    bb = tl.where(m, bb, 0.0)
+    err = tl.where(m, tl.abs(hc - f), 0.0)
+    err = tl.where(err == err, err, float("inf"))  # NaN -> inf: reported as divergence
+    fab = tl.where(m, tl.abs(f), 0.0)
+    fab = tl.where(fab == fab, fab, float("inf"))
+    tl.atomic_max(Res, tl.max(tl.max(err, 1), 0))
+    tl.atomic_max(Res + 1, tl.max(tl.max(fab, 1), 0))
+    A, C = tl.associative_scan((jd, bb), 0, comb_diag)
+    h_in = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, bnd,
+                         last_row(A, rows, TT), last_row(C, rows, TT))
+    out = A * h_in[None, :] + C
+    tl.store(Out + off, out.to(Out.dtype.element_ty), mask=m)
+
+
+def fused_diag_gru_step(h, xp, weight_hh, bias_hh, boundary, out=None,
+                        block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS):
+    """One Newton iteration.  ``h`` (T, B, D), ``xp`` (T, B, 3D), ``weight_hh`` (3D,),
+    ``bias_hh`` (3D,) or None, ``boundary`` (B, D).  Returns ``(h_new (T, B, D),
+    stats)`` with ``stats`` a float32 tensor ``[max|h - f|, max|f|]`` (NaN reported as inf)."""
+    T, B, D = h.shape
+    N = B * D
+    h = h.contiguous()
+    xp = xp.contiguous()
+    out = torch.empty_like(h) if out is None else out
+    stats = torch.zeros(2, dtype=torch.float32, device=h.device)
+    if T == 0:
+        return out, stats
+    w = weight_hh.detach().to(torch.float32).contiguous()
+    bh = (torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32)).contiguous()
+    n_lb = triton.cdiv(N, block_n)
+    n_chunks = triton.cdiv(T, block_t)
+    flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=h.device)
+    agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=h.device)
+    _fused_diag_gru_kernel[(n_chunks * n_lb,)](
+        h, xp, w, bh, boundary.contiguous(), out, stats, agg[0], agg[1], agg[2], flags[1:], flags[:1],
+        T, D, N, n_lb, TT=block_t, BN=block_n, num_warps=num_warps)
+    return out, stats

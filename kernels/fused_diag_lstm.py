@@ -1,0 +1,100 @@
+"""One fused Newton iteration of :class:`seqpar.cells.DiagLSTM` (exact, 2 x 2 blocks).
+
+State interleaves each unit's pair ``[h_u, c_u]`` (D = 2H); ``xp`` (T, B, 4H)
+holds the gate pre-activations ``[i, f, g, o]`` from the input GEMM (biases
+included).  One pass evaluates f, the 2 x 2 Jacobian blocks, b = f - J h_prev,
+the residual ``max|h - f|`` and ``max|f|``, and scans the block recurrence with
+the decoupled look-back; J and b stay in registers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import comb_block2, last_row, lookback_block2, sigmoid, tanh, ticket
+
+DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 32, 64, 4
+
+
+@triton.jit
+def _fused_diag_lstm_kernel(H, XP, W, Bnd, Out, Res, Agg, Incl, Flags, Counter,
+                            T, Hs, M, n_lb, TT: tl.constexpr, BN: tl.constexpr):
+    c, lb = ticket(Counter, n_lb, 0)
+    lanes = lb * BN + tl.arange(0, BN)  # lane = (batch, unit)
+    lmask = lanes < M
+    bidx = lanes // Hs
+    u = lanes % Hs
+    rows = tl.arange(0, TT)
+    i = c * TT + rows
+    valid = i < T
+    m = valid[:, None] & lmask[None, :]
+    i64 = i.to(tl.int64)[:, None]
+    so = i64 * (2 * M) + 2 * lanes[None, :]
+    mp = m & (i >= 1)[:, None]
+    first = (i == 0)[:, None]
+    hc = tl.load(H + so, mask=m, other=0.0).to(tl.float32)
+    cc = tl.load(H + so + 1, mask=m, other=0.0).to(tl.float32)
+    g0 = tl.load(Bnd + 2 * lanes, mask=lmask, other=0.0).to(tl.float32)
+    g1 = tl.load(Bnd + 2 * lanes + 1, mask=lmask, other=0.0).to(tl.float32)
+    hp = tl.where(first, g0[None, :], tl.load(H + so - 2 * M, mask=mp, other=0.0).to(tl.float32))
+    cp = tl.where(first, g1[None, :], tl.load(H + so - 2 * M + 1, mask=mp, other=0.0).to(tl.float32))
+    xo = i64 * (4 * M) + (bidx * (4 * Hs) + u)[None, :]
+    wi = tl.load(W + u, mask=lmask, other=0.0)[None, :]
+    wf = tl.load(W + Hs + u, mask=lmask, other=0.0)[None, :]
+    wg = tl.load(W + 2 * Hs + u, mask=lmask, other=0.0)[None, :]
+    wo = tl.load(W + 3 * Hs + u, mask=lmask, other=0.0)[None, :]
+    ig = sigmoid(tl.load(XP + xo, mask=m, other=0.0).to(tl.float32) + wi * hp)
+    fg = sigmoid(tl.load(XP + xo + Hs, mask=m, other=0.0).to(tl.float32) + wf * hp)
+    gg = tanh(tl.load(XP + xo + 2 * Hs, mask=m, other=0.0).to(tl.float32) + wg * hp)
+    og = sigmoid(tl.load(XP + xo + 3 * Hs, mask=m, other=0.0).to(tl.float32) + wo * hp)
+    c_new = fg * cp + ig * gg
+    tc = tanh(c_new)
+    h_new = og * tc
+    dc_dh = cp * fg * (1 - fg) * wf + gg * ig * (1 - ig) * wi + ig * (1 - gg * gg) * wg
+    k = og * (1 - tc * tc)
+    a00 = tl.where(m, tc * og * (1 - og) * wo + k * dc_dh, 1.0)
+    a01 = tl.where(m, k * fg, 0.0)
+    a10 = tl.where(m, dc_dh, 0.0)
+    a11 = tl.where(m, fg, 1.0)
+    b0 = tl.where(m, h_new - a00 * hp - a01 * cp, 0.0)
+    b1 = tl.where(m, c_new - a10 * hp - a11 * cp, 0.0)
+    err = tl.where(m, tl.maximum(tl.abs(hc - h_new), tl.abs(cc - c_new)), 0.0)
+    err = tl.where(err == err, err, float("inf"))
+    fab = tl.where(m, tl.maximum(tl.abs(h_new), tl.abs(c_new)), 0.0)
+    fab = tl.where(fab == fab, fab, float("inf"))
+    tl.atomic_max(Res, tl.max(tl.max(err, 1), 0))
+    tl.atomic_max(Res + 1, tl.max(tl.max(fab, 1), 0))
+    A00, A01, A10, A11, C0, C1 = tl.associative_scan((a00, a01, a10, a11, b0, b1), 0, comb_block2)
+    s0, s1 = lookback_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1,
+                             last_row(A00, rows, TT), last_row(A01, rows, TT), last_row(A10, rows, TT),
+                             last_row(A11, rows, TT), last_row(C0, rows, TT), last_row(C1, rows, TT))
+    o0 = A00 * s0[None, :] + A01 * s1[None, :] + C0
+    o1 = A10 * s0[None, :] + A11 * s1[None, :] + C1
+    tl.store(Out + so, o0.to(Out.dtype.element_ty), mask=m)
+    tl.store(Out + so + 1, o1.to(Out.dtype.element_ty), mask=m)
+
+
+def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: int = DEFAULT_TT,
+                         block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS):
+    """``h`` (T, B, 2H) interleaved [h, c], ``xp`` (T, B, 4H), ``weight_hh`` (4H,),
+    ``boundary`` (B, 2H).  Returns ``(h_new, stats=[max|h - f|, max|f|])``."""
+    T, B, D = h.shape
+    Hs = D // 2
+    M = B * Hs
+    h = h.contiguous()
+    xp = xp.contiguous()
+    out = torch.empty_like(h) if out is None else out
+    stats = torch.zeros(2, dtype=torch.float32, device=h.device)
+    if T == 0:
+        return out, stats
+    w = weight_hh.detach().to(torch.float32).contiguous()
+    n_lb = triton.cdiv(M, block_n)
+    n_chunks = triton.cdiv(T, block_t)
+    flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=h.device)
+    agg = torch.empty(n_chunks, 6, M, dtype=torch.float32, device=h.device)
+    incl = torch.empty(n_chunks, 2, M, dtype=torch.float32, device=h.device)
+    _fused_diag_lstm_kernel[(n_chunks * n_lb,)](
+        h, xp, w, boundary.contiguous(), out, stats, agg, incl, flags[1:], flags[:1],
+        T, Hs, M, n_lb, TT=block_t, BN=block_n, num_warps=num_warps)
+    return out, stats

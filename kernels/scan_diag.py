@@ -1,0 +1,158 @@
+"""Affine scan with diagonal Jacobians over (T, N) lanes: ``h_t = J_t * h_{t-1} + b_t``.
+
+Reference: :func:`seqpar.scan.affine_scan` with ``Structure("diag")``.
+Float32 accumulation; storage float32 / bfloat16 / float16 (output in b's dtype).
+``reverse=True`` runs ``h_t = J_t * h_{t+1} + b_t`` from t = T-1 down (the adjoint).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import comb_diag, last_row, lookback_diag, ticket
+
+DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 32, 128, 4
+
+
+@triton.jit
+def _scan_diag_kernel(J, Bv, H0, Out, AggA, AggC, Incl, Flags, Counter, Carry,
+                      T, N, n_lb, CH,
+                      TT: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, MODE: tl.constexpr,
+                      REVERSE: tl.constexpr, HAS_H0: tl.constexpr):
+    c, lb = ticket(Counter, n_lb, MODE)
+    lanes = lb * BN + tl.arange(0, BN)
+    lmask = lanes < N
+    rows = tl.arange(0, TT)
+    if MODE == 2:
+        h = tl.load(Carry + c.to(tl.int64) * N + lanes, mask=lmask, other=0.0)
+    else:
+        h = tl.zeros([BN], tl.float32)
+        if HAS_H0:
+            h = tl.load(H0 + lanes, mask=lmask & ((tl.zeros_like(lanes) + c) == 0), other=0.0).to(tl.float32)
+    Ra = tl.full([BN], 1.0, tl.float32)
+    Rc = tl.zeros([BN], tl.float32)
+    for k in range(TILES):
+        i = c * CH + k * TT + rows
+        valid = i < T
+        if REVERSE:
+            p = T - 1 - i
+        else:
+            p = i
+        off = p.to(tl.int64)[:, None] * N + lanes[None, :]
+        m = valid[:, None] & lmask[None, :]
+        j = tl.load(J + off, mask=m, other=1.0).to(tl.float32)
+        b = tl.load(Bv + off, mask=m, other=0.0).to(tl.float32)
+        if MODE == 1:
+            Aa, Ca = tl.reduce((j, b), 0, comb_diag)
+            Rc = Aa * Rc + Ca
+            Ra = Aa * Ra
+        else:
+            A, C = tl.associative_scan((j, b), 0, comb_diag)
+            if MODE == 0:
+                h = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h,
+                                  last_row(A, rows, TT), last_row(C, rows, TT))
+            out = A * h[None, :] + C
+            tl.store(Out + off, out.to(Out.dtype.element_ty), mask=m)
+            h = last_row(out, rows, TT)
+    if MODE == 1:
+        base = c.to(tl.int64) * N + lanes
+        tl.store(AggA + base, Ra, mask=lmask)
+        tl.store(AggC + base, Rc, mask=lmask)
+
+
+@triton.jit
+def _summary_scan_diag_kernel(AggA, AggC, H0, Carry, N, n_chunks, BN: tl.constexpr, HAS_H0: tl.constexpr):
+    """Carry[c] = state entering chunk c (sequential over the short list of summaries)."""
+    lanes = tl.program_id(0) * BN + tl.arange(0, BN)
+    lmask = lanes < N
+    h = tl.zeros([BN], tl.float32)
+    if HAS_H0:
+        h = tl.load(H0 + lanes, mask=lmask, other=0.0).to(tl.float32)
+    pa, pc, pk = AggA + lanes, AggC + lanes, Carry + lanes
+    for c in range(n_chunks):
+        tl.store(pk, h, mask=lmask)
+        a = tl.load(pa, mask=lmask, other=1.0)
+        cc = tl.load(pc, mask=lmask, other=0.0)
+        h = a * h + cc
+        pa += N
+        pc += N
+        pk += N
+
+
+def lookback_workspace(n_chunks: int, n_lb: int, width: int, device):
+    """Flags (n_chunks * n_lb,) int32 zeroed, a ticket counter, and float32 summary buffers."""
+    flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=device)
+    return flags[1:], flags[:1], width
+
+
+def scan_diag(J: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = None, *, reverse: bool = False,
+              out: Optional[torch.Tensor] = None, mode: str = "lookback", block_t: int = DEFAULT_TT,
+              block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS, chunks: Optional[int] = None):
+    """States of the diagonal affine recurrence.
+
+    Args:
+        J, b: (T, *L) with N = prod(L) lanes (contiguous; J float32/bf16/f16, same shape as b).
+        h0: (*L) initial state (h_{-1}, or h_T when ``reverse``); zeros if None.
+        mode: "lookback" (single pass) or "3pass" (reduce, scan of summaries, rescan).
+        chunks: 3pass only: number of time chunks (default about 4 per SM-ish, 512).
+    Returns:
+        states (T, *L) in b's dtype (or written into ``out``).
+    """
+    if J.shape != b.shape:
+        raise ValueError(f"J and b must have the same shape; got {tuple(J.shape)} and {tuple(b.shape)}")
+    T = b.shape[0]
+    N = b[0].numel() if T else 0
+    out = torch.empty_like(b) if out is None else out
+    if T == 0 or N == 0:
+        return out
+    J2, b2 = J.reshape(T, N).contiguous(), b.reshape(T, N).contiguous()
+    o2 = out.view(T, N) if out.is_contiguous() else torch.empty(T, N, dtype=out.dtype, device=out.device)
+    has_h0 = h0 is not None
+    h0v = h0.reshape(N).contiguous() if has_h0 else b2
+    n_lb = triton.cdiv(N, block_n)
+    dev = b.device
+    if mode == "lookback":
+        n_chunks = triton.cdiv(T, block_t)
+        flags, counter, _ = lookback_workspace(n_chunks, n_lb, N, dev)
+        agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=dev)
+        _scan_diag_kernel[(n_chunks * n_lb,)](
+            J2, b2, h0v, o2, agg[0], agg[1], agg[2], flags, counter, agg[0],
+            T, N, n_lb, block_t, TT=block_t, BN=block_n, TILES=1, MODE=0,
+            REVERSE=reverse, HAS_H0=has_h0, num_warps=num_warps)
+    elif mode == "3pass":
+        tiles = max(1, triton.cdiv(T, block_t * (chunks or 512)))
+        CH = tiles * block_t
+        n_chunks = triton.cdiv(T, CH)
+        agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=dev)
+        grid = (n_chunks * n_lb,)
+        common = dict(TT=block_t, BN=block_n, TILES=tiles, REVERSE=reverse, HAS_H0=has_h0, num_warps=num_warps)
+        _scan_diag_kernel[grid](J2, b2, h0v, o2, agg[0], agg[1], agg[2], agg[0], agg[0], agg[2],
+                                T, N, n_lb, CH, MODE=1, **common)
+        _summary_scan_diag_kernel[(n_lb,)](agg[0], agg[1], h0v, agg[2], N, n_chunks, BN=block_n, HAS_H0=has_h0)
+        _scan_diag_kernel[grid](J2, b2, h0v, o2, agg[0], agg[1], agg[2], agg[0], agg[0], agg[2],
+                                T, N, n_lb, CH, MODE=2, **common)
+    else:
+        raise ValueError(f"mode must be 'lookback' or '3pass'; got {mode!r}")
+    if o2.data_ptr() != out.data_ptr():
+        out.copy_(o2.view(out.shape))
+    return out
+
+
+def scan_diag_reference(J, b, h0=None, reverse=False):
+    """Pure-PyTorch reference (float32 accumulation) via :func:`seqpar.scan.affine_scan`."""
+    from seqpar.scan import affine_scan
+    from seqpar.structure import DIAG
+
+    T = b.shape[0]
+    Jf, bf = J.reshape(T, 1, -1).float(), b.reshape(T, 1, -1).float()
+    if reverse:
+        Jf, bf = Jf.flip(0), bf.flip(0)
+    h_in = torch.zeros_like(bf[0]) if h0 is None else h0.reshape(1, -1).float()
+    s = affine_scan(Jf, bf, h_in, DIAG)
+    if reverse:
+        s = s.flip(0)
+    return s.reshape(b.shape).to(b.dtype)
