@@ -15,12 +15,14 @@ gradient; dL/dh0 is rank 0's and is broadcast to all ranks.
 """
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
 
 from .comm import Communicator
 from .newton import NewtonOptions, auto_chunk, incoming_state, newton_solve, shift
+from .validation import is_exact
 from .scan import chunk_bounds, chunked_reduce, chunked_scan
 from .structure import Structure
 
@@ -47,7 +49,8 @@ class _ReversedAdjoint:
         return J.flip(0), self.g[a:b].flip(0)
 
 
-def adjoint_scan(cell, structure: Structure, h_prev, xp, g, comm: Communicator, chunk: int):
+def adjoint_scan(cell, structure: Structure, h_prev, xp, g, comm: Communicator, chunk: int,
+                 backend: str = "torch"):
     """lambda (n, B, D) on this rank's shard; handles the cross-rank exchange."""
     n = g.shape[0]
     B, D = g.shape[1:]
@@ -70,7 +73,70 @@ def adjoint_scan(cell, structure: Structure, h_prev, xp, g, comm: Communicator, 
         v = incoming_state(gA[order], gc[order], v, len(order), structure)
     if n == 0:
         return g.new_zeros(0, B, D)
+    if backend == "triton":  # the forward kernels run in reverse, no flips
+        from .backend import reverse_adjoint_scan
+        return reverse_adjoint_scan(cell, structure, h_prev, xp, g, v, chunk)
     return chunked_scan(rev, n, v, structure, chunk).flip(0)
+
+
+def _jt_lambda(cell, h_prev, xp, lam, chunk: int):
+    """``J_t^T lambda_t`` for every local t (exact, by one VJP of f per chunk): (n, B, D)."""
+    out = torch.empty_like(lam)
+    for s, e in chunk_bounds(lam.shape[0], chunk):
+        with torch.enable_grad():
+            hp = h_prev[s:e].detach().requires_grad_(True)
+            (out[s:e],) = torch.autograd.grad(cell.step(hp, xp[s:e]), hp, lam[s:e])
+    return out
+
+
+def _from_right(comm: Communicator, first, n: int):
+    """The first row of the nearest non-empty rank to the right (zeros on the last one)."""
+    B, D = first.shape
+    rows = comm.all_gather(torch.cat([first.reshape(-1), first.new_tensor([float(n > 0)])]))
+    for q in range(comm.rank + 1, comm.world_size):
+        if float(rows[q, -1]) > 0:
+            return rows[q, :-1].reshape(B, D)
+    return first.new_zeros(B, D)
+
+
+def adjoint_solve(cell, opts: NewtonOptions, h_prev, xp, g, comm: Communicator):
+    """lambda (n, B, D) and the number of refinement iterations.
+
+    If the forward linearisation keeps the cell's whole Jacobian, one adjoint
+    scan with the cell's exact structure is exact.  Otherwise (quasi-Newton,
+    e.g. ``jacobian="diag"`` on a dense GRU) storing dense Jacobians would cost
+    O(D^2) per step, so the adjoint system is solved by defect correction with
+    the forward's structure: ``lambda += scan~(r)`` with the exact residual
+    ``r = g + shift(J^T lambda) - lambda`` from one VJP of f per iteration.
+    """
+    n = g.shape[0]
+    B, D = g.shape[1:]
+    cdt = g.dtype
+    exact = is_exact(opts.structure, cell.structure, D)
+    st = cell.structure if exact else opts.structure
+    chunk = opts.chunk_size or auto_chunk(st, B, D, cdt)
+    lam = adjoint_scan(cell, st, h_prev, xp, g, comm, chunk, backend=opts.backend)
+    if exact:
+        return lam, 0
+    vjp_chunk = max(1, (1 << 22) // max(1, B * max(D, xp.shape[-1] if n else 1)))
+    prev = err = math.inf
+    for it in range(1, opts.max_iter + 1):
+        jtl = _jt_lambda(cell, h_prev, xp, lam, vjp_chunk) if n else g
+        nxt = _from_right(comm, jtl[0] if n else g.new_zeros(B, D), n) if comm.world_size > 1 else g.new_zeros(B, D)
+        r = g - lam
+        if n:
+            r[:-1] += jtl[1:]
+            r[-1] += nxt
+        err = (r.abs().amax() / lam.abs().amax().clamp_min(1.0)).reshape(1) if n else g.new_zeros(1)
+        err = float(comm.all_gather(err).max()) if comm.world_size > 1 else float(err)
+        if math.isnan(err):
+            break
+        if err <= opts.tol or (err <= opts.floor and err > 0.5 * prev):  # tolerance, or the precision floor
+            return lam, it - 1
+        prev = err
+        lam = lam + adjoint_scan(cell, st, h_prev, xp, r, comm, chunk, backend=opts.backend)
+    raise FloatingPointError(f"the adjoint (backward) solve did not converge: residual {err:.3e} > tol "
+                             f"{opts.tol:.3e} after {opts.max_iter} defect-correction iterations")
 
 
 def _vjp_chunks(cell, inputs, cdt, h_prev, lam, params: List[torch.nn.Parameter], need_x: bool, chunk: int):
@@ -132,7 +198,7 @@ class SolveFunction(torch.autograd.Function):
             xp = cell.project_inputs(inputs.to(cdt)).to(cdt)
             states, info, boundary = newton_solve(cell, xp, h0.to(cdt), opts, comm, initial_guess)
         info_out.append(info)
-        ctx.cell, ctx.opts, ctx.comm, ctx.cdt = cell, opts, comm, cdt
+        ctx.cell, ctx.opts, ctx.comm, ctx.cdt, ctx.info = cell, opts, comm, cdt, info
         ctx.save_for_backward(inputs, h0, states, boundary)
         return states.to(inputs.dtype)
 
@@ -143,13 +209,12 @@ class SolveFunction(torch.autograd.Function):
         params = [p for p in cell.parameters() if p.requires_grad]
         n = states.shape[0]
         B, D = h0.shape
-        exact = cell.structure
         g = g_states.to(cdt) if g_states is not None else states.new_zeros(states.shape)
         with torch.no_grad():
             xp = cell.project_inputs(inputs.to(cdt)).to(cdt)
             h_prev = shift(states, boundary) if n else states
-            chunk = ctx.opts.chunk_size or auto_chunk(exact, B, D, cdt)
-            lam = adjoint_scan(cell, exact, h_prev, xp, g, comm, chunk)
+            lam, iters = adjoint_solve(cell, ctx.opts, h_prev, xp, g, comm)
+        ctx.info.backward_iterations = iters
         need_x = ctx.needs_input_grad[4]
         vjp_chunk = max(1, (1 << 22) // max(1, B * max(D, xp.shape[-1] if n else 1)))
         dx, dh_first, dparams = _vjp_chunks(cell, inputs, cdt, h_prev, lam, params, need_x, vjp_chunk)

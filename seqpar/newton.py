@@ -55,6 +55,7 @@ class SolveInfo:
     seq_len: int = 0
     world_size: int = 1
     wall_time_s: float = 0.0
+    backward_iterations: Optional[int] = None  # set by the backward pass (defect-correction iterations)
 
     def summary(self) -> str:
         s = (f"converged={self.converged} iterations={self.iterations} residual={self.residual:.3e} "
@@ -74,6 +75,7 @@ class NewtonOptions:
     callback: Optional[Callable[[int, float], None]] = None
     patience: int = 10          # iterations without halving the best residual before giving up
     floor: float = 0.0          # residual accepted once progress stalls (precision floor)
+    backend: str = "torch"      # resolved backend: "torch" (reference scans) or "triton" (seqpar.kernels)
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -147,6 +149,9 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     chunk = opts.chunk_size or auto_chunk(st, B, D, h0.dtype)
     h = (initial_guess.to(h0.dtype).clone() if initial_guess is not None
          else h0.new_zeros(n, B, D))
+    from .backend import fused_stepper, scan_function
+    scan = scan_function(opts.backend)
+    fused = fused_stepper(cell, st, xp, opts.backend, P) if n else None  # one pass: f, J, residual, scan
 
     if P > 1:  # boundary = previous rank's last state of the initial iterate
         last = h[-1] if n else h0
@@ -163,11 +168,15 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     thr = math.inf
     it = 0
     while True:
-        h_prev = shift(h, boundary) if n else h
-        fval = cell.step(h_prev, xp) if n else h
-        err_t = step_residuals(h, fval) if n else h0.new_zeros(0)
-        local = err_t.max().reshape(1) if n else h0.new_zeros(1)
-        lin = _Linearisation(cell, st, h_prev, xp, fval)
+        if fused is not None:
+            h_next, stats = fused(h, boundary)
+            local = stats[:1]
+        else:
+            h_prev = shift(h, boundary) if n else h
+            fval = cell.step(h_prev, xp) if n else h
+            err_t = step_residuals(h, fval) if n else h0.new_zeros(0)
+            local = err_t.max().reshape(1) if n else h0.new_zeros(1)
+            lin = _Linearisation(cell, st, h_prev, xp, fval)
         if P > 1:
             A, c = chunked_reduce(lin, n, st, chunk) if n else _identity_summary(st, B, D, h0)
             gathered = comm.all_gather(torch.cat([A.reshape(-1), c.reshape(-1), local]))
@@ -200,12 +209,17 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
             gA = gathered[:, :nA].reshape(P, *st.jac_shape((B,), D))
             gc = gathered[:, nA:nA + B * D].reshape(P, B, D)
             boundary = incoming_state(gA, gc, h0, rank, st)
-        h = chunked_scan(lin, n, boundary, st, chunk) if n else h
+        if fused is not None:
+            h = h_next
+        else:
+            h = chunked_scan(lin, n, boundary, st, chunk, scan=scan) if n else h
         it += 1
 
     info = SolveInfo(converged=converged, iterations=it, residual=residuals[-1], residuals=residuals,
                      newton_converged=converged, jacobian=st.describe(), tol=opts.tol, world_size=P)
     if not converged:
+        if fused is not None:  # per-step residuals of the final iterate (the fused pass keeps only the max)
+            err_t = step_residuals(h, cell.step(shift(h, boundary), xp))
         h, boundary = _handle_non_convergence(cell, xp, h0, h, boundary, err_t, thr, opts, comm, info)
     info.wall_time_s = time.perf_counter() - t_start
     return h, info, boundary
@@ -234,7 +248,8 @@ def repair_tail(cell, xp: torch.Tensor, h_in: torch.Tensor, opts: NewtonOptions,
 
     n = xp.shape[0]
     inner = NewtonOptions(structure=opts.structure, tol=opts.tol, max_iter=opts.max_iter, fallback="none",
-                          chunk_size=opts.chunk_size, patience=min(opts.patience, 5), floor=opts.floor)
+                          chunk_size=opts.chunk_size, patience=min(opts.patience, 5), floor=opts.floor,
+                          backend=opts.backend)
     s, h = 0, h_in
     W = window
     while s < n:

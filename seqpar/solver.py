@@ -8,6 +8,7 @@ import torch
 
 from .autograd import SolveFunction
 from .comm import get_communicator
+from .backend import resolve_backend
 from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, precision_floor
 from .validation import METHODS, check_solve_args, compute_dtype, is_exact, resolve_jacobian
 
@@ -19,7 +20,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
           tol: Optional[float] = None, max_iter: Optional[int] = None,
           initial_guess: Optional[torch.Tensor] = None, return_info: bool = False,
           method: str = "newton", fallback: str = "sequential", chunk_size: Optional[int] = None,
-          group=None, callback: Optional[Callable[[int, float], None]] = None):
+          group=None, callback: Optional[Callable[[int, float], None]] = None, backend: str = "auto"):
     """Evaluate ``h_t = cell(h_{t-1}, u_t)`` for all t in parallel over time.
 
     Args:
@@ -44,6 +45,9 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         group: torch.distributed process group / 1-D DeviceMesh / mpi4py communicator /
             :class:`seqpar.comm.Communicator` over which the time axis is sharded.
         callback: ``callback(iteration, residual)`` called every Newton iteration.
+        backend: "auto" (Triton kernels for CUDA tensors when triton is installed,
+            the pure-PyTorch reference otherwise), "triton" (force the kernels:
+            error if they cannot run) or "torch" (force the reference).
 
     Returns:
         states (T, B, D) in the dtype of ``inputs``, and the SolveInfo if ``return_info``.
@@ -66,6 +70,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
             raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
         h0 = check_solve_args(cell, inputs, h0, initial_guess, allow_empty=comm.world_size > 1)
         structure = resolve_jacobian(jacobian, cell)
+        resolved_backend = resolve_backend(backend, inputs.device if torch.is_tensor(inputs) else "cpu")
     except Exception as e:  # noqa: BLE001 - re-raised on this rank, reported to the others
         error = e
     comm.agree(error)
@@ -84,7 +89,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         tol=float(tol) if tol is not None else default_tol(cdt),
         max_iter=max_iter if max_iter is not None else (DEFAULT_MAX_ITER_NEWTON if exact else DEFAULT_MAX_ITER_QUASI),
         fallback=fallback, chunk_size=chunk_size, callback=callback,
-        floor=precision_floor(cdt),
+        floor=precision_floor(cdt), backend=resolved_backend,
     )
     params = [p for p in cell.parameters() if p.requires_grad]
     info_out: list = []

@@ -74,3 +74,60 @@ def run_ranks(fn, world_size, *args, timeout=240, coll_timeout=60, expect_fail=F
         if bad:
             raise AssertionError("rank(s) failed:\n" + "\n".join(f"--- rank {r}:\n{msg}" for r, msg in bad))
         return [res[1] for res in results]
+
+
+# ------------------------------------------------------------------ launcher subprocesses
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+
+def launch_path(name):
+    return os.path.join(REPO, "launch", name)
+
+
+def torchrun_cmd(nproc, script, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            launch_path(script), *args]
+
+
+def mpiexec_path():
+    """mpiexec of the environment's MPI (the mpich wheel puts it next to python), or None."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return here if os.path.exists(here) else shutil.which("mpiexec")
+
+
+def run_cmd(cmd, timeout, env=None, check=True):
+    """Run a launcher; returns (returncode, output, seconds). A timeout is a test failure (a hang)."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                           env=full_env, cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s (hang):\n{out[-4000:]}")
+    dt = time.monotonic() - t0
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-6000:]}")
+    return p.returncode, p.stdout, dt
+
+
+def load_states(out_dir):
+    """Concatenate the states shards written by ``--out`` in rank order (checks the manifest)."""
+    import json
+
+    import numpy as np
+
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        man = json.load(f)
+    parts, expect = [], 0
+    for sh in man["shards"]:
+        assert sh["start"] == expect
+        a = np.load(os.path.join(out_dir, sh["file"]))
+        assert a.shape[0] == sh["length"]
+        parts.append(a)
+        expect += sh["length"]
+    assert expect == man["seq_len"]
+    return np.concatenate(parts, 0), man

@@ -1,0 +1,78 @@
+"""Shared helpers of the benchmark scripts: environment record, timing, JSON output.
+
+Timing rule (benchmarks/README.md): every number is the median of several
+timed repeats after a warm-up, with the device synchronised around each call.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def env_info() -> Dict:
+    """Device, versions and date, recorded beside every result."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host_cpu": platform.processor() or platform.machine(),
+        "argv": sys.argv,
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def sync(device=None):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, repeats: int = 5, warmup: int = 1) -> Dict:
+    """Run ``fn`` ``warmup`` times, then time ``repeats`` calls: median/min/all in seconds."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: List[float] = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    print(f"wrote {path}", flush=True)
+
+
+def out_path(name: str) -> str:
+    """Where a script writes its JSON: $OUT on the device machine, else benchmarks/results."""
+    base = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
+    return os.path.join(base, name)

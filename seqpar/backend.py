@@ -1,0 +1,118 @@
+"""Backend dispatch: pure-PyTorch reference scans or the Triton kernels of ``seqpar.kernels``.
+
+``backend="auto"`` picks Triton for CUDA tensors when triton imports, the
+reference otherwise (always on CPU); ``"torch"`` forces the reference;
+``"triton"`` forces the kernels and fails clearly if they cannot run (no
+triton, or CPU tensors without ``TRITON_INTERPRET=1``).  Cases the kernels do
+not cover (float64, blocks other than 2 x 2, dense D > 64) use the reference.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from .scan import affine_scan, chunk_bounds
+from .structure import Structure
+
+BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device) -> str:
+    """"triton" or "torch" for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    device = torch.device(device)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); got device {device}")
+    return "triton"
+
+
+def _kernel_ok(structure: Structure, b: torch.Tensor) -> bool:
+    if b.dtype not in KERNEL_DTYPES:
+        return False
+    D = b.shape[-1]
+    if structure.kind == "diag":
+        return True
+    if structure.kind == "block":
+        return structure.block_size(D) == 2
+    return D <= 64
+
+
+def kernel_scan(J, b, h_in, structure: Structure, reverse: bool = False):
+    """Drop-in for :func:`seqpar.scan.affine_scan` (same shapes) on the Triton kernels.
+    ``reverse=True`` runs ``h_t = J_t h_{t+1} + b_t`` from the end (h_in = h_n)."""
+    if not _kernel_ok(structure, b):
+        if reverse:
+            return affine_scan(J.flip(0), b.flip(0), h_in, structure).flip(0)
+        return affine_scan(J, b, h_in, structure)
+    n, B, D = b.shape
+    h_in = h_in.to(torch.float32)
+    if structure.kind == "diag":
+        from .kernels.scan_diag import scan_diag
+        return scan_diag(J, b, h_in, reverse=reverse)
+    if structure.kind == "block":
+        from .kernels.scan_block import scan_block2
+        out = scan_block2(J.reshape(n, B, D // 2, 2, 2), b.reshape(n, B, D // 2, 2),
+                          h_in.reshape(B, D // 2, 2), reverse=reverse)
+        return out.reshape(n, B, D)
+    from .kernels.scan_dense import scan_dense
+    return scan_dense(J, b, h_in, reverse=reverse)
+
+
+def scan_function(backend: str) -> Callable:
+    """The ``scan=`` argument for :func:`seqpar.scan.chunked_scan`."""
+    return kernel_scan if backend == "triton" else affine_scan
+
+
+def fused_stepper(cell, structure: Structure, xp: torch.Tensor, backend: str, world_size: int) -> Optional[Callable]:
+    """``step(h, boundary) -> (h_new, stats=[max|h - f|, max|f|])`` for one fused Newton
+    iteration, or None where no fused kernel applies (torch backend, several ranks:
+    they need chunk summaries first, quasi-Newton structures, float64)."""
+    from .cells import DiagGRU, DiagLSTM
+
+    if backend != "triton" or world_size != 1 or xp.dtype not in KERNEL_DTYPES:
+        return None
+    if type(cell) is DiagGRU and structure.kind == "diag":
+        from .kernels.fused_diag_gru import fused_diag_gru_step
+        return lambda h, bnd: fused_diag_gru_step(h, xp, cell.weight_hh, cell.bias_hh, bnd)
+    if type(cell) is DiagLSTM and structure.kind == "block" and structure.block_size(cell.state_size) == 2:
+        from .kernels.fused_diag_lstm import fused_diag_lstm_step
+        return lambda h, bnd: fused_diag_lstm_step(h, xp, cell.weight_hh, bnd)
+    return None
+
+
+def reverse_adjoint_scan(cell, structure: Structure, h_prev, xp, g, v, chunk: int):
+    """lambda_t = g_t + J_{t+1}^T lambda_{t+1}, lambda_{n-1} = g_{n-1} + v, on the kernels run
+    in reverse (no flips): chunks from the end, J recomputed per chunk.  (n, B, D)."""
+    n, B, D = g.shape
+    lam = torch.empty_like(g)
+    st = structure
+    for s, e in reversed(chunk_bounds(n, chunk)):
+        hi = min(e + 1, n)
+        J = st.transpose(cell.jacobian(h_prev[s + 1:hi], xp[s + 1:hi], st))
+        if e == n:
+            J = torch.cat([J, st.identity((1, B), D, g.dtype, g.device)], 0)
+        lam[s:e] = kernel_scan(J.contiguous(), g[s:e].contiguous(), v, st, reverse=True)
+        v = lam[s]
+    return lam

@@ -1,0 +1,226 @@
+"""Triton kernels against their pure-PyTorch references (TRITON_INTERPRET=1 on CPU).
+
+Small shapes: T and N not multiples of the block sizes, T=1, reverse, initial state.
+GPU variants (``-m gpu``) run the same checks compiled, on larger shapes.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import seqpar  # noqa: E402
+from seqpar.cells import GRU, DiagGRU, DiagLSTM  # noqa: E402
+from seqpar.newton import shift  # noqa: E402
+from seqpar.scan import affine_scan  # noqa: E402
+from seqpar.structure import DENSE, DIAG, Structure  # noqa: E402
+
+BLOCK2 = Structure("block", 2)
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _ref(J, b, h0, st, reverse):
+    if reverse:
+        return affine_scan(J.flip(0), b.flip(0), h0, st).flip(0)
+    return affine_scan(J, b, h0, st)
+
+
+@pytest.mark.parametrize("T,N", [(1, 3), (37, 13), (64, 129)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode", ["lookback", "3pass"])
+def test_scan_diag(T, N, reverse, mode):
+    from seqpar.kernels.scan_diag import scan_diag
+
+    g = torch.Generator().manual_seed(T * 1000 + N)
+    J = torch.rand(T, 1, N, generator=g) * 1.2 - 0.1
+    b = torch.randn(T, 1, N, generator=g)
+    for h0 in (None, torch.randn(1, N, generator=g)):
+        out = scan_diag(J, b, h0, reverse=reverse, mode=mode, block_t=16, block_n=32, chunks=3)
+        ref = _ref(J, b, torch.zeros(1, N) if h0 is None else h0, DIAG, reverse)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_diag_bfloat16_storage():
+    from seqpar.kernels.scan_diag import scan_diag
+
+    g = torch.Generator().manual_seed(1)
+    J = (torch.rand(45, 2, 7, generator=g) * 0.9).bfloat16()
+    b = torch.randn(45, 2, 7, generator=g).bfloat16()
+    out = scan_diag(J, b, None, block_t=16, block_n=16)
+    assert out.dtype == torch.bfloat16
+    ref = affine_scan(J.float(), b.float(), torch.zeros(2, 7), DIAG)  # float32 accumulation
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("T,M", [(1, 2), (37, 5)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_block2(T, M, reverse):
+    from seqpar.kernels.scan_block import scan_block2
+
+    g = torch.Generator().manual_seed(T + M)
+    J = torch.randn(T, 1, M, 2, 2, generator=g) * 0.5
+    b = torch.randn(T, 1, M, 2, generator=g)
+    h0 = torch.randn(1, M, 2, generator=g)
+    out = scan_block2(J, b, h0, reverse=reverse, block_t=16, block_n=4)
+    ref = _ref(J.reshape(T, 1, M, 2, 2), b.reshape(T, 1, 2 * M), h0.reshape(1, 2 * M), BLOCK2, reverse)
+    torch.testing.assert_close(out.reshape(T, 1, 2 * M), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,B,D,reverse", [(1, 1, 3, False), (29, 2, 5, False), (23, 1, 17, True)])
+def test_scan_dense(T, B, D, reverse):
+    from seqpar.kernels.scan_dense import scan_dense
+
+    g = torch.Generator().manual_seed(T + D)
+    J = torch.randn(T, B, 1, D, D, generator=g) * 0.5 / D ** 0.5
+    b = torch.randn(T, B, D, generator=g)
+    h0 = torch.randn(B, D, generator=g)
+    out = scan_dense(J, b, h0, reverse=reverse, chunk=4)
+    torch.testing.assert_close(out, _ref(J, b, h0, DENSE, reverse), rtol=1e-5, atol=1e-5)
+
+
+def _newton_step_ref(cell, st, h, xp, bnd):
+    hp = shift(h, bnd)
+    f = cell.step(hp, xp)
+    J = cell.jacobian(hp, xp, st)
+    return affine_scan(J, f - st.matvec(J, hp), bnd, st), (h - f).abs().amax(dim=(1, 2)), f
+
+
+@pytest.mark.parametrize("T", [1, 37])
+def test_fused_diag_gru(T):
+    from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
+
+    torch.manual_seed(T)
+    cell = DiagGRU(4, 9)
+    with torch.no_grad():
+        xp = cell.project_inputs(torch.randn(T, 2, 4))
+        h, bnd = torch.randn(T, 2, 9) * 0.3, torch.randn(2, 9)
+        ref, err, f = _newton_step_ref(cell, DIAG, h, xp, bnd)
+        out, stats = fused_diag_gru_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=16, block_n=8)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    rel = (err / f.abs().amax(dim=(1, 2)).clamp_min(1)).max()
+    assert float(stats[0]) >= float(rel) * (1 - 1e-5)  # an upper bound ...
+    assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)  # ... no larger than the absolute residual
+    torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 37])
+def test_fused_diag_lstm(T):
+    from seqpar.kernels.fused_diag_lstm import fused_diag_lstm_step
+
+    torch.manual_seed(T)
+    cell = DiagLSTM(3, 5)
+    with torch.no_grad():
+        xp = cell.project_inputs(torch.randn(T, 2, 3))
+        h, bnd = torch.randn(T, 2, 10) * 0.3, torch.randn(2, 10)
+        ref, err, f = _newton_step_ref(cell, BLOCK2, h, xp, bnd)
+        out, stats = fused_diag_lstm_step(h, xp, cell.weight_hh, bnd, block_t=16, block_n=4)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)
+    torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
+
+
+def test_backend_resolution():
+    from seqpar.backend import resolve_backend
+
+    assert resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("triton", "cpu") == "triton"  # allowed under the interpreter
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("cuda", "cpu")
+
+
+@pytest.mark.parametrize("cell_fn,jac", [(lambda: DiagGRU(3, 6), "auto"), (lambda: DiagLSTM(3, 4), "auto"),
+                                         (lambda: GRU(3, 5), "diag"), (lambda: GRU(3, 5), "dense")])
+def test_solve_triton_matches_sequential(cell_fn, jac):
+    torch.manual_seed(0)
+    cell = cell_fn()
+    x = torch.randn(40, 2, 3)
+    ref = seqpar.solve(cell, x, method="sequential").detach()
+    out, info = seqpar.solve(cell, x, jacobian=jac, backend="triton", return_info=True, chunk_size=16)
+    assert info.converged
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell_fn", [lambda: DiagGRU(3, 6), lambda: DiagLSTM(3, 4)])
+def test_backward_triton_matches_torch(cell_fn):
+    torch.manual_seed(1)
+    cell = cell_fn()
+    x = torch.randn(30, 2, 3, requires_grad=True)
+    grads = []
+    for backend in ("torch", "triton"):
+        x.grad = None
+        cell.zero_grad()
+        out = seqpar.solve(cell, x, backend=backend, chunk_size=8)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in cell.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ GPU (compiled) checks
+gpu = pytest.mark.skipif(not CUDA or os.environ.get("TRITON_INTERPRET") == "1",
+                         reason="needs CUDA and TRITON_INTERPRET unset")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mode", ["lookback", "3pass"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gpu_scan_diag(mode, reverse):
+    from seqpar.kernels.scan_diag import scan_diag
+
+    T, N = 100_003, 1000
+    J = torch.rand(T, N, device=DEV) * 0.5 + 0.45
+    b = torch.randn(T, N, device=DEV)
+    h0 = torch.randn(N, device=DEV)
+    out = scan_diag(J, b, h0, reverse=reverse, mode=mode)
+    ref = _ref(J.double().unsqueeze(1), b.double().unsqueeze(1), h0.double().unsqueeze(0), DIAG, reverse)
+    torch.testing.assert_close(out.double(), ref.squeeze(1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_scan_block_dense_fused():
+    from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
+    from seqpar.kernels.fused_diag_lstm import fused_diag_lstm_step
+    from seqpar.kernels.scan_block import scan_block2
+    from seqpar.kernels.scan_dense import scan_dense
+
+    T = 50_001
+    J = torch.randn(T, 3, 100, 2, 2, device=DEV) * 0.4
+    b = torch.randn(T, 3, 100, 2, device=DEV)
+    out = scan_block2(J, b, None)
+    ref = affine_scan(J.double().reshape(T, 3, 100, 2, 2), b.double().reshape(T, 3, 200),
+                      torch.zeros(3, 200, device=DEV, dtype=torch.float64), BLOCK2)
+    torch.testing.assert_close(out.reshape(T, 3, 200).double(), ref, rtol=1e-4, atol=1e-4)
+    Jd = torch.randn(4001, 8, 1, 64, 64, device=DEV) * 0.5 / 8
+    bd = torch.randn(4001, 8, 64, device=DEV)
+    refd = affine_scan(Jd.double(), bd.double(), torch.zeros(8, 64, device=DEV, dtype=torch.float64), DENSE)
+    torch.testing.assert_close(scan_dense(Jd, bd).double(), refd, rtol=1e-4, atol=1e-4)
+    for cell, st, step in ((DiagGRU(16, 1000).to(DEV), DIAG, None), (DiagLSTM(16, 300).to(DEV), BLOCK2, None)):
+        with torch.no_grad():
+            xp = cell.project_inputs(torch.randn(20_001, 2, 16, device=DEV))
+            h = torch.randn(20_001, 2, cell.state_size, device=DEV) * 0.3
+            bnd = torch.randn(2, cell.state_size, device=DEV)
+            ref, _, _ = _newton_step_ref(cell, st, h.double(), xp.double(), bnd.double())
+            if st.kind == "diag":
+                out, _ = fused_diag_gru_step(h, xp, cell.weight_hh, cell.bias_hh, bnd)
+            else:
+                out, _ = fused_diag_lstm_step(h, xp, cell.weight_hh, bnd)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_solve_matches_sequential():
+    torch.manual_seed(0)
+    for cell in (DiagGRU(8, 64).to(DEV), DiagLSTM(8, 32).to(DEV)):
+        x = torch.randn(3000, 4, 8, device=DEV)
+        ref = seqpar.solve(cell, x, method="sequential").detach()
+        out, info = seqpar.solve(cell, x, backend="triton", return_info=True)
+        assert info.converged
+        torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=2e-5)
