@@ -65,8 +65,8 @@ def build_parser(prog=None):
     p.add_argument("--out", default=None, help="directory: each rank writes its states shard, rank 0 a manifest")
     p.add_argument("--out-format", choices=["npy", "safetensors"], default="npy")
     p.add_argument("--quiet", action="store_true", help="no per-iteration lines")
-    p.add_argument("--inject-failure", default=None, metavar="RANK:ITER",
-                   help="testing: raise on RANK at Newton iteration ITER (the job must fail fast, not hang)")
+    p.add_argument("--inject-failure", default=None, metavar="RANK:ITER[:hang]",
+                   help="testing: raise (or hang) on RANK at Newton iteration ITER; the job must fail, not hang")
     return p
 
 
@@ -196,12 +196,17 @@ def run(args, ctx: sd.DistContext) -> dict:
               f"device={device.type} dtype={args.dtype} world_size={P} backend={ctx.backend} "
               f"shard={length:,} steps/rank", flush=True)
 
-    fail_rank, fail_iter = (None, None)
+    fail_rank, fail_iter, fail_mode = (None, None, "raise")
     if args.inject_failure:
-        fail_rank, fail_iter = (int(v) for v in args.inject_failure.split(":"))
+        parts = args.inject_failure.split(":")
+        fail_rank, fail_iter = int(parts[0]), int(parts[1])
+        fail_mode = parts[2] if len(parts) > 2 else "raise"
 
     def progress(it, res):
         if rank == fail_rank and it == fail_iter:
+            if fail_mode == "hang":  # a rank that stops answering: the others must time out, not wait forever
+                print(f"[rank {rank}] injected hang at Newton iteration {it} (--inject-failure)", flush=True)
+                time.sleep(10**6)
             raise InjectedFailure(f"injected failure on rank {rank} at Newton iteration {it} (--inject-failure)")
         if rank == 0 and not args.quiet:
             print(f"  iter {it:3d}  residual {res:.3e}", flush=True)

@@ -111,6 +111,27 @@ class _SeqparRNNBase(nn.Module):
         H = self.hidden_size
         return state[..., :H], state[..., H:]
 
+    def _final_state(self, states, h_init, cell, B):
+        """State at the end of this rank's shard.  Under a sequence group a rank may hold an empty
+        shard: its final state is then the last state of the nearest non-empty rank before it (or
+        h_0), fetched with one small all-gather (that value carries no gradient back to its rank)."""
+        if self.sequence_group is None:
+            return states[-1]
+        from .comm import get_communicator
+
+        comm = get_communicator(self.sequence_group)
+        n = states.shape[0]
+        D = cell.state_size
+        last = states[-1].detach() if n else states.new_zeros(B, D)
+        rows = comm.all_gather(torch.cat([last.reshape(-1), last.new_tensor([float(n)])]))
+        if n:
+            return states[-1]
+        final = h_init.detach() if h_init is not None else states.new_zeros(B, D)
+        for q in range(comm.rank):
+            if float(rows[q, -1]) > 0:
+                final = rows[q, :-1].reshape(B, D).to(states.dtype)
+        return final
+
     def forward(self, input: torch.Tensor, hx=None):
         if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
             got = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
@@ -141,7 +162,7 @@ class _SeqparRNNBase(nn.Module):
                 if d:
                     states = states.flip(0)
                 outs.append(cell.output(states))
-                finals.append(states[0] if d else states[-1])
+                finals.append(states[0] if d else self._final_state(states, h_init[i], cell, B))
             x = outs[0] if dirs == 1 else torch.cat(outs, -1)
             if self.dropout and self.training and layer + 1 < self.num_layers:
                 x = F.dropout(x, self.dropout, True)

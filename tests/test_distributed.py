@@ -99,7 +99,7 @@ def _nonconvergence(rank, world_size, group):
     lengths = [9, 1, 14]
     out = {}
     # max_iter=2 cannot converge 24 steps of a GRU from zeros: the tail is finished sequentially, in rank order
-    out["sequential"] = run_case("gru", "diag", lengths, rank, group, max_iter=2)
+    out["sequential"] = run_case("gru", "auto", lengths, rank, group, max_iter=2)
     with torch.no_grad():
         cell, x, h0, _ = _problem("gru", sum(lengths))
         s, n = sum(lengths[:rank]), lengths[rank]

@@ -46,10 +46,18 @@ def test_torchrun_verify_uneven_shards_and_out(tmp_path):
     assert np.abs(states - ref.numpy()).max() < 1e-4
 
 
-def test_verify_window_reported():
+def test_verify_window_reported_and_safetensors_out(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
     rc, out, _ = run_cmd(torchrun_cmd(2, "solve.py", "--seq-len", "200k", "--hidden", "4", "--device", "cpu",
-                                      "--verify", "--verify-window", "5000", "--quiet"), timeout=300)
+                                      "--verify", "--verify-window", "5000", "--quiet", "--out", str(tmp_path),
+                                      "--out-format", "safetensors"), timeout=300)
     assert "window [0, 5000) of T=200000" in out and "-> OK" in out
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["format"] == "safetensors" and man["summary"]["verify_ok"]
+    for sh in man["shards"]:
+        assert load_file(str(tmp_path / sh["file"]))["states"].shape == (sh["length"], 1, 4)
 
 
 def test_rank_failure_under_torchrun_fails_fast():
@@ -93,3 +101,22 @@ def test_rank_failure_every_process_exits_nonzero():
     assert "injected failure on rank 2" in outs[2]
     assert all("seqpar solve failed" in o for o in outs), outs
     assert dt < 90
+
+
+def test_default_job_runs_on_two_cpu_ranks(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the default job uses the GPUs here")
+    js = tmp_path / "d.json"
+    rc, out, _ = run_cmd([sys.executable, launch_path("default_job.py"), "--seq-len", "20k", "--hidden", "4",
+                          "--verify-window", "5k", "--json", str(js)], timeout=300)
+    s = json.loads(js.read_text())
+    assert s["world_size"] == 2 and s["converged"] and s["verify_ok"]
+
+
+def test_hung_rank_times_out_instead_of_hanging():
+    rc, out, dt = run_cmd(torchrun_cmd(2, "solve.py", "--seq-len", "100k", "--hidden", "4", "--device", "cpu",
+                                       "--inject-failure", "1:1:hang", "--timeout", "5"), timeout=120, check=False)
+    assert rc != 0 and "injected hang" in out and "Timed out" in out
+    assert dt < 60

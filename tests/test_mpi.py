@@ -38,3 +38,10 @@ def test_mpi_rank_failure_aborts_job():
                                "--timeout", "60"), timeout=120, check=False)
     assert rc != 0 and "injected failure on rank 1" in out
     assert dt < 60
+
+
+def test_mpi_hung_rank_times_out():
+    rc, out, dt = run_cmd(_mpi(2, "--seq-len", "100k", "--hidden", "4", "--device", "cpu", "--inject-failure",
+                               "1:1:hang", "--timeout", "5"), timeout=120, check=False)
+    assert rc != 0 and "CollectiveTimeout" in out
+    assert dt < 60

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Turn the benchmark JSON files into PNG plots under benchmarks/results/.
+
+    python benchmarks/plot.py [--results benchmarks/results]
+
+Reads whichever of peers.json, training.json, convergence.json, scaling.json
+exist and writes speedup_vs_T.png, training.png, convergence.png, scaling.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load(results, name):
+    path = os.path.join(results, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def subtitle(env):
+    return f"{env.get('device')} · torch {env.get('torch')} · triton {env.get('triton')} · {env.get('date', '')[:10]}"
+
+
+def plot_peers(data, out):
+    rows = data["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, (peer, label) in zip(axes, [("speedup_vs_cudnn", "cuDNN nn.GRU"), ("speedup_vs_eager", "torch eager loop")]):
+        series = defaultdict(list)
+        for r in rows:
+            if r.get(peer) and r["cell"] == "gru":
+                series[(r["D"], r["jacobian"])].append((r["T"], r[peer]))
+        for (D, jac), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"D={D} ({jac})")
+        ax.axhline(1, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_xlabel("sequence length T"), ax.set_title(f"seqpar GRU speedup over {label}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("speedup (×)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(subtitle(data["env"]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_training(data, out):
+    rows = data["rows"]
+    dims = sorted({r["D"] for r in rows})
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
+    for ax, D in zip(axes[0], dims):
+        series = defaultdict(list)
+        for r in rows:
+            if r["D"] == D:
+                series[r["model"]].append((r["T"], r["fwd_bwd_s"], r["extrapolated"]))
+        for model, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model,
+                    ls="--" if any(p[2] for p in pts) else "-")
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_xlabel("T"), ax.set_ylabel("forward + backward (s)")
+        ax.set_title(f"training step, D={D} (dashed: cuDNN extrapolated)")
+        ax.grid(True, which="both", alpha=0.3), ax.legend(fontsize=8)
+    fig.suptitle(subtitle(data["env"]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_convergence(data, out):
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    series = defaultdict(list)
+    for r in rows:
+        series[(r["regime"], r["cell"], r["jacobian"])].append((r["T"], r["iterations"], r["newton_converged"]))
+    for key, pts in sorted(series.items()):
+        pts.sort()
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" / ".join(key))
+        for T, it, ok in pts:
+            if not ok:
+                ax.plot(T, it, marker="x", color="red", ms=10)
+    ax.set_xscale("log")
+    ax.set_xlabel("T"), ax.set_ylabel("Newton iterations")
+    ax.set_title("iterations to converge (red x: Newton failed, exact fallback used)")
+    ax.grid(True, alpha=0.3), ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(subtitle(data["env"]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_scaling(data, out):
+    rows = data["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, kind in zip(axes, ["weak", "strong"]):
+        series = defaultdict(list)
+        for r in rows:
+            if r["kind"] == kind:
+                series[r["label"]].append((r["world_size"], r["time_per_iter_s"]))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=label)
+        ax.set_xlabel("GPUs"), ax.set_ylabel("time per Newton iteration (ms)")
+        ax.set_title(f"{kind} scaling"), ax.grid(True, alpha=0.3), ax.legend(fontsize=8)
+    fig.suptitle(subtitle(data["env"]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    a = p.parse_args()
+    for name, fn, png in [("peers.json", plot_peers, "speedup_vs_T.png"), ("training.json", plot_training, "training.png"),
+                          ("convergence.json", plot_convergence, "convergence.png"),
+                          ("scaling.json", plot_scaling, "scaling.png")]:
+        data = load(a.results, name)
+        if data and data.get("rows"):
+            fn(data, os.path.join(a.results, png))
+            print(f"wrote {os.path.join(a.results, png)}")
+
+
+if __name__ == "__main__":
+    main()
