@@ -8,7 +8,7 @@ and seqpar's own ``method="sequential"``.  Eager loops are timed on
 timed directly up to ``--cudnn-max-T`` and extrapolated linearly beyond.
 
 Cells: seqpar.GRU (dense Jacobian; solved with exact "dense" Newton where
-D <= 16 and quasi-Newton "diag" always) and seqpar.DiagGRU (exact diagonal).
+D <= --dense-max-d and quasi-Newton "diag" always) and seqpar.DiagGRU (exact diagonal).
 
     python benchmarks/bench_peers.py [--dims 1,4,16,64,256,1024] [--Ts 1k,10k,100k,1M] [--batch 16]
 """
@@ -51,7 +51,8 @@ def main():
     p.add_argument("--batch-large-d", type=int, default=1, help="batch for D >= 256")
     p.add_argument("--loop-steps", type=int, default=2000)
     p.add_argument("--cudnn-max-T", type=parse_count, default=parse_count("1M"))
-    p.add_argument("--max-elems", type=float, default=2e9, help="skip configs with T*B*D^2 above this")
+    p.add_argument("--max-elems", type=float, default=2e12, help="skip configs with T*B*D^2 above this")
+    p.add_argument("--dense-max-d", type=int, default=4, help="also run exact dense Newton up to this D")
     p.add_argument("--time-budget", type=float, default=300.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
@@ -88,7 +89,7 @@ def main():
                     cud_extrap = False
                 else:
                     cud, cud_extrap = cudnn_step * T, True
-                modes = [("gru", gru, "diag")] + ([("gru", gru, "dense")] if D <= 16 else []) + [("diag-gru", dgru, "auto")]
+                modes = [("gru", gru, "diag")] + ([("gru", gru, "dense")] if D <= a.dense_max_d else []) + [("diag-gru", dgru, "auto")]
                 for name, cell, jac in modes:
                     try:
                         _, info = seqpar.solve(cell, x, jacobian=jac, return_info=True)

@@ -22,7 +22,7 @@ DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 (b
 
 @triton.jit
 def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags, Counter,
-                           T, D, N, n_lb, TT: tl.constexpr, BN: tl.constexpr):
+                           T, D, N, n_lb, TT: tl.constexpr, BN: tl.constexpr, DENSE_HH: tl.constexpr = False):
     c, lb = ticket(Counter, n_lb, 0)
     lanes = lb * BN + tl.arange(0, BN)
     lmask = lanes < N
@@ -46,12 +46,20 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags,
     wr = tl.load(W + d, mask=lmask, other=0.0)[None, :]
     wz = tl.load(W + D + d, mask=lmask, other=0.0)[None, :]
     wn = tl.load(W + 2 * D + d, mask=lmask, other=0.0)[None, :]
-    br = tl.load(BH + d, mask=lmask, other=0.0)[None, :]
-    bz = tl.load(BH + D + d, mask=lmask, other=0.0)[None, :]
-    bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)[None, :]
-    r = sigmoid(xr + wr * hp + br)
-    z = sigmoid(xz + wz * hp + bz)
-    hn = wn * hp + bn
+    if not DENSE_HH:
+        br = tl.load(BH + d, mask=lmask, other=0.0)[None, :]
+        bz = tl.load(BH + D + d, mask=lmask, other=0.0)[None, :]
+        bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)[None, :]
+    if DENSE_HH:  # dense GRU, quasi-Newton: BH holds W_hh h_prev + b_hh (T, B, 3D); W the diagonal of W_hh
+        hr = tl.load(BH + xo, mask=m, other=0.0).to(tl.float32)
+        hz = tl.load(BH + xo + D, mask=m, other=0.0).to(tl.float32)
+        hn = tl.load(BH + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+    else:
+        hr = wr * hp + br
+        hz = wz * hp + bz
+        hn = wn * hp + bn
+    r = sigmoid(xr + hr)
+    z = sigmoid(xz + hz)
     n = tanh(xn + r * hn)
     f = n + z * (hp - n)
     jd = (1 - z) * (1 - n * n) * (hn * r * (1 - r) * wr + r * wn) + z + (hp - n) * z * (1 - z) * wz
@@ -74,11 +82,36 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags,
     tl.store(Out + off, out.to(Out.dtype.element_ty), mask=m)
 
 
+def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
+                         block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS):
+    """One quasi-Newton iteration (diagonal Jacobian) of the *dense* :class:`seqpar.cells.GRU`.
+
+    The recurrent pre-activations ``W_hh h_prev + b_hh`` (T, B, 3D) come from one
+    GEMM; gates, the diagonal of J, b, the residual and the scan are fused as for
+    DiagGRU.  ``weight_hh`` (3D, D).  Returns ``(h_new, stats)`` like
+    :func:`fused_diag_gru_step`.  Reference: ``GRU.step`` / ``GRU.jacobian(.., diag)``.
+    """
+    T, B, D = h.shape
+    if T == 0:
+        return fused_diag_gru_step(h, xp, weight_hh.new_zeros(3 * D), None, boundary, out)
+    W = weight_hh.detach().to(h.dtype)
+    h_prev = torch.cat([boundary.to(h.dtype).unsqueeze(0), h[:-1]], 0)
+    hh = torch.nn.functional.linear(h_prev, W, None if bias_hh is None else bias_hh.detach().to(h.dtype))
+    wdiag = torch.cat([W[g * D:(g + 1) * D].diagonal() for g in range(3)])
+    return _launch(h, xp, wdiag, hh, boundary, out, block_t, block_n, num_warps, dense_hh=True)
+
+
 def fused_diag_gru_step(h, xp, weight_hh, bias_hh, boundary, out=None,
                         block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS):
     """One Newton iteration.  ``h`` (T, B, D), ``xp`` (T, B, 3D), ``weight_hh`` (3D,),
     ``bias_hh`` (3D,) or None, ``boundary`` (B, D).  Returns ``(h_new (T, B, D),
     stats)`` with ``stats`` a float32 tensor ``[max_t max|h_t - f_t| / max(1, max|f_t|) (upper bound), max|f|]`` (NaN reported as inf)."""
+    w = weight_hh.detach().to(torch.float32).contiguous()
+    bh = (torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32)).contiguous()
+    return _launch(h, xp, w, bh, boundary, out, block_t, block_n, num_warps, dense_hh=False)
+
+
+def _launch(h, xp, w, bh, boundary, out, block_t, block_n, num_warps, dense_hh):
     T, B, D = h.shape
     N = B * D
     h = h.contiguous()
@@ -87,13 +120,13 @@ def fused_diag_gru_step(h, xp, weight_hh, bias_hh, boundary, out=None,
     stats = torch.zeros(2, dtype=torch.float32, device=h.device)
     if T == 0:
         return out, stats
-    w = weight_hh.detach().to(torch.float32).contiguous()
-    bh = (torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32)).contiguous()
+    w = w.to(torch.float32).contiguous()
+    bh = bh.contiguous()
     n_lb = triton.cdiv(N, block_n)
     n_chunks = triton.cdiv(T, block_t)
     flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=h.device)
     agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=h.device)
     _fused_diag_gru_kernel[(n_chunks * n_lb,)](
         h, xp, w, bh, boundary.contiguous(), out, stats, agg[0], agg[1], agg[2], flags[1:], flags[:1],
-        T, D, N, n_lb, TT=block_t, BN=block_n, num_warps=num_warps)
+        T, D, N, n_lb, TT=block_t, BN=block_n, DENSE_HH=dense_hh, num_warps=num_warps)
     return out, stats

@@ -88,14 +88,18 @@ def scan_function(backend: str) -> Callable:
 def fused_stepper(cell, structure: Structure, xp: torch.Tensor, backend: str, world_size: int) -> Optional[Callable]:
     """``step(h, boundary) -> (h_new, stats=[max|h - f|, max|f|])`` for one fused Newton
     iteration, or None where no fused kernel applies (torch backend, several ranks:
-    they need chunk summaries first, quasi-Newton structures, float64)."""
-    from .cells import DiagGRU, DiagLSTM
+    they need chunk summaries first, float64, cells and structures without a kernel).
+    Covered: DiagGRU (exact diag), DiagLSTM (exact 2x2 blocks), GRU (quasi-Newton diag)."""
+    from .cells import GRU, DiagGRU, DiagLSTM
 
     if backend != "triton" or world_size != 1 or xp.dtype not in KERNEL_DTYPES:
         return None
     if type(cell) is DiagGRU and structure.kind == "diag":
         from .kernels.fused_diag_gru import fused_diag_gru_step
         return lambda h, bnd: fused_diag_gru_step(h, xp, cell.weight_hh, cell.bias_hh, bnd)
+    if type(cell) is GRU and structure.kind == "diag":  # dense GRU, quasi-Newton
+        from .kernels.fused_diag_gru import fused_gru_quasi_step
+        return lambda h, bnd: fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd)
     if type(cell) is DiagLSTM and structure.kind == "block" and structure.block_size(cell.state_size) == 2:
         from .kernels.fused_diag_lstm import fused_diag_lstm_step
         return lambda h, bnd: fused_diag_lstm_step(h, xp, cell.weight_hh, bnd)
