@@ -153,3 +153,14 @@ def lookback_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1,
     tl.debug_barrier()
     tl.atomic_xchg(Flags + c * n_lb + lb, 2, sem="release")
     return h0, h1
+
+
+def narrow_tiles(n_lanes: int, block_t: int, block_n: int, max_t: int = 1024):
+    """Tile shape for few lanes: shrink the lane width to the lanes present (power of two,
+    at least 16) and lengthen the time tile to keep TT * BN, so a narrow problem (e.g.
+    B * D = 16) does not idle most of each tile nor chain 16x more look-back tiles."""
+    bn = block_n
+    while bn > 16 and bn // 2 >= n_lanes:
+        bn //= 2
+    tt = min(max_t, block_t * (block_n // bn))
+    return tt, bn

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import comb_diag, last_row, lookback_diag, sigmoid, tanh, ticket
+from ._common import comb_diag, last_row, lookback_diag, sigmoid, tanh, ticket, narrow_tiles
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 (benchmarks/)
 
@@ -122,6 +122,7 @@ def _launch(h, xp, w, bh, boundary, out, block_t, block_n, num_warps, dense_hh):
         return out, stats
     w = w.to(torch.float32).contiguous()
     bh = bh.contiguous()
+    block_t, block_n = narrow_tiles(N, block_t, block_n)
     n_lb = triton.cdiv(N, block_n)
     n_chunks = triton.cdiv(T, block_t)
     flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=h.device)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import comb_block2, last_row, lookback_block2, sigmoid, tanh, ticket
+from ._common import comb_block2, last_row, lookback_block2, sigmoid, tanh, ticket, narrow_tiles
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 32, 1  # best of a sweep on H100 (benchmarks/)
 
@@ -92,6 +92,7 @@ def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: int = DE
     if T == 0:
         return out, stats
     w = weight_hh.detach().to(torch.float32).contiguous()
+    block_t, block_n = narrow_tiles(M, block_t, block_n)
     n_lb = triton.cdiv(M, block_n)
     n_chunks = triton.cdiv(T, block_t)
     flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=h.device)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import comb_block2, last_row, lookback_block2, ticket
+from ._common import comb_block2, last_row, lookback_block2, ticket, narrow_tiles
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 8, 128, 2  # best of a sweep on H100 (benchmarks/)
 
@@ -74,6 +74,7 @@ def scan_block2(J: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = N
     o2 = out.view(T, 2 * M) if out.is_contiguous() else torch.empty(T, 2 * M, dtype=out.dtype, device=out.device)
     has_h0 = h0 is not None
     h0v = h0.reshape(2 * M).contiguous() if has_h0 else b2
+    block_t, block_n = narrow_tiles(M, block_t, block_n)
     n_lb = triton.cdiv(M, block_n)
     n_chunks = triton.cdiv(T, block_t)
     flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=b.device)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import comb_diag, last_row, lookback_diag, ticket
+from ._common import comb_diag, last_row, lookback_diag, ticket, narrow_tiles
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 64, 64, 2  # best of a sweep on H100 (benchmarks/)
 
@@ -113,6 +113,7 @@ def scan_diag(J: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = Non
     o2 = out.view(T, N) if out.is_contiguous() else torch.empty(T, N, dtype=out.dtype, device=out.device)
     has_h0 = h0 is not None
     h0v = h0.reshape(N).contiguous() if has_h0 else b2
+    block_t, block_n = narrow_tiles(N, block_t, block_n)
     n_lb = triton.cdiv(N, block_n)
     dev = b.device
     if mode == "lookback":
