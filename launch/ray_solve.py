@@ -123,9 +123,12 @@ def main(argv=None):
         summary = results.get(timeout=30)
         summary["launcher"] = "ray"
         summary["total_time_s"] = time.perf_counter() - t0
-        print("ray_solve summary: " + " ".join(f"{k}={summary[k]}" for k in (
-            "world_size", "backend", "seq_len", "iterations", "converged", "residual", "wall_time_s", "steps_per_s",
-            "peak_memory_bytes_per_rank")), flush=True)
+        mem = ", ".join(f"{b / 2**20:.0f} MiB" for b in summary["peak_memory_bytes_per_rank"])
+        print(f"ray_solve summary: world_size={summary['world_size']} backend={summary['backend']} "
+              f"T={summary['seq_len']:,} iterations={summary['iterations']} converged={summary['converged']} "
+              f"residual={summary['residual']:.3e} wall_time={summary['wall_time_s']:.3f}s "
+              f"steps/s={summary['steps_per_s']:.4g} peak_memory/rank=[{mem}] "
+              f"(job incl. Ray start {summary['total_time_s']:.1f} s)", flush=True)
         if "verify_ok" in summary:
             print(f"ray_solve verify: window {summary['verify_window']} rel error {summary['verify_rel_error']:.3e} "
                   f"-> {'OK' if summary['verify_ok'] else 'FAILED'}", flush=True)

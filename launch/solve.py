@@ -275,12 +275,14 @@ def main(argv=None):
         summary = run(args, ctx)
         ok = summary["converged"] and summary.get("verify_ok", True)
     except BaseException as e:  # noqa: BLE001 - any failure takes the whole job down, at once
+        if ctx is not None and ctx.kind == "single":
+            raise
         rank = ctx.rank if ctx is not None else os.environ.get("RANK", "?")
         sys.stdout.flush()
         print(f"[rank {rank}] seqpar solve failed: {type(e).__name__}: {e}", file=sys.stderr)
         if not isinstance(e, (seqpar.RemoteRankError, InjectedFailure, KeyboardInterrupt)):
             traceback.print_exc()
-        if ctx is None or ctx.kind == "single":
+        if ctx is None:
             raise
         sd.abort(ctx, 1)  # never returns: no destroy_process_group / finalize that could wait on a dead peer
     ctx.shutdown()

@@ -4,7 +4,6 @@ Each ``run_ranks`` call spawns the ranks once and runs all cases inside them
 (process start-up dominates the cost).  Layouts include uneven shards, a
 1-step shard and empty shards.
 """
-import math
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """launch/ray_solve.py: a local 2-worker Ray Train job gives the same states as torchrun/gloo; failures fail the run."""
-import os
 
 import numpy as np
 import pytest

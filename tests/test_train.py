@@ -23,8 +23,6 @@ def _grads(model, x, target, mask, T_total, batch):
 
 def _sharded_grads(rank, world_size, group, dp, cell):
     """One training step's gradients on a dp x (world/dp) mesh, DDP over the data group."""
-    import torch.distributed as dist
-
     import train
     from seqpar import distributed as sd
 
