@@ -52,7 +52,7 @@ class SolveInfo:
     jacobian: str = ""
     method: str = "newton"
     tol: float = 0.0
-    seq_len: int = 0
+    seq_len: int = 0          # T of the whole sequence (all shards)
     world_size: int = 1
     wall_time_s: float = 0.0
     backward_iterations: Optional[int] = None  # set by the backward pass (defect-correction iterations)
@@ -157,8 +157,10 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
         last = h[-1] if n else h0
         lasts = comm.all_gather(torch.cat([last.reshape(-1), h0.new_tensor([float(n)])]))
         boundary = _boundary_from_lasts(lasts, h0, rank, B, D)
+        total_len = int(lasts[:, -1].sum())
     else:
         boundary = h0
+        total_len = n
 
     residuals: List[float] = []
     best = math.inf
@@ -216,7 +218,8 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
         it += 1
 
     info = SolveInfo(converged=converged, iterations=it, residual=residuals[-1], residuals=residuals,
-                     newton_converged=converged, jacobian=st.describe(), tol=opts.tol, world_size=P)
+                     newton_converged=converged, jacobian=st.describe(), tol=opts.tol, world_size=P,
+                     seq_len=total_len)
     if not converged:
         if fused is not None:  # per-step residuals of the final iterate (the fused pass keeps only the max)
             err_t = step_residuals(h, cell.step(shift(h, boundary), xp))

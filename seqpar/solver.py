@@ -100,7 +100,6 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         with torch.no_grad():
             states = SolveFunction.forward(_NoCtx(), *args)
     info = info_out[0]
-    info.seq_len = int(inputs.shape[0])
     info.wall_time_s = time.perf_counter() - t0
     return (states, info) if return_info else states
 

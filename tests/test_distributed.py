@@ -41,7 +41,7 @@ def run_case(cell_name, mode, lengths, rank, group, **solve_kw):
     return {"states": states.detach(), "dx": xl.grad, "dh0": h0l.grad,
             "dparams": {k: p.grad.clone() for k, p in cell.named_parameters()},
             "iterations": info.iterations, "converged": info.converged, "fallback": info.fallback,
-            "residuals": info.residuals}
+            "residuals": info.residuals, "seq_len": info.seq_len}
 
 
 def _all_cases(rank, world_size, group):
@@ -92,6 +92,7 @@ def test_sharded_equals_single_process_every_cell_and_mode(world_size):
                         _close(got["dparams"][k], g, tag + f" d{k}")
                     # same iteration count everywhere (the sharded iteration is the same algorithm)
                     assert got["iterations"] == results[0][key]["iterations"], tag
+                    assert got["seq_len"] == sum(lengths), tag  # the whole sequence, not the shard
 
 
 def _nonconvergence(rank, world_size, group):
