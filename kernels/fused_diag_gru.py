@@ -21,6 +21,87 @@ DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 (b
 
 
 @triton.jit
+def _gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn):
+    """GRU step f and the diagonal of df/dh_prev from the gate pre-activations
+    (input parts xr/xz/xn, recurrent parts hr/hz/hn; w* the diagonal recurrent weights)."""
+    r = sigmoid(xr + hr)
+    z = sigmoid(xz + hz)
+    n = tanh(xn + r * hn)
+    f = n + z * (hp - n)
+    jd = (1 - z) * (1 - n * n) * (hn * r * (1 - r) * wr + r * wn) + z + (hp - n) * z * (1 - z) * wz
+    return f, jd
+
+
+@triton.jit
+def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags, Counter,
+                               T, D, N, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr):
+    """Lane-sequential variant: each thread owns lanes and walks the TT steps of its tile in
+    order (no cross-warp scan, few registers).  Pass 1 reduces the tile to its summary map and
+    the residual; the look-back gives the incoming state; pass 2 re-reads the tile (L2-resident)
+    and writes the scanned states."""
+    c, lb = ticket(Counter, n_lb, 0)
+    lanes = lb * BN + tl.arange(0, BN)
+    lmask = lanes < N
+    bidx = lanes // D
+    d = lanes % D
+    wr = tl.load(W + d, mask=lmask, other=0.0)
+    wz = tl.load(W + D + d, mask=lmask, other=0.0)
+    wn = tl.load(W + 2 * D + d, mask=lmask, other=0.0)
+    br = tl.load(BH + d, mask=lmask, other=0.0)
+    bz = tl.load(BH + D + d, mask=lmask, other=0.0)
+    bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)
+    bnd = tl.load(Bnd + lanes, mask=lmask, other=0.0).to(tl.float32)
+    t0 = c * TT
+    zero = lanes * 0
+    hp0 = tl.load(H + (t0.to(tl.int64) - 1) * N + lanes, mask=lmask & ((zero + t0) > 0), other=0.0).to(tl.float32)
+    hp0 = tl.where((zero + t0) == 0, bnd, hp0)
+    xcol = bidx * (3 * D) + d
+    A = tl.full([BN], 1.0, tl.float32)
+    C = tl.zeros([BN], tl.float32)
+    rel = tl.zeros([BN], tl.float32)  # running max of per-step relative residuals (all lanes equal)
+    fmx = tl.zeros([BN], tl.float32)
+    hp = hp0
+    for k in range(TT):
+        t = t0 + k
+        m = lmask & ((zero + t) < T)
+        t64 = t.to(tl.int64)
+        hc = tl.load(H + t64 * N + lanes, mask=m, other=0.0).to(tl.float32)
+        xo = t64 * (3 * N) + xcol
+        xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
+        xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
+        xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+        f, jd = _gru_f_jdiag(hp, xr, xz, xn, wr * hp + br, wz * hp + bz, wn * hp + bn, wr, wz, wn)
+        bb = tl.where(m, f - jd * hp, 0.0)
+        jd = tl.where(m, jd, 1.0)
+        A = jd * A
+        C = jd * C + bb
+        err = tl.where(m, tl.abs(hc - f), 0.0)
+        err = tl.where(err == err, err, float("inf"))
+        fab = tl.where(m, tl.abs(f), 0.0)
+        fab = tl.where(fab == fab, fab, float("inf"))
+        fmax_t = tl.max(fab, 0)
+        rel = tl.maximum(rel, tl.max(err, 0) / tl.maximum(fmax_t, 1.0))
+        fmx = tl.maximum(fmx, fmax_t)
+        hp = hc
+    tl.store(Res + c * n_lb + lb, tl.max(rel, 0))
+    tl.store(Res + NP + c * n_lb + lb, tl.max(fmx, 0))
+    h = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, bnd, A, C)
+    hp = hp0
+    for k in range(TT):
+        t = t0 + k
+        m = lmask & ((zero + t) < T)
+        t64 = t.to(tl.int64)
+        xo = t64 * (3 * N) + xcol
+        xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
+        xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
+        xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+        f, jd = _gru_f_jdiag(hp, xr, xz, xn, wr * hp + br, wz * hp + bz, wn * hp + bn, wr, wz, wn)
+        h = tl.where(m, jd * h + (f - jd * hp), h)
+        tl.store(Out + t64 * N + lanes, h.to(Out.dtype.element_ty), mask=m)
+        hp = tl.load(H + t64 * N + lanes, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags, Counter,
                            T, D, N, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr, DENSE_HH: tl.constexpr = False):
     c, lb = ticket(Counter, n_lb, 0)
@@ -58,11 +139,7 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags,
         hr = wr * hp + br
         hz = wz * hp + bz
         hn = wn * hp + bn
-    r = sigmoid(xr + hr)
-    z = sigmoid(xz + hz)
-    n = tanh(xn + r * hn)
-    f = n + z * (hp - n)
-    jd = (1 - z) * (1 - n * n) * (hn * r * (1 - r) * wr + r * wn) + z + (hp - n) * z * (1 - z) * wz
+    f, jd = _gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn)
     bb = f - jd * hp
     jd = tl.where(m, jd, 1.0)
     bb = tl.where(m, bb, 0.0)
@@ -103,13 +180,38 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
 
 
 def fused_diag_gru_step(h, xp, weight_hh, bias_hh, boundary, out=None,
-                        block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS):
+                        block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS,
+                        variant: str = "tile"):
     """One Newton iteration.  ``h`` (T, B, D), ``xp`` (T, B, 3D), ``weight_hh`` (3D,),
     ``bias_hh`` (3D,) or None, ``boundary`` (B, D).  Returns ``(h_new (T, B, D),
     stats)`` with ``stats`` a float32 tensor ``[max_t max|h_t - f_t| / max(1, max|f_t|) (upper bound), max|f|]`` (NaN reported as inf)."""
     w = weight_hh.detach().to(torch.float32).contiguous()
     bh = (torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32)).contiguous()
+    if variant == "seq":
+        return _launch_seq(h, xp, w, bh, boundary, out, block_t, block_n, num_warps)
+    if variant != "tile":
+        raise ValueError(f"variant must be 'tile' or 'seq'; got {variant!r}")
     return _launch(h, xp, w, bh, boundary, out, block_t, block_n, num_warps, dense_hh=False)
+
+
+def _launch_seq(h, xp, w, bh, boundary, out, block_t, block_n, num_warps):
+    T, B, D = h.shape
+    N = B * D
+    h, xp = h.contiguous(), xp.contiguous()
+    out = torch.empty_like(h) if out is None else out
+    if T == 0:
+        return out, torch.zeros(2, dtype=torch.float32, device=h.device)
+    n_lb = triton.cdiv(N, block_n)
+    n_chunks = triton.cdiv(T, block_t)
+    n_prog = n_chunks * n_lb
+    flags = torch.zeros(n_prog + 1, dtype=torch.int32, device=h.device)
+    agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=h.device)
+    part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
+    _fused_diag_gru_seq_kernel[(n_prog,)](
+        h, xp, w.to(torch.float32).contiguous(), bh.contiguous(), boundary.contiguous(), out, part,
+        agg[0], agg[1], agg[2], flags[1:], flags[:1], T, D, N, n_lb, n_prog, TT=block_t, BN=block_n,
+        num_warps=num_warps)
+    return out, part.amax(1)
 
 
 def _launch(h, xp, w, bh, boundary, out, block_t, block_n, num_warps, dense_hh):

@@ -108,6 +108,25 @@ def test_fused_diag_gru(T):
 
 
 @pytest.mark.parametrize("T", [1, 37])
+def test_fused_diag_gru_lane_sequential_variant(T):
+    from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
+
+    torch.manual_seed(T)
+    cell = DiagGRU(4, 9)
+    with torch.no_grad():
+        xp = cell.project_inputs(torch.randn(T, 2, 4))
+        h, bnd = torch.randn(T, 2, 9) * 0.3, torch.randn(2, 9)
+        ref, err, f = _newton_step_ref(cell, DIAG, h, xp, bnd)
+        out, stats = fused_diag_gru_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=8, block_n=16,
+                                         variant="seq")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    rel = (err / f.abs().amax(dim=(1, 2)).clamp_min(1)).max()
+    assert float(stats[0]) >= float(rel) * (1 - 1e-5)
+    assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)
+    torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 37])
 def test_fused_gru_quasi(T):
     """Dense GRU, quasi-Newton (diagonal J): the fused step equals the reference linearisation."""
     from seqpar.kernels.fused_diag_gru import fused_gru_quasi_step
