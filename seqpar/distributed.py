@@ -376,6 +376,7 @@ def abort(ctx: Optional[DistContext] = None, code: int = 1) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if ctx is not None and ctx.kind == "mpi":
+        time.sleep(0.5)  # let mpiexec forward this rank's last output (the error) before it kills the job
         try:
             ctx.group.Abort(code)
         except Exception:  # noqa: BLE001
