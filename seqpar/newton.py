@@ -238,14 +238,17 @@ def step_residuals(h: torch.Tensor, fval: torch.Tensor) -> torch.Tensor:
 
 
 def repair_tail(cell, xp: torch.Tensor, h_in: torch.Tensor, opts: NewtonOptions, out: torch.Tensor,
-                window: int = 256, min_window: int = 8) -> None:
+                window: int = 256, min_window: int = 8, max_sequential_run: int = 4096) -> None:
     """Exact evaluation of ``n`` steps from ``h_in`` into ``out`` (n, B, D) by Newton on windows.
 
     Newton is run on a window of the remaining steps; a converged window is
     accepted whole and the next one doubles, a failed one keeps its converged
-    prefix (exact: it satisfies the recurrence to tol) and the next one halves.
-    Windows shorter than ``min_window`` are evaluated step by step, so progress
-    is guaranteed and the worst case is plain sequential evaluation.
+    prefix (exact: it satisfies the recurrence to tol) and the next one shrinks.
+    Once windows shrink to ``min_window`` the steps are evaluated one by one, in
+    runs that double each time Newton fails again (up to ``max_sequential_run``)
+    and reset when it succeeds: on a chaotic system, where no window converges,
+    the cost approaches plain sequential evaluation instead of paying a failed
+    Newton attempt every few steps.  Progress is guaranteed; exact throughout.
     """
     from .comm import SINGLE
 
@@ -255,16 +258,20 @@ def repair_tail(cell, xp: torch.Tensor, h_in: torch.Tensor, opts: NewtonOptions,
                           backend=opts.backend)
     s, h = 0, h_in
     W = window
+    seq_run = min_window
     while s < n:
-        e = min(n, s + W)
         if W <= min_window:
+            e = min(n, s + seq_run)
             sequential_states(cell, xp[s:e], h, out=out[s:e])
+            seq_run = min(max_sequential_run, 2 * seq_run)
             W = 2 * min_window
         else:
+            e = min(n, s + W)
             states, info, _ = newton_solve(cell, xp[s:e], h, inner, SINGLE)
             if info.converged:
                 out[s:e] = states
                 W *= 2
+                seq_run = min_window
             else:
                 e = s + (info.first_unconverged or 0)
                 out[s:e] = states[:e - s]
