@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import seqpar  # noqa: E402
 from seqpar import distributed as sd  # noqa: E402
+from seqpar.newton import boundary_from_lasts, step_residuals  # noqa: E402
 from seqpar.problems import CELLS, make_cell, make_inputs, parse_count, shard_range  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -100,10 +101,7 @@ def _recurrence_residual(cell, inputs, states, h0, comm):
     cdt = torch.float64 if states.dtype == torch.float64 else torch.float32
     last = states[-1].to(cdt) if n else h0.to(cdt)
     lasts = comm.all_gather(torch.cat([last.reshape(-1), last.new_tensor([float(n)])]))
-    boundary = h0.to(cdt)
-    for q in range(comm.rank):
-        if float(lasts[q, -1]) > 0:
-            boundary = lasts[q, :-1].reshape(B, D)
+    boundary = boundary_from_lasts(lasts, h0.to(cdt), comm.rank, B, D)
     worst = torch.zeros((), dtype=cdt, device=states.device)
     step = 1 << 18
     for s in range(0, n, step):
@@ -111,7 +109,7 @@ def _recurrence_residual(cell, inputs, states, h0, comm):
         h = states[s:e].to(cdt)
         hp = torch.cat([(boundary if s == 0 else states[s - 1].to(cdt)).unsqueeze(0), h[:-1]], 0)
         f = cell.step(hp, cell.project_inputs(inputs[s:e].to(cdt)).to(cdt))
-        r = ((h - f).abs().amax(dim=(1, 2)) / f.abs().amax(dim=(1, 2)).clamp_min(1.0)).max()
+        r = step_residuals(h, f).max()
         worst = torch.maximum(worst, r) if not torch.isnan(r) else r
     allw = comm.all_gather(worst.reshape(1).to(torch.float64)).reshape(-1)
     return float("nan") if bool(torch.isnan(allw).any()) else float(allw.max())

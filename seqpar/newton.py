@@ -156,7 +156,7 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     if P > 1:  # boundary = previous rank's last state of the initial iterate
         last = h[-1] if n else h0
         lasts = comm.all_gather(torch.cat([last.reshape(-1), h0.new_tensor([float(n)])]))
-        boundary = _boundary_from_lasts(lasts, h0, rank, B, D)
+        boundary = boundary_from_lasts(lasts, h0, rank, B, D)
         total_len = int(lasts[:, -1].sum())
     else:
         boundary = h0
@@ -281,7 +281,7 @@ def repair_tail(cell, xp: torch.Tensor, h_in: torch.Tensor, opts: NewtonOptions,
         s = e
 
 
-def _boundary_from_lasts(lasts, h0, rank, B, D):
+def boundary_from_lasts(lasts, h0, rank, B, D):
     """Boundary of ``rank`` from gathered (last state, shard length) rows; empty shards pass through."""
     boundary = h0
     for q in range(rank):

@@ -126,11 +126,10 @@ class _SeqparRNNBase(nn.Module):
         rows = comm.all_gather(torch.cat([last.reshape(-1), last.new_tensor([float(n)])]))
         if n:
             return states[-1]
-        final = h_init.detach() if h_init is not None else states.new_zeros(B, D)
-        for q in range(comm.rank):
-            if float(rows[q, -1]) > 0:
-                final = rows[q, :-1].reshape(B, D).to(states.dtype)
-        return final
+        from .newton import boundary_from_lasts
+
+        h0 = h_init.detach() if h_init is not None else states.new_zeros(B, D)
+        return boundary_from_lasts(rows, h0, comm.rank, B, D).to(states.dtype)
 
     def forward(self, input: torch.Tensor, hx=None):
         if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
