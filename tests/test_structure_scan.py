@@ -15,7 +15,7 @@ def random_maps(st, n, B, D, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("st", STRUCTS, ids=lambda s: s.describe())
-@pytest.mark.parametrize("n", [1, 2, 7, 33, 100])
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 100, 129])
 @pytest.mark.parametrize("B", [1, 3])
 def test_affine_scan_matches_loop(st, n, B):
     D = 6
@@ -23,6 +23,18 @@ def test_affine_scan_matches_loop(st, n, B):
     h_in = torch.randn(B, D, dtype=torch.float64)
     ref = sequential_scan(J, b, h_in, st)
     assert torch.allclose(affine_scan(J, b, h_in, st), ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("st", STRUCTS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("n,sub", [(1, 1), (64, 0), (65, 0), (100, 7), (257, 16), (300, 300)])
+def test_two_level_scan_matches_loop(st, n, sub):
+    from seqpar.scan import two_level_scan
+
+    B, D = 2, 6
+    J, b = random_maps(st, n, B, D)
+    h_in = torch.randn(B, D, dtype=torch.float64)
+    ref = sequential_scan(J, b, h_in, st)
+    assert torch.allclose(two_level_scan(J, b, h_in, st, sub), ref, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("st", STRUCTS, ids=lambda s: s.describe())
