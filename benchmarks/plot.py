@@ -87,7 +87,7 @@ def plot_convergence(data, out):
         series[(r["regime"], r["cell"], r["jacobian"])].append((r["T"], r["iterations"], r["newton_converged"]))
     for key, pts in sorted(series.items()):
         pts.sort()
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" / ".join(key))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" / ".join(key))
         for T, it, ok in pts:
             if not ok:
                 ax.plot(T, it, marker="x", color="red", ms=10)

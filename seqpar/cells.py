@@ -177,8 +177,13 @@ class _TorchWeightsCell(Cell):
     def _from_torch_kwargs(m):
         return {}
 
+    fold_bias_hh = False  # cells whose b_hh only adds to the input projection fold it in there
+
     def project_inputs(self, inputs):
-        return F.linear(inputs, self.weight_ih.to(inputs.dtype), _cast(self.bias_ih, inputs))
+        xp = F.linear(inputs, self.weight_ih.to(inputs.dtype), _cast(self.bias_ih, inputs))
+        if self.fold_bias_hh and self.bias_hh is not None:
+            xp = xp + self.bias_hh.to(inputs.dtype)
+        return xp
 
     def _hh(self, h):
         """Recurrent pre-activations (..., G*H) without bias, in h's dtype."""
@@ -200,6 +205,7 @@ class Elman(_TorchWeightsCell):
     """``h' = act(W_ih x + b_ih + W_hh h + b_hh)`` (= torch.nn.RNN / RNNCell), act tanh or relu."""
 
     gates = 1
+    fold_bias_hh = True
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None):
         if nonlinearity not in ("tanh", "relu"):
@@ -210,10 +216,6 @@ class Elman(_TorchWeightsCell):
     @staticmethod
     def _from_torch_kwargs(m):
         return {"nonlinearity": m.nonlinearity}
-
-    def project_inputs(self, inputs):
-        xp = F.linear(inputs, self.weight_ih.to(inputs.dtype), _cast(self.bias_ih, inputs))
-        return xp if self.bias_hh is None else xp + self.bias_hh.to(inputs.dtype)
 
     def step(self, h_prev, xp):
         pre = xp.to(h_prev.dtype) + self._hh(h_prev)
@@ -261,6 +263,7 @@ class LSTM(_TorchWeightsCell):
     """torch.nn.LSTM's cell.  State is ``[h, c]`` concatenated: D = 2 * hidden_size."""
 
     gates = 4
+    fold_bias_hh = True
 
     @property
     def state_size(self):
@@ -272,10 +275,6 @@ class LSTM(_TorchWeightsCell):
 
     def output(self, states):
         return states[..., :self.hidden_size]
-
-    def project_inputs(self, inputs):
-        xp = F.linear(inputs, self.weight_ih.to(inputs.dtype), _cast(self.bias_ih, inputs))
-        return xp if self.bias_hh is None else xp + self.bias_hh.to(inputs.dtype)
 
     def _gates(self, h_prev, xp):
         H = self.hidden_size
@@ -362,6 +361,7 @@ class DiagLSTM(_TorchWeightsCell):
     """
 
     gates = 4
+    fold_bias_hh = True
     diagonal_recurrence = True
     structure = Structure("block", 2)
 
@@ -379,10 +379,6 @@ class DiagLSTM(_TorchWeightsCell):
 
     def output(self, states):
         return states[..., 0::2]
-
-    def project_inputs(self, inputs):
-        xp = F.linear(inputs, self.weight_ih.to(inputs.dtype), _cast(self.bias_ih, inputs))
-        return xp if self.bias_hh is None else xp + self.bias_hh.to(inputs.dtype)
 
     def _gates(self, h_prev, xp):
         H = self.hidden_size

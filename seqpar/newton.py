@@ -30,7 +30,7 @@ import torch
 
 from .comm import Communicator
 from .errors import NotConvergedError
-from .scan import chunked_reduce, chunked_scan, compose_summaries
+from .scan import chunked_reduce, chunked_scan
 from .structure import Structure
 
 FALLBACKS = ("sequential", "raise", "none")
