@@ -89,41 +89,29 @@ def _newton_step_ref(cell, st, h, xp, bnd):
     return affine_scan(J, f - st.matvec(J, hp), bnd, st), (h - f).abs().amax(dim=(1, 2)), f
 
 
-@pytest.mark.parametrize("T", [1, 37])
-def test_fused_diag_gru(T):
-    from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
-
+def _fused_gru_case(T, cell, structure, step):
+    """Run ``step(h, xp, bnd)`` on a random iterate; check it against the reference linearisation."""
     torch.manual_seed(T)
-    cell = DiagGRU(4, 9)
     with torch.no_grad():
         xp = cell.project_inputs(torch.randn(T, 2, 4))
         h, bnd = torch.randn(T, 2, 9) * 0.3, torch.randn(2, 9)
-        ref, err, f = _newton_step_ref(cell, DIAG, h, xp, bnd)
-        out, stats = fused_diag_gru_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=16, block_n=8)
+        ref, err, f = _newton_step_ref(cell, structure, h, xp, bnd)
+        out, stats = step(h, xp, bnd)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    rel = (err / f.abs().amax(dim=(1, 2)).clamp_min(1)).max()
-    assert float(stats[0]) >= float(rel) * (1 - 1e-5)  # an upper bound ...
-    assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)  # ... no larger than the absolute residual
+    assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)  # no larger than the absolute residual ...
     torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
+    return float(stats[0]), float((err / f.abs().amax(dim=(1, 2)).clamp_min(1)).max())
 
 
 @pytest.mark.parametrize("T", [1, 37])
-def test_fused_diag_gru_lane_sequential_variant(T):
+@pytest.mark.parametrize("variant,tiles", [("tile", (16, 8)), ("seq", (8, 16))])
+def test_fused_diag_gru(T, variant, tiles):
     from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
 
-    torch.manual_seed(T)
     cell = DiagGRU(4, 9)
-    with torch.no_grad():
-        xp = cell.project_inputs(torch.randn(T, 2, 4))
-        h, bnd = torch.randn(T, 2, 9) * 0.3, torch.randn(2, 9)
-        ref, err, f = _newton_step_ref(cell, DIAG, h, xp, bnd)
-        out, stats = fused_diag_gru_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=8, block_n=16,
-                                         variant="seq")
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    rel = (err / f.abs().amax(dim=(1, 2)).clamp_min(1)).max()
-    assert float(stats[0]) >= float(rel) * (1 - 1e-5)
-    assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)
-    torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
+    got, rel = _fused_gru_case(T, cell, DIAG, lambda h, xp, bnd: fused_diag_gru_step(
+        h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=tiles[0], block_n=tiles[1], variant=variant))
+    assert got >= rel * (1 - 1e-5)  # ... and an upper bound of the per-step relative residual
 
 
 @pytest.mark.parametrize("T", [1, 37])
@@ -131,16 +119,9 @@ def test_fused_gru_quasi(T):
     """Dense GRU, quasi-Newton (diagonal J): the fused step equals the reference linearisation."""
     from seqpar.kernels.fused_diag_gru import fused_gru_quasi_step
 
-    torch.manual_seed(T)
     cell = GRU(4, 9)
-    with torch.no_grad():
-        xp = cell.project_inputs(torch.randn(T, 2, 4))
-        h, bnd = torch.randn(T, 2, 9) * 0.3, torch.randn(2, 9)
-        ref, err, f = _newton_step_ref(cell, DIAG, h, xp, bnd)
-        out, stats = fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=16, block_n=8)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)
-    torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
+    _fused_gru_case(T, cell, DIAG, lambda h, xp, bnd: fused_gru_quasi_step(
+        h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=16, block_n=8))
 
 
 def test_solve_gru_quasi_on_kernels_matches_sequential():
