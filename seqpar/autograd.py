@@ -19,64 +19,103 @@ import math
 from typing import List
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .comm import Communicator
-from .newton import NewtonOptions, auto_chunk, incoming_state, newton_solve, shift
+from .newton import (CORRECTION_CAP_FRACTION, CORRECTION_FIRST, CORRECTION_MIN_CAP, NewtonOptions, auto_chunk,
+                     correction_threshold, incoming_state, newton_solve, shift)
 from .validation import is_exact
-from .scan import chunk_bounds, chunked_reduce, chunked_scan
+from .scan import affine_scan, chunk_bounds, jacobian_product
 from .structure import Structure
 
 
-class _ReversedAdjoint:
-    """Chunks of the time-reversed adjoint recurrence, in reversed coordinates.
+def _adjoint_jacobians(cell, st: Structure, h_prev, xp, s: int, e: int):
+    """``J_{t+1}^T`` for t in [s, e) in time order (identity for t = n-1, which takes the
+    adjoint arriving from the right): (e - s, *structure storage)."""
+    n, B, D = h_prev.shape
+    hi = min(e + 1, n)
+    J = st.transpose(cell.jacobian(h_prev[s + 1:hi], xp[s + 1:hi], st))
+    if e == n:
+        J = torch.cat([J, st.identity((1, B), D, h_prev.dtype, h_prev.device)], 0)
+    return J
 
-    Reversed step i corresponds to t = n-1-i; its matrix is J_{t+1}^T (identity
-    for t = n-1, which takes the incoming adjoint v) and its offset g_t.
-    """
 
-    def __init__(self, cell, structure: Structure, h_prev, xp, g):
-        self.cell, self.st, self.h_prev, self.xp, self.g = cell, structure, h_prev, xp, g
-        self.n = g.shape[0]
+def _reverse_scan(J, b, v, st: Structure, backend: str):
+    """``x_t = J_t x_{t+1} + b_t`` from ``x_n = v``, on the kernels run in reverse or the reference."""
+    if backend == "triton":
+        from .backend import kernel_scan
+        return kernel_scan(J.contiguous(), b.contiguous(), v, st, reverse=True).to(b.dtype)
+    return affine_scan(J.flip(0), b.flip(0), v, st).flip(0)
 
-    def __call__(self, s: int, e: int):
-        n, st = self.n, self.st
-        a, b = n - e, n - s
-        hi = min(b + 1, n)
-        J = st.transpose(self.cell.jacobian(self.h_prev[a + 1:hi], self.xp[a + 1:hi], st))
-        if b == n:
-            B, D = self.g.shape[1:]
-            J = torch.cat([J, st.identity((1, B), D, self.g.dtype, self.g.device)], 0)
-        return J.flip(0), self.g[a:b].flip(0)
+
+def local_adjoint(cell, st: Structure, h_prev, xp, g, v, chunk: int, backend: str, product: bool = False):
+    """lambda (n, B, D) of this shard from the incoming adjoint ``v`` (B, D), chunks from the end,
+    J recomputed per chunk; with ``product`` also Psi = J_1^T ... J_{n-1}^T (v -> lambda_0)."""
+    n = g.shape[0]
+    lam = torch.empty_like(g)
+    psi = None
+    for s, e in reversed(chunk_bounds(n, chunk)):
+        J = _adjoint_jacobians(cell, st, h_prev, xp, s, e)
+        lam[s:e] = _reverse_scan(J, g[s:e], v, st, backend)
+        v = lam[s]
+        if product:
+            m = jacobian_product(J.flip(0), st)
+            psi = m if psi is None else st.matmul(m, psi)
+    return lam, psi
+
+
+def correct_adjoint(cell, st: Structure, h_prev, xp, g, lam, v, chunk: int, backend: str) -> None:
+    """``lam`` was scanned with a zero incoming adjoint; add ``Psi_t v`` (Psi_t = J_{t+1}^T ... J_{n-1}^T)
+    from the shard's end until it falls below rounding; past the cap, rescan from ``v``."""
+    n = g.shape[0]
+    tiny = correction_threshold(g.dtype) * max(1.0, float(v.abs().max()))
+    if n == 0 or float(v.abs().max()) <= tiny:
+        return
+    cap = max(CORRECTION_MIN_CAP, n // CORRECTION_CAP_FRACTION)
+    e, L = n, CORRECTION_FIRST
+    while e > 0:
+        if n - e >= cap:
+            lam.copy_(local_adjoint(cell, st, h_prev, xp, g, v, chunk, backend)[0])
+            return
+        s = max(0, e - L)
+        J = _adjoint_jacobians(cell, st, h_prev, xp, s, e)
+        if st.kind == "diag":
+            corr = J.flip(0).cumprod(0).flip(0) * v
+        else:
+            corr = _reverse_scan(J, torch.zeros_like(g[s:e]), v, st, backend)
+        lam[s:e] += corr
+        v = corr[0]
+        if float(v.abs().max()) <= tiny:
+            return
+        e, L = s, 2 * L
 
 
 def adjoint_scan(cell, structure: Structure, h_prev, xp, g, comm: Communicator, chunk: int,
                  backend: str = "torch"):
-    """lambda (n, B, D) on this rank's shard; handles the cross-rank exchange."""
+    """lambda (n, B, D) on this rank's shard, the same shape as the forward iteration: scan from a
+    zero incoming adjoint (with the shard's Jacobian product when sharded), one all-gather of the
+    summaries (v -> J_0^T lambda_0), compose the ranks to the right (nearest last), correct."""
     n = g.shape[0]
     B, D = g.shape[1:]
     P, rank = comm.world_size, comm.rank
-    rev = _ReversedAdjoint(cell, structure, h_prev, xp, g)
-    v = g.new_zeros(B, D)
-    if P > 1:
-        if n:
-            A, c = chunked_reduce(rev, n, structure, chunk)        # v -> lambda_0
-            J0T = structure.transpose(cell.jacobian(h_prev[:1], xp[:1], structure))[0]
-            A, c = structure.matmul(J0T, A), structure.matvec(J0T, c)  # v -> J_0^T lambda_0 (to the left)
-        else:
-            A, c = structure.identity((B,), D, g.dtype, g.device), g.new_zeros(B, D)
-        nA = A.numel()
-        gathered = comm.all_gather(torch.cat([A.reshape(-1), c.reshape(-1)]))
-        gA = gathered[:, :nA].reshape(P, *A.shape)
-        gc = gathered[:, nA:].reshape(P, B, D)
-        # ranks to the right, nearest last: reverse rank order
-        order = list(range(P - 1, rank, -1))
-        v = incoming_state(gA[order], gc[order], v, len(order), structure)
-    if n == 0:
-        return g.new_zeros(0, B, D)
-    if backend == "triton":  # the forward kernels run in reverse, no flips
-        from .backend import reverse_adjoint_scan
-        return reverse_adjoint_scan(cell, structure, h_prev, xp, g, v, chunk)
-    return chunked_scan(rev, n, v, structure, chunk).flip(0)
+    st = structure
+    zero = g.new_zeros(B, D)
+    lam, psi = local_adjoint(cell, st, h_prev, xp, g, zero, chunk, backend, product=P > 1) if n else (g, None)
+    if P == 1:
+        return lam
+    if n:  # the summary the rank to the left needs: v -> J_0^T lambda_0
+        J0T = st.transpose(cell.jacobian(h_prev[:1], xp[:1], st))[0]
+        A, c = st.matmul(J0T, psi), st.matvec(J0T, lam[0])
+    else:
+        A, c = st.identity((B,), D, g.dtype, g.device), zero
+    nA = A.numel()
+    gathered = comm.all_gather(torch.cat([A.reshape(-1), c.reshape(-1)]))
+    gA = gathered[:, :nA].reshape(P, *A.shape)
+    gc = gathered[:, nA:].reshape(P, B, D)
+    order = list(range(P - 1, rank, -1))  # ranks to the right, nearest last
+    v = incoming_state(gA[order], gc[order], zero, len(order), st)
+    correct_adjoint(cell, st, h_prev, xp, g, lam, v, chunk, backend)
+    return lam
 
 
 ADJOINT_MIN_ITER = 200  # defect-correction cap of the quasi-Newton adjoint (at least)
@@ -125,6 +164,7 @@ def adjoint_solve(cell, opts: NewtonOptions, h_prev, xp, g, comm: Communicator):
         return lam, 0
     vjp_chunk = max(1, (1 << 22) // max(1, B * max(D, xp.shape[-1] if n else 1)))
     prev = err = math.inf
+    floor = 100 * torch.finfo(cdt).eps  # a stall this close to rounding is as exact as the dtype allows
     for it in range(1, max(opts.max_iter, ADJOINT_MIN_ITER) + 1):
         jtl = _jt_lambda(cell, h_prev, xp, lam, vjp_chunk) if n else g
         nxt = _from_right(comm, jtl[0] if n else g.new_zeros(B, D), n) if comm.world_size > 1 else g.new_zeros(B, D)
@@ -136,7 +176,7 @@ def adjoint_solve(cell, opts: NewtonOptions, h_prev, xp, g, comm: Communicator):
         err = float(comm.all_gather(err).max()) if comm.world_size > 1 else float(err)
         if math.isnan(err):
             break
-        if err <= opts.tol or (err <= opts.floor and err > 0.5 * prev):  # tolerance, or the precision floor
+        if err <= opts.tol or (err <= floor and err > 0.5 * prev):  # tolerance, or the precision floor
             return lam, it - 1
         prev = err
         lam = lam + adjoint_scan(cell, st, h_prev, xp, r, comm, chunk, backend=opts.backend)
@@ -210,6 +250,7 @@ class SolveFunction(torch.autograd.Function):
         return states.to(inputs.dtype)
 
     @staticmethod
+    @once_differentiable  # double backward (create_graph=True) raises instead of dropping second-order terms
     def backward(ctx, g_states):
         inputs, h0, states, boundary = ctx.saved_tensors
         cell, comm, cdt = ctx.cell, ctx.comm, ctx.cdt

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .scan import affine_scan, chunk_bounds
+from .scan import affine_scan
 from .structure import Structure
 
 BACKENDS = ("auto", "triton", "torch")
@@ -85,38 +85,17 @@ def scan_function(backend: str) -> Callable:
     return kernel_scan if backend == "triton" else affine_scan
 
 
-def fused_stepper(cell, structure: Structure, xp: torch.Tensor, backend: str, world_size: int) -> Optional[Callable]:
-    """``step(h, boundary) -> (h_new, stats=[max|h - f|, max|f|])`` for one fused Newton
-    iteration, or None where no fused kernel applies (torch backend, several ranks:
-    they need chunk summaries first, float64, cells and structures without a kernel).
-    Covered: DiagGRU (exact diag), DiagLSTM (exact 2x2 blocks), GRU (quasi-Newton diag)."""
-    from .cells import GRU, DiagGRU, DiagLSTM
-
-    if backend != "triton" or world_size != 1 or xp.dtype not in KERNEL_DTYPES:
+def fused_stepper(cell, structure: Structure, xp: torch.Tensor, backend: str) -> Optional[Callable]:
+    """The cell's fused Newton iteration (see :meth:`seqpar.cells.Cell.fused_newton_step`) when the
+    kernels can run it: triton backend, a kernel dtype; else None (the torch reference runs)."""
+    if backend != "triton" or xp.dtype not in KERNEL_DTYPES or not _kernel_matches(cell):
         return None
-    if type(cell) is DiagGRU and structure.kind == "diag":
-        from .kernels.fused_diag_gru import fused_diag_gru_step
-        return lambda h, bnd: fused_diag_gru_step(h, xp, cell.weight_hh, cell.bias_hh, bnd)
-    if type(cell) is GRU and structure.kind == "diag":  # dense GRU, quasi-Newton
-        from .kernels.fused_diag_gru import fused_gru_quasi_step
-        return lambda h, bnd: fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd)
-    if type(cell) is DiagLSTM and structure.kind == "block" and structure.block_size(cell.state_size) == 2:
-        from .kernels.fused_diag_lstm import fused_diag_lstm_step
-        return lambda h, bnd: fused_diag_lstm_step(h, xp, cell.weight_hh, bnd)
-    return None
+    return cell.fused_newton_step(structure, xp)
 
 
-def reverse_adjoint_scan(cell, structure: Structure, h_prev, xp, g, v, chunk: int):
-    """lambda_t = g_t + J_{t+1}^T lambda_{t+1}, lambda_{n-1} = g_{n-1} + v, on the kernels run
-    in reverse (no flips): chunks from the end, J recomputed per chunk.  (n, B, D)."""
-    n, B, D = g.shape
-    lam = torch.empty_like(g)
-    st = structure
-    for s, e in reversed(chunk_bounds(n, chunk)):
-        hi = min(e + 1, n)
-        J = st.transpose(cell.jacobian(h_prev[s + 1:hi], xp[s + 1:hi], st))
-        if e == n:
-            J = torch.cat([J, st.identity((1, B), D, g.dtype, g.device)], 0)
-        lam[s:e] = kernel_scan(J.contiguous(), g[s:e].contiguous(), v, st, reverse=True)
-        v = lam[s]
-    return lam
+def _kernel_matches(cell) -> bool:
+    """False if a subclass redefines ``step`` or ``jacobian`` below the class that provides the
+    kernel: the kernel would compute the parent's function, not this cell's."""
+    mro = type(cell).__mro__
+    owner = next(i for i, k in enumerate(mro) if "fused_newton_step" in vars(k))
+    return not any("step" in vars(k) or "jacobian" in vars(k) for k in mro[:owner])

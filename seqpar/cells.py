@@ -66,6 +66,22 @@ class Cell(nn.Module):
     def jacobian(self, h_prev: torch.Tensor, xp: torch.Tensor, structure: Structure) -> torch.Tensor:
         return generic_jacobian(self.step, h_prev, xp, self.structure, structure)
 
+    # ---------------------------------------------------------- fused kernels
+    def fused_newton_step(self, structure: Structure, xp: torch.Tensor) -> Optional[Callable]:
+        """The cell's fused Newton iteration for linearisation ``structure``, or None.
+
+        A cell with a kernel returns ``step(h, boundary, start, out=None,
+        want_summary=False) -> (out, stats[, Phi])``: from the iterate ``h``
+        (n, B, D) with ``boundary`` (B, D) the state before step 0, it evaluates
+        f, J (``structure``), the elementwise relative residual ``stats[0]`` and
+        scans the linearised recurrence from ``start`` into ``out``; with
+        ``want_summary`` also the product of all J (leading dim B).  Its J must
+        equal ``self.jacobian(.., structure)`` (the incoming-state correction of
+        a sharded solve uses that).  Called only for CUDA (or interpreted) tensors
+        of a kernel dtype; ``xp`` = ``project_inputs(inputs)``.
+        """
+        return None
+
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, structure={self.structure.describe()}"
 
@@ -258,6 +274,15 @@ class GRU(_TorchWeightsCell):
         return (structure.row_scale(a_r, Wr) + structure.row_scale(a_z, Wz)
                 + structure.row_scale(a_n, Wn) + structure.diag_matrix(z))
 
+    def fused_newton_step(self, structure, xp):
+        if structure.kind != "diag":  # quasi-Newton on the diagonal of J: fused gates + scan after one GEMM
+            return None
+        from .kernels.fused_diag_gru import fused_gru_quasi_step
+
+        w, b = self.weight_hh, self.bias_hh
+        return lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(
+            h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
+
 
 class LSTM(_TorchWeightsCell):
     """torch.nn.LSTM's cell.  State is ``[h, c]`` concatenated: D = 2 * hidden_size."""
@@ -351,6 +376,15 @@ class DiagGRU(_TorchWeightsCell):
         d = dn * (hn * r * (1 - r) * w[:H] + r * w[2 * H:]) + z + (h_prev - n) * z * (1 - z) * w[H:2 * H]
         return structure.diag_matrix(d)
 
+    def fused_newton_step(self, structure, xp):
+        if structure.kind != "diag":
+            return None
+        from .kernels.fused_diag_gru import fused_diag_gru_step
+
+        w, b = self.weight_hh, self.bias_hh
+        return lambda h, bnd, start, out=None, want_summary=False: fused_diag_gru_step(
+            h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
+
 
 class DiagLSTM(_TorchWeightsCell):
     """ParaRNN-style LSTM with diagonal recurrent weights (weight_hh (4H,)).
@@ -408,6 +442,15 @@ class DiagLSTM(_TorchWeightsCell):
         if structure.kind == "block" and structure.block_size(2 * H) == 2:
             return blocks
         return structure.from_dense(self.structure.to_dense(blocks, 2 * H))
+
+    def fused_newton_step(self, structure, xp):
+        if structure.kind != "block" or structure.block_size(self.state_size) != 2:
+            return None
+        from .kernels.fused_diag_lstm import fused_diag_lstm_step
+
+        w = self.weight_hh
+        return lambda h, bnd, start, out=None, want_summary=False: fused_diag_lstm_step(
+            h, xp, w, bnd, out=out, start=start, want_summary=want_summary)
 
 
 class FunctionCell(Cell):

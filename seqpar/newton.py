@@ -1,23 +1,33 @@
-"""Newton's iteration over the whole (sharded) sequence, with exact fallback.
+"""Newton's iteration over the whole (sharded) sequence: one iteration shape for 1 or P ranks.
 
-One iteration on a rank holding steps [0, n) of its shard (DESIGN.md section 2-3):
+Every rank holds a contiguous time shard [0, n) of the sequence.  One
+iteration, linearised around the current iterate h^k (docs/design.md):
 
-1. ``h_prev = [boundary, h[:-1]]`` where ``boundary`` is h0 on rank 0 and the
-   previous rank's last state (the incoming state of the last scan) elsewhere;
-2. ``fval = f(h_prev, xp)``; the residual ``F = h - fval`` (max-norm of each
-   step relative to ``max(1, |fval_t|_max)``) measures the current iterate;
-3. with more than one rank: pass 1 reduces the shard's linearised steps to
-   one summary map; one all-gather carries summaries and residuals; each rank
-   composes the summaries of the ranks before it with h0: its new boundary;
-4. if the global residual is below ``tol`` the iterate is the answer;
-5. otherwise pass 2 scans the shard from the boundary: the next iterate.
-   ``J`` and ``b`` are recomputed per chunk in both passes, never stored
-   for the whole shard.
+1. **local pass** (one fused kernel where the cell offers one, else the torch
+   reference): with ``boundary`` = h^k of the step before the shard,
+   ``h_prev = [boundary, h[:-1]]``, ``f = f(h_prev, u)``, ``J = df/dh_prev``,
+   ``b = f - J h_prev``, the residual of h^k, and the scan
+   ``out_t = J_t out_{t-1} + b_t`` from a *guessed* incoming state ``start``
+   (the current boundary).  With P > 1 the pass also returns the shard's
+   composed Jacobian Phi = J_{n-1} ... J_0.
+2. **exchange** (P > 1): one all-gather of (Phi, out_last - Phi start,
+   residual); each rank composes the summaries of the ranks before it with h0:
+   the exact incoming state beta of the new iterate (= the previous rank's new
+   last state, so it is also the next iteration's ``boundary``).
+3. **correction**: the exact new iterate is ``out_t + Phi_t (beta - start)``
+   with Phi_t the running Jacobian product.  ``Phi_t (beta - start)`` is
+   applied on the prefix of the shard where it is larger than a hundredth of
+   the dtype's epsilon (for a contracting cell a few hundred steps); if that
+   prefix grows past ``CORRECTION_CAP`` the pass is simply rerun from beta.
+   So the iterate is Newton's own, to rounding: the same iterations and
+   residuals on 1 and P ranks.
 
-If Newton stalls, diverges or hits ``max_iter``, the prefix whose residual is
-below tolerance is kept (it satisfies the recurrence) and the remaining tail
-is evaluated step by step, in rank order: exact.  Or, as the caller asks,
-``converged=False`` is returned or :class:`NotConvergedError` raised.
+One rank is P = 1: ``start`` is h0, exact, and steps 2-3 vanish.
+
+If Newton stalls, diverges or hits ``max_iter``, :mod:`seqpar.fallback` keeps
+the converged prefix and repairs the tail exactly, or reports
+``converged=False`` / raises, as the caller asked.  ``converged`` always means
+that every step satisfies ``|h - f| <= tol * max(1, |f|)`` elementwise.
 """
 from __future__ import annotations
 
@@ -29,17 +39,20 @@ from typing import Callable, List, Optional
 import torch
 
 from .comm import Communicator
-from .errors import NotConvergedError
-from .scan import chunked_reduce, chunked_scan
+from .scan import chunk_bounds, chunked_scan
+from .shards import ShardLayout, gather_boundary
 from .structure import Structure
 
 FALLBACKS = ("sequential", "raise", "none")
 JACOBIAN_MEMORY_BUDGET = 256 * 2**20  # bytes of Jacobians alive per chunk (with scan temporaries)
+CORRECTION_FIRST = 256                # steps of the first correction chunk (doubles each chunk)
+CORRECTION_CAP_FRACTION = 8           # correct at most n / 8 steps (and at least CORRECTION_MIN_CAP), else rerun
+CORRECTION_MIN_CAP = 8192
 
 
 @dataclass
 class SolveInfo:
-    """What a solve did.  Residuals: ``max_t |h_t - f(h_{t-1}, u_t)|_max / max(1, |f(...)|_max)``."""
+    """What a solve did.  Residuals: ``max over steps and elements of |h_t - f(h_{t-1}, u_t)| / max(1, |f|)``."""
 
     converged: bool
     iterations: int
@@ -55,6 +68,9 @@ class SolveInfo:
     seq_len: int = 0          # T of the whole sequence (all shards)
     world_size: int = 1
     wall_time_s: float = 0.0
+    exchange_s: float = 0.0   # time in the per-iteration all-gather (waiting for the slowest rank included)
+    corrected_steps: int = 0  # steps touched by incoming-state corrections on this rank (all iterations)
+    reruns: int = 0           # local passes rerun because the correction would have covered too much
     backward_iterations: Optional[int] = None  # set by the backward pass (defect-correction iterations)
 
     def summary(self) -> str:
@@ -74,7 +90,6 @@ class NewtonOptions:
     chunk_size: Optional[int] = None
     callback: Optional[Callable[[int, float], None]] = None
     patience: int = 10          # iterations without halving the best residual before giving up
-    floor: float = 0.0          # residual accepted once progress stalls (precision floor)
     backend: str = "torch"      # resolved backend: "torch" (reference scans) or "triton" (seqpar.kernels)
 
 
@@ -82,8 +97,14 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-12 if dtype == torch.float64 else 4e-6
 
 
-def precision_floor(dtype: torch.dtype) -> float:
-    return 100 * torch.finfo(dtype).eps
+def min_tol(dtype: torch.dtype) -> float:
+    """The smallest tolerance a solve in ``dtype`` is allowed to ask for (a few ulps of a unit value)."""
+    return 8 * torch.finfo(dtype).eps
+
+
+def correction_threshold(dtype: torch.dtype) -> float:
+    """Incoming-state corrections below this (times max(1, |beta|)) are dropped: far below rounding."""
+    return 1e-2 * torch.finfo(dtype).eps
 
 
 def auto_chunk(structure: Structure, B: int, D: int, dtype: torch.dtype, budget: int = JACOBIAN_MEMORY_BUDGET) -> int:
@@ -95,6 +116,15 @@ def auto_chunk(structure: Structure, B: int, D: int, dtype: torch.dtype, budget:
 def shift(h: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
     """``h_prev``: states shifted one step later, ``boundary`` first.  (n, B, D)."""
     return torch.cat([boundary.unsqueeze(0), h[:-1]], 0)
+
+
+def step_residuals(h: torch.Tensor, fval: torch.Tensor) -> torch.Tensor:
+    """Relative residual of each step, elementwise-scaled: ``max_{b,i} |h - f| / max(1, |f|)``, shape (n,).
+
+    Every component is held to its own scale, so a large component or sequence
+    cannot hide the error of a small one.  NaN/Inf make a step's residual NaN or Inf.
+    """
+    return ((h - fval).abs() / fval.abs().clamp_min(1.0)).amax(dim=(1, 2))
 
 
 def sequential_states(cell, xp: torch.Tensor, h_in: torch.Tensor, out: Optional[torch.Tensor] = None):
@@ -121,15 +151,82 @@ class _Linearisation:
 
 
 def incoming_state(gathered_A, gathered_c, h0, rank: int, structure: Structure):
-    """Compose the summaries of ranks 0..rank-1 with h0: this rank's boundary."""
+    """Compose the summaries of ranks 0..rank-1 with h0: this rank's incoming state."""
     h = h0
     for q in range(rank):
         h = structure.matvec(gathered_A[q], h) + gathered_c[q]
     return h
 
 
-def _identity_summary(structure, B, D, like):
-    return structure.identity((B,), D, like.dtype, like.device), like.new_zeros(B, D)
+class LocalPass:
+    """This rank's part of one Newton iteration, on the cell's fused kernel or the torch reference.
+
+    ``__call__(h, boundary, start, out, want_summary) -> (out, residual, Phi)``:
+    ``h`` (n, B, D) the iterate, ``boundary`` (B, D) its state before step 0,
+    ``start`` (B, D) the scan's incoming state; ``out`` (n, B, D) receives the
+    scanned states; ``residual`` a 1-element tensor (elementwise relative
+    residual of ``h``); ``Phi`` the shard's Jacobian product (structure storage,
+    leading dim B) if ``want_summary`` else None.
+    """
+
+    def __init__(self, cell, xp: torch.Tensor, opts: NewtonOptions, chunk: int):
+        from .backend import fused_stepper, scan_function
+
+        self.cell, self.xp, self.st, self.chunk = cell, xp, opts.structure, chunk
+        self.scan = scan_function(opts.backend)
+        self.fused = fused_stepper(cell, self.st, xp, opts.backend) if xp.shape[0] else None
+
+    def __call__(self, h, boundary, start, out=None, want_summary: bool = False):
+        if self.fused is not None:
+            res = self.fused(h, boundary, start, out=out, want_summary=want_summary)
+            out, stats = res[0], res[1]
+            phi = res[2].to(h.dtype) if want_summary else None
+            return out, stats[:1].to(h.dtype), phi
+        h_prev = shift(h, boundary)
+        fval = self.cell.step(h_prev, self.xp)
+        err = step_residuals(h, fval).max().reshape(1)
+        lin = _Linearisation(self.cell, self.st, h_prev, self.xp, fval)
+        out, phi = chunked_scan(lin, h.shape[0], start, self.st, self.chunk, out=out, scan=self.scan,
+                                product=want_summary)
+        return out, err, phi
+
+    def jacobians(self, h, boundary, s: int, e: int):
+        """J_t for t in [s, e), linearised around the iterate ``h`` (the J the pass used)."""
+        hp = shift(h[s:e], boundary if s == 0 else h[s - 1])
+        return self.cell.jacobian(hp, self.xp[s:e], self.st)
+
+    def correct(self, h, boundary, out, start, beta, info: "SolveInfo") -> None:
+        """Make ``out`` (scanned from ``start``) the scan from ``beta``: ``out_t += Phi_t (beta - start)``.
+
+        Applied chunk by chunk from the shard's start until the correction falls
+        below :func:`correction_threshold`; past ``CORRECTION_CAP`` the pass is rerun.
+        """
+        n = h.shape[0]
+        if n == 0:
+            return
+        e_in = beta - start
+        tiny = correction_threshold(h.dtype) * max(1.0, float(beta.abs().max()))
+        if float(e_in.abs().max()) <= tiny:
+            return
+        cap = max(CORRECTION_MIN_CAP, n // CORRECTION_CAP_FRACTION)
+        s, L = 0, CORRECTION_FIRST
+        while s < n:
+            if s >= cap:
+                info.reruns += 1
+                self(h, boundary, beta, out=out)
+                return
+            e = min(n, s + L)
+            J = self.jacobians(h, boundary, s, e)
+            if self.st.kind == "diag":
+                corr = torch.cumprod(J, 0) * e_in
+            else:
+                corr = self.scan(J, torch.zeros_like(out[s:e]), e_in, self.st)
+            out[s:e] += corr.to(out.dtype)
+            info.corrected_steps += e - s
+            e_in = corr[-1]
+            if float(e_in.abs().max()) <= tiny:
+                return
+            s, L = e, 2 * L
 
 
 def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, comm: Communicator,
@@ -141,62 +238,41 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     boundary (B, D))`` where ``boundary`` is the state before the shard's first
     step (h0 on rank 0).
     """
+    from .fallback import handle_non_convergence
+
     t_start = time.perf_counter()
     n = xp.shape[0]
     B, D = h0.shape
     st = opts.structure
     P, rank = comm.world_size, comm.rank
     chunk = opts.chunk_size or auto_chunk(st, B, D, h0.dtype)
-    h = (initial_guess.to(h0.dtype).clone() if initial_guess is not None
-         else h0.new_zeros(n, B, D))
-    from .backend import fused_stepper, scan_function
-    scan = scan_function(opts.backend)
-    fused = fused_stepper(cell, st, xp, opts.backend, P) if n else None  # one pass: f, J, residual, scan
-
-    if P > 1:  # boundary = previous rank's last state of the initial iterate
-        last = h[-1] if n else h0
-        lasts = comm.all_gather(torch.cat([last.reshape(-1), h0.new_tensor([float(n)])]))
-        boundary = boundary_from_lasts(lasts, h0, rank, B, D)
-        total_len = int(lasts[:, -1].sum())
-    else:
-        boundary = h0
-        total_len = n
-
-    residuals: List[float] = []
-    best = math.inf
-    since_best = 0
-    converged = False
-    err_t = h0.new_zeros(n)
-    thr = math.inf
-    it = 0
+    h = initial_guess.to(h0.dtype).clone() if initial_guess is not None else h0.new_zeros(n, B, D)
+    layout = ShardLayout.exchange(comm, n, h0.device)
+    boundary = gather_boundary(comm, layout, h, h0)  # the initial iterate's state before this shard
+    local = LocalPass(cell, xp, opts, chunk)
+    info = SolveInfo(converged=False, iterations=0, residual=math.nan, jacobian=st.describe(), tol=opts.tol,
+                     world_size=P, seq_len=layout.total)
+    nA = math.prod(st.jac_shape((B,), D))
+    spare: Optional[torch.Tensor] = None
+    best, since_best, it = math.inf, 0, 0
     while True:
-        if fused is not None:
-            h_next, stats = fused(h, boundary)
-            local = stats[:1]
-        else:
-            h_prev = shift(h, boundary) if n else h
-            fval = cell.step(h_prev, xp) if n else h
-            err_t = step_residuals(h, fval) if n else h0.new_zeros(0)
-            local = err_t.max().reshape(1) if n else h0.new_zeros(1)
-            lin = _Linearisation(cell, st, h_prev, xp, fval)
+        start = boundary  # rank 0: h0, exact; others: a guess, corrected after the exchange
+        out, res_local, phi = local(h, boundary, start, out=spare, want_summary=P > 1) if n else \
+            (h, h0.new_zeros(1), st.identity((B,), D, h0.dtype, h0.device) if P > 1 else None)
         if P > 1:
-            A, c = chunked_reduce(lin, n, st, chunk) if n else _identity_summary(st, B, D, h0)
-            gathered = comm.all_gather(torch.cat([A.reshape(-1), c.reshape(-1), local]))
+            c = (out[-1] - st.matvec(phi, start)) if n else h0.new_zeros(B, D)
+            t_x = time.perf_counter()
+            gathered = comm.all_gather(torch.cat([phi.reshape(-1), c.reshape(-1), res_local.reshape(1)]))
+            info.exchange_s += time.perf_counter() - t_x
             all_res = gathered[:, -1]
         else:
-            all_res = local
+            all_res = res_local
         res = math.nan if bool(torch.isnan(all_res).any()) else float(all_res.max())
-        thr = opts.tol
-        residuals.append(res)
+        info.residuals.append(res)
         if opts.callback is not None:
             opts.callback(it, res)
         if res <= opts.tol:
-            converged = True
-            break
-        prev = residuals[-2] if len(residuals) > 1 else math.inf
-        if res <= opts.floor and res > 0.5 * prev:
-            converged = True  # stalled at the precision floor: as exact as sequential evaluation
-            thr = max(thr, opts.floor)
+            info.converged = True
             break
         if not math.isfinite(res):
             break
@@ -207,128 +283,29 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
         if it >= opts.max_iter or since_best >= opts.patience:
             break
         if P > 1:
-            nA = math.prod(st.jac_shape((B,), D))
             gA = gathered[:, :nA].reshape(P, *st.jac_shape((B,), D))
             gc = gathered[:, nA:nA + B * D].reshape(P, B, D)
-            boundary = incoming_state(gA, gc, h0, rank, st)
-        if fused is not None:
-            h = h_next
-        else:
-            h = chunked_scan(lin, n, boundary, st, chunk, scan=scan) if n else h
+            beta = incoming_state(gA, gc, h0, rank, st)
+            local.correct(h, boundary, out, start, beta, info)
+            boundary = beta
+        if n:
+            h, spare = out, h
         it += 1
-
-    info = SolveInfo(converged=converged, iterations=it, residual=residuals[-1], residuals=residuals,
-                     newton_converged=converged, jacobian=st.describe(), tol=opts.tol, world_size=P,
-                     seq_len=total_len)
-    if not converged:
-        if fused is not None:  # per-step residuals of the final iterate (the fused pass keeps only the max)
-            err_t = step_residuals(h, cell.step(shift(h, boundary), xp))
-        h, boundary = _handle_non_convergence(cell, xp, h0, h, boundary, err_t, thr, opts, comm, info)
+    del spare
+    info.iterations = it
+    info.residual = info.residuals[-1]
+    if info.converged and P > 1:
+        # the boundary came from composed summaries: check the first step against the state the
+        # previous rank actually holds (agrees to ~1e-2 eps; a mismatch is never reported as converged)
+        actual = gather_boundary(comm, layout, h, h0)
+        first = step_residuals(h[:1], cell.step(actual, xp[0]).unsqueeze(0)).reshape(1) if n else h0.new_zeros(1)
+        worst = float(comm.all_gather(first).max())
+        boundary = actual
+        if not worst <= opts.tol:
+            info.converged = False
+            info.residual = max(info.residual, worst) if math.isfinite(worst) else math.nan
+    info.newton_converged = info.converged
+    if not info.converged:
+        h, boundary = handle_non_convergence(cell, xp, h0, h, boundary, opts, comm, layout, info)
     info.wall_time_s = time.perf_counter() - t_start
     return h, info, boundary
-
-
-def step_residuals(h: torch.Tensor, fval: torch.Tensor) -> torch.Tensor:
-    """Relative residual of each step: ``max_{b,i} |h_t - f_t| / max(1, max_{b,i} |f_t|)``, shape (n,).
-
-    NaN/Inf anywhere in a step makes its residual NaN or Inf (never "converged").
-    """
-    err = (h - fval).abs().amax(dim=(1, 2))
-    return err / fval.abs().amax(dim=(1, 2)).clamp_min(1.0)
-
-
-def repair_tail(cell, xp: torch.Tensor, h_in: torch.Tensor, opts: NewtonOptions, out: torch.Tensor,
-                window: int = 256, min_window: int = 8, max_sequential_run: int = 4096) -> None:
-    """Exact evaluation of ``n`` steps from ``h_in`` into ``out`` (n, B, D) by Newton on windows.
-
-    Newton is run on a window of the remaining steps; a converged window is
-    accepted whole and the next one doubles, a failed one keeps its converged
-    prefix (exact: it satisfies the recurrence to tol) and the next one shrinks.
-    Once windows shrink to ``min_window`` the steps are evaluated one by one, in
-    runs that double each time Newton fails again (up to ``max_sequential_run``)
-    and reset when it succeeds: on a chaotic system, where no window converges,
-    the cost approaches plain sequential evaluation instead of paying a failed
-    Newton attempt every few steps.  Progress is guaranteed; exact throughout.
-    """
-    from .comm import SINGLE
-
-    n = xp.shape[0]
-    inner = NewtonOptions(structure=opts.structure, tol=opts.tol, max_iter=opts.max_iter, fallback="none",
-                          chunk_size=opts.chunk_size, patience=min(opts.patience, 5), floor=opts.floor,
-                          backend=opts.backend)
-    s, h = 0, h_in
-    W = window
-    seq_run = min_window
-    while s < n:
-        if W <= min_window:
-            e = min(n, s + seq_run)
-            sequential_states(cell, xp[s:e], h, out=out[s:e])
-            seq_run = min(max_sequential_run, 2 * seq_run)
-            W = 2 * min_window
-        else:
-            e = min(n, s + W)
-            states, info, _ = newton_solve(cell, xp[s:e], h, inner, SINGLE)
-            if info.converged:
-                out[s:e] = states
-                W *= 2
-                seq_run = min_window
-            else:
-                e = s + (info.first_unconverged or 0)
-                out[s:e] = states[:e - s]
-                W = max(1, W // 4)
-        if e > s:
-            h = out[e - 1]
-        s = e
-
-
-def boundary_from_lasts(lasts, h0, rank, B, D):
-    """Boundary of ``rank`` from gathered (last state, shard length) rows; empty shards pass through."""
-    boundary = h0
-    for q in range(rank):
-        if float(lasts[q, -1]) > 0:
-            boundary = lasts[q, :-1].reshape(B, D)
-    return boundary
-
-
-def _handle_non_convergence(cell, xp, h0, h, boundary, err_t, thr, opts, comm, info):
-    """Keep the converged prefix, then evaluate the tail sequentially in rank order (exact)."""
-    n = xp.shape[0]
-    B, D = h0.shape
-    P, rank = comm.world_size, comm.rank
-    bad = ~(err_t <= thr)  # NaN counts as unconverged
-    t0 = int(bad.nonzero()[0]) if bool(bad.any()) else n
-    rows = comm.all_gather(h0.new_tensor([float(t0), float(n)]))
-    t0s, lens = [int(v) for v in rows[:, 0].tolist()], [int(v) for v in rows[:, 1].tolist()]
-    offsets = [sum(lens[:q]) for q in range(P)]
-    first_bad = next((q for q in range(P) if t0s[q] < lens[q]), None)
-    info.first_unconverged = None if first_bad is None else offsets[first_bad] + t0s[first_bad]
-    if opts.fallback == "none":
-        return h, boundary
-    if opts.fallback == "raise":
-        raise NotConvergedError(
-            f"Newton did not converge: residual {info.residual:.3e} > tol {opts.tol:.3e} after "
-            f"{info.iterations} iterations; converged prefix ends at t={info.first_unconverged}", info)
-    info.fallback = "windowed-newton"
-    steps = 0
-    start = first_bad if first_bad is not None else P
-    for q in range(start, P):
-        if q == rank:
-            begin = t0 if q == start else 0
-            h_in = boundary if begin == 0 else h[begin - 1]
-            if begin < n:
-                h = h.clone()
-                repair_tail(cell, xp[begin:], h_in, opts, out=h[begin:])
-            steps = n - begin
-        if q + 1 < P:
-            last = h[-1] if n else boundary
-            last = comm.broadcast(last.contiguous(), src=q)
-            if rank == q + 1:
-                boundary = last
-    total = comm.all_reduce_sum(h0.new_tensor([float(steps)]))
-    info.fallback_steps = int(total.item())
-    # the repaired states are re-checked, not assumed: converged only if every step satisfies the recurrence
-    final = step_residuals(h, cell.step(shift(h, boundary), xp)).max().reshape(1) if n else h0.new_zeros(1)
-    final = comm.all_gather(final).reshape(-1)
-    info.residual = math.nan if bool(torch.isnan(final).any()) else float(final.max())
-    info.converged = info.residual <= max(opts.tol, opts.floor)
-    return h, boundary

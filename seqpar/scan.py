@@ -11,8 +11,9 @@ Three levels (DESIGN.md section 3):
 * :func:`chunked_scan` / :func:`chunked_reduce` walk a sequence chunk by chunk,
   asking a callback for each chunk's (J, b) so Jacobians are *recomputed*, never
   stored for the whole sequence (the memory bound of the dense path).
-* the cross-rank level lives in :mod:`seqpar.distributed` and composes the
-  per-rank summaries produced by :func:`chunked_reduce`.
+* the cross-rank level lives in :mod:`seqpar.newton`: each rank's scan also
+  returns its shard's Jacobian product (``product=True``), the summaries are
+  all-gathered and composed.
 """
 from __future__ import annotations
 
@@ -136,26 +137,47 @@ def chunk_bounds(n: int, chunk: int):
     return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
 
+def jacobian_product(J, structure: Structure):
+    """Ordered product ``J_{n-1} ... J_1 J_0`` of a block of Jacobians (later on the left), by
+    tree reduction; leading dim n dropped.  ``J`` must have n >= 1 steps."""
+    if structure.kind == "diag":
+        return J.prod(0)
+    A = J
+    while A.shape[0] > 1:
+        m = A.shape[0] // 2
+        newA = structure.matmul(A[1:2 * m:2], A[0:2 * m:2])
+        A = torch.cat([newA, A[-1:]], 0) if A.shape[0] % 2 else newA
+    return A[0]
+
+
 def chunked_scan(chunk_fn: ChunkFn, n: int, h_in, structure: Structure, chunk: int,
-                 out: Optional[torch.Tensor] = None, scan=affine_scan):
+                 out: Optional[torch.Tensor] = None, scan=affine_scan, product: bool = False):
     """Scan a sequence of ``n`` steps chunk by chunk, carrying the state.
 
     ``chunk_fn(s, e)`` returns (J, b) for steps [s, e); only one chunk's
-    Jacobians are alive at a time.  Returns states (n, B, D).
+    Jacobians are alive at a time.  Returns ``(states (n, B, D), Phi)`` where
+    ``Phi`` is the product of all J (the summary's linear part, identity for
+    n = 0) if ``product`` else None.
     """
     h = h_in
     pieces = [] if out is None else None
+    phi = None
     for s, e in chunk_bounds(n, chunk):
         J, b = chunk_fn(s, e)
         states = scan(J, b, h, structure)
+        if product:
+            pj = jacobian_product(J, structure)
+            phi = pj if phi is None else structure.matmul(pj, phi)
         if out is None:
             pieces.append(states)
         else:
             out[s:e] = states
         h = states[-1]
+    if product and phi is None:
+        phi = structure.identity(tuple(h_in.shape[:-1]), h_in.shape[-1], h_in.dtype, h_in.device)
     if out is None:
-        return torch.cat(pieces, 0) if pieces else h_in.new_zeros(0, *h_in.shape)
-    return out
+        out = torch.cat(pieces, 0) if pieces else h_in.new_zeros(0, *h_in.shape)
+    return out, phi
 
 
 def chunked_reduce(chunk_fn: ChunkFn, n: int, structure: Structure, chunk: int):

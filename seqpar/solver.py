@@ -9,7 +9,7 @@ import torch
 from .autograd import SolveFunction
 from .comm import get_communicator
 from .backend import resolve_backend
-from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, precision_floor
+from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, min_tol
 from .validation import METHODS, check_solve_args, compute_dtype, is_exact, resolve_jacobian
 
 DEFAULT_MAX_ITER_NEWTON = 50
@@ -88,9 +88,11 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         structure=structure,
         tol=float(tol) if tol is not None else default_tol(cdt),
         max_iter=max_iter if max_iter is not None else (DEFAULT_MAX_ITER_NEWTON if exact else DEFAULT_MAX_ITER_QUASI),
-        fallback=fallback, chunk_size=chunk_size, callback=callback,
-        floor=precision_floor(cdt), backend=resolved_backend,
+        fallback=fallback, chunk_size=chunk_size, callback=callback, backend=resolved_backend,
     )
+    if opts.tol < min_tol(cdt):  # same on every rank (dtype and tol agree), so no rank is left waiting
+        raise ValueError(f"tol={opts.tol:g} is below what {cdt} arithmetic can reach (min {min_tol(cdt):.1e}); "
+                         f"use a larger tol or float64 inputs")
     params = [p for p in cell.parameters() if p.requires_grad]
     info_out: list = []
     args = (cell, opts, comm, info_out, inputs, h0, initial_guess, *params)

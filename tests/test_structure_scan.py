@@ -62,9 +62,14 @@ def test_chunked_scan_and_reduce(st, chunk):
         return J[s:e], b[s:e]
 
     ref = sequential_scan(J, b, h_in, st)
-    assert torch.allclose(chunked_scan(fn, n, h_in, st, chunk), ref, atol=1e-10)
+    assert torch.allclose(chunked_scan(fn, n, h_in, st, chunk)[0], ref, atol=1e-10)
     A, c = chunked_reduce(fn, n, st, chunk)
     assert torch.allclose(st.matvec(A, h_in) + c, ref[-1], atol=1e-10)
+    states, phi = chunked_scan(fn, n, h_in, st, chunk, product=True)
+    # the product is the summary's linear part: the map from h_in to the last state
+    assert torch.allclose(phi, A, atol=1e-10)
+    assert torch.allclose(st.matvec(phi, h_in) + chunked_scan(fn, n, torch.zeros_like(h_in), st, chunk)[0][-1],
+                          states[-1], atol=1e-10)
 
 
 @pytest.mark.parametrize("st", STRUCTS, ids=lambda s: s.describe())
