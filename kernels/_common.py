@@ -64,12 +64,14 @@ def ticket(Counter, n_lb, MODE: tl.constexpr):
 
 @triton.jit
 def lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first, Aa, Ca):
-    """Publish this chunk's summary (Aa, Ca), find its incoming state, publish its
-    outgoing state.  Summaries/states are (n_chunks, N) float32.  Returns h_in (BN,)."""
+    """Store this chunk's summary (Aa, Ca) (every chunk, so the caller can compose a shard
+    summary from them; published with flag 1 for chunks > 0), find its incoming state
+    (``h_first`` for chunk 0: the scan's start), publish its outgoing state.
+    Summaries/states are (n_chunks, N) float32.  Returns h_in (BN,)."""
     base = c.to(tl.int64) * N + lanes
+    tl.store(AggA + base, Aa, mask=lmask)  # every chunk, 0 included: the shard summary reads them all
+    tl.store(AggC + base, Ca, mask=lmask)
     if c > 0:
-        tl.store(AggA + base, Aa, mask=lmask)
-        tl.store(AggC + base, Ca, mask=lmask)
         tl.debug_barrier()
         tl.atomic_xchg(Flags + c * n_lb + lb, 1, sem="release")
     acc_a = tl.full(Aa.shape, 1.0, tl.float32)
@@ -105,13 +107,13 @@ def lookback_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1,
     (n_chunks, 2, M).  Returns the incoming state (h0, h1)."""
     base6 = c.to(tl.int64) * 6 * M + lanes
     base2 = c.to(tl.int64) * 2 * M + lanes
+    tl.store(Agg + base6, a00, mask=lmask)  # every chunk, 0 included: the shard summary reads them all
+    tl.store(Agg + base6 + M, a01, mask=lmask)
+    tl.store(Agg + base6 + 2 * M, a10, mask=lmask)
+    tl.store(Agg + base6 + 3 * M, a11, mask=lmask)
+    tl.store(Agg + base6 + 4 * M, c0, mask=lmask)
+    tl.store(Agg + base6 + 5 * M, c1, mask=lmask)
     if c > 0:
-        tl.store(Agg + base6, a00, mask=lmask)
-        tl.store(Agg + base6 + M, a01, mask=lmask)
-        tl.store(Agg + base6 + 2 * M, a10, mask=lmask)
-        tl.store(Agg + base6 + 3 * M, a11, mask=lmask)
-        tl.store(Agg + base6 + 4 * M, c0, mask=lmask)
-        tl.store(Agg + base6 + 5 * M, c1, mask=lmask)
         tl.debug_barrier()
         tl.atomic_xchg(Flags + c * n_lb + lb, 1, sem="release")
     one = tl.full(a00.shape, 1.0, tl.float32)

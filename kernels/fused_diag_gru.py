@@ -3,10 +3,12 @@
 From the current iterate ``h`` (T, B, D) and the projected inputs ``xp``
 (T, B, 3D) (one GEMM before the loop), one pass computes for every step
 ``h_prev = [boundary, h[:-1]]``, ``f = f(h_prev, xp)``, ``J = df/dh_prev``
-(diagonal), ``b = f - J h_prev``, the residual ``max|h - f|`` and ``max|f|``,
-and scans ``h_new_t = J_t h_new_{t-1} + b_t`` from ``boundary`` with the
+(diagonal), ``b = f - J h_prev``, the elementwise relative residual
+``max |h - f| / max(1, |f|)`` and ``max|f|``, and scans
+``h_new_t = J_t h_new_{t-1} + b_t`` from ``start`` (default ``boundary``) with the
 decoupled look-back of :mod:`seqpar.kernels._common`.  J and b live only in
-registers.  Reference: ``seqpar.newton`` (``cell.step`` / ``cell.jacobian`` +
+registers.  Optionally the pass also returns its summary ``J_{T-1} ... J_0``
+(composed from the per-tile aggregates of the look-back).  Reference: ``seqpar.newton`` (``cell.step`` / ``cell.jacobian`` +
 ``affine_scan``).
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn):
 
 
 @triton.jit
-def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags, Counter,
+def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Flags, Counter,
                                T, D, N, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr):
     """Lane-sequential variant: each thread owns lanes and walks the TT steps of its tile in
     order (no cross-warp scan, few registers).  Pass 1 reduces the tile to its summary map and
@@ -58,7 +60,7 @@ def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Fl
     xcol = bidx * (3 * D) + d
     A = tl.full([BN], 1.0, tl.float32)
     C = tl.zeros([BN], tl.float32)
-    rel = tl.zeros([BN], tl.float32)  # running max of per-step relative residuals (all lanes equal)
+    rel = tl.zeros([BN], tl.float32)  # running max of elementwise relative residuals
     fmx = tl.zeros([BN], tl.float32)
     hp = hp0
     for k in range(TT):
@@ -75,17 +77,17 @@ def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Fl
         jd = tl.where(m, jd, 1.0)
         A = jd * A
         C = jd * C + bb
-        err = tl.where(m, tl.abs(hc - f), 0.0)
-        err = tl.where(err == err, err, float("inf"))
         fab = tl.where(m, tl.abs(f), 0.0)
+        r = tl.abs(hc - f) / tl.maximum(fab, 1.0)
+        r = tl.where(m, tl.where(r == r, r, float("inf")), 0.0)  # NaN -> inf: reported as divergence
         fab = tl.where(fab == fab, fab, float("inf"))
-        fmax_t = tl.max(fab, 0)
-        rel = tl.maximum(rel, tl.max(err, 0) / tl.maximum(fmax_t, 1.0))
-        fmx = tl.maximum(fmx, fmax_t)
+        rel = tl.maximum(rel, r)
+        fmx = tl.maximum(fmx, fab)
         hp = hc
     tl.store(Res + c * n_lb + lb, tl.max(rel, 0))
     tl.store(Res + NP + c * n_lb + lb, tl.max(fmx, 0))
-    h = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, bnd, A, C)
+    st0 = tl.load(St + lanes, mask=lmask, other=0.0).to(tl.float32)
+    h = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, st0, A, C)
     hp = hp0
     for k in range(TT):
         t = t0 + k
@@ -102,7 +104,7 @@ def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Fl
 
 
 @triton.jit
-def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags, Counter,
+def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Flags, Counter,
                            T, D, N, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr, DENSE_HH: tl.constexpr = False):
     c, lb = ticket(Counter, n_lb, 0)
     lanes = lb * BN + tl.arange(0, BN)
@@ -143,64 +145,86 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, Out, Res, AggA, AggC, Incl, Flags,
     bb = f - jd * hp
     jd = tl.where(m, jd, 1.0)
     bb = tl.where(m, bb, 0.0)
-    err = tl.where(m, tl.abs(hc - f), 0.0)
-    err = tl.where(err == err, err, float("inf"))  # NaN -> inf: reported as divergence
+    # elementwise relative residual |h - f| / max(1, |f|); NaN -> inf: reported as divergence
     fab = tl.where(m, tl.abs(f), 0.0)
+    rel = tl.abs(hc - f) / tl.maximum(fab, 1.0)
+    rel = tl.where(m, tl.where(rel == rel, rel, float("inf")), 0.0)
     fab = tl.where(fab == fab, fab, float("inf"))
-    # per-step relative residual max|h_t - f_t| / max(1, max|f_t|) over this program's lanes: an upper
-    # bound of the one over all lanes (equal when max|f_t| <= 1), so convergence is never overstated
-    fmax_t = tl.max(fab, 1)
     # per-program partial maxima (reduced on the host side of the launch): no same-address atomics
-    tl.store(Res + c * n_lb + lb, tl.max(tl.max(err, 1) / tl.maximum(fmax_t, 1.0), 0))
-    tl.store(Res + NP + c * n_lb + lb, tl.max(fmax_t, 0))
+    tl.store(Res + c * n_lb + lb, tl.max(tl.max(rel, 1), 0))
+    tl.store(Res + NP + c * n_lb + lb, tl.max(tl.max(fab, 1), 0))
     A, C = tl.associative_scan((jd, bb), 0, comb_diag)
-    h_in = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, bnd,
+    st0 = tl.load(St + lanes, mask=lmask, other=0.0).to(tl.float32)
+    h_in = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, st0,
                          last_row(A, rows, TT), last_row(C, rows, TT))
     out = A * h_in[None, :] + C
     tl.store(Out + off, out.to(Out.dtype.element_ty), mask=m)
 
 
 def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
-                         block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS):
+                         block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS,
+                         *, start=None, want_summary: bool = False):
     """One quasi-Newton iteration (diagonal Jacobian) of the *dense* :class:`seqpar.cells.GRU`.
 
     The recurrent pre-activations ``W_hh h_prev + b_hh`` (T, B, 3D) come from one
-    GEMM; gates, the diagonal of J, b, the residual and the scan are fused as for
-    DiagGRU.  ``weight_hh`` (3D, D).  Returns ``(h_new, stats)`` like
+    GEMM (``h_prev = [boundary, h[:-1]]``); gates, the diagonal of J, b, the residual
+    and the scan (from ``start``) are fused as for DiagGRU.  ``weight_hh`` (3D, D).
+    Returns ``(h_new, stats)`` or ``(h_new, stats, phi)`` like
     :func:`fused_diag_gru_step`.  Reference: ``GRU.step`` / ``GRU.jacobian(.., diag)``.
     """
     T, B, D = h.shape
     if T == 0:
-        return fused_diag_gru_step(h, xp, weight_hh.new_zeros(3 * D), None, boundary, out)
+        return fused_diag_gru_step(h, xp, weight_hh.new_zeros(3 * D), None, boundary, out,
+                                   start=start, want_summary=want_summary)
     W = weight_hh.detach().to(h.dtype)
     h_prev = torch.cat([boundary.to(h.dtype).unsqueeze(0), h[:-1]], 0)
     hh = torch.nn.functional.linear(h_prev, W, None if bias_hh is None else bias_hh.detach().to(h.dtype))
     wdiag = torch.cat([W[g * D:(g + 1) * D].diagonal() for g in range(3)])
-    return _launch(h, xp, wdiag, hh, boundary, out, block_t, block_n, num_warps, dense_hh=True)
+    return _launch(h, xp, wdiag, hh, boundary, start, out, block_t, block_n, num_warps, dense_hh=True,
+                   want_summary=want_summary)
 
 
 def fused_diag_gru_step(h, xp, weight_hh, bias_hh, boundary, out=None,
                         block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS,
-                        variant: str = "tile"):
+                        variant: str = "tile", *, start=None, want_summary: bool = False):
     """One Newton iteration.  ``h`` (T, B, D), ``xp`` (T, B, 3D), ``weight_hh`` (3D,),
-    ``bias_hh`` (3D,) or None, ``boundary`` (B, D).  Returns ``(h_new (T, B, D),
-    stats)`` with ``stats`` a float32 tensor ``[max_t max|h_t - f_t| / max(1, max|f_t|) (upper bound), max|f|]`` (NaN reported as inf)."""
+    ``bias_hh`` (3D,) or None, ``boundary`` (B, D): the h_prev of step 0 (linearisation
+    point), ``start`` (B, D) or None (= ``boundary``): the scan's incoming state.
+
+    Returns ``(h_new (T, B, D), stats)``, with ``want_summary`` ``(h_new, stats, phi)``:
+    ``stats`` float32 ``[max over t, b, i of |h - f| / max(1, |f|), max|f|]`` (NaN/Inf
+    reported as inf); ``phi`` float32 (B, D), the product ``J_{T-1} ... J_0`` of the
+    pass's (diagonal) Jacobians (ones for T == 0)."""
     w = weight_hh.detach().to(torch.float32).contiguous()
     bh = (torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32)).contiguous()
     if variant == "seq":
-        return _launch_seq(h, xp, w, bh, boundary, out, block_t, block_n, num_warps)
+        return _launch_seq(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, want_summary)
     if variant != "tile":
         raise ValueError(f"variant must be 'tile' or 'seq'; got {variant!r}")
-    return _launch(h, xp, w, bh, boundary, out, block_t, block_n, num_warps, dense_hh=False)
+    return _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, dense_hh=False,
+                   want_summary=want_summary)
 
 
-def _launch_seq(h, xp, w, bh, boundary, out, block_t, block_n, num_warps):
+def _finish(out, part, agg_a, B, D, T, want_summary, device):
+    """``(out, stats)`` or ``(out, stats, phi)``: stats from the per-program partial maxima,
+    phi the product of the per-chunk aggregates (every chunk stores its own)."""
+    stats = part.amax(1) if T else torch.zeros(2, dtype=torch.float32, device=device)
+    if not want_summary:
+        return out, stats
+    if T == 0:
+        return out, stats, torch.ones(B, D, dtype=torch.float32, device=device)
+    return out, stats, agg_a.prod(0).reshape(B, D)
+
+
+def _launch_seq(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, want_summary=False):
     T, B, D = h.shape
     N = B * D
     h, xp = h.contiguous(), xp.contiguous()
     out = torch.empty_like(h) if out is None else out
     if T == 0:
-        return out, torch.zeros(2, dtype=torch.float32, device=h.device)
+        return _finish(out, None, None, B, D, T, want_summary, h.device)
+    boundary = boundary.contiguous()
+    start = boundary if start is None else start.contiguous()
     n_lb = triton.cdiv(N, block_n)
     n_chunks = triton.cdiv(T, block_t)
     n_prog = n_chunks * n_lb
@@ -208,22 +232,24 @@ def _launch_seq(h, xp, w, bh, boundary, out, block_t, block_n, num_warps):
     agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=h.device)
     part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
     _fused_diag_gru_seq_kernel[(n_prog,)](
-        h, xp, w.to(torch.float32).contiguous(), bh.contiguous(), boundary.contiguous(), out, part,
+        h, xp, w.to(torch.float32).contiguous(), bh.contiguous(), boundary, start, out, part,
         agg[0], agg[1], agg[2], flags[1:], flags[:1], T, D, N, n_lb, n_prog, TT=block_t, BN=block_n,
         num_warps=num_warps)
-    return out, part.amax(1)
+    return _finish(out, part, agg[0], B, D, T, want_summary, h.device)
 
 
-def _launch(h, xp, w, bh, boundary, out, block_t, block_n, num_warps, dense_hh):
+def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, dense_hh, want_summary=False):
     T, B, D = h.shape
     N = B * D
     h = h.contiguous()
     xp = xp.contiguous()
     out = torch.empty_like(h) if out is None else out
     if T == 0:
-        return out, torch.zeros(2, dtype=torch.float32, device=h.device)
+        return _finish(out, None, None, B, D, T, want_summary, h.device)
     w = w.to(torch.float32).contiguous()
     bh = bh.contiguous()
+    boundary = boundary.contiguous()
+    start = boundary if start is None else start.contiguous()
     block_t, block_n = narrow_tiles(N, block_t, block_n)
     n_lb = triton.cdiv(N, block_n)
     n_chunks = triton.cdiv(T, block_t)
@@ -232,6 +258,6 @@ def _launch(h, xp, w, bh, boundary, out, block_t, block_n, num_warps, dense_hh):
     n_prog = n_chunks * n_lb
     part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
     _fused_diag_gru_kernel[(n_prog,)](
-        h, xp, w, bh, boundary.contiguous(), out, part, agg[0], agg[1], agg[2], flags[1:], flags[:1],
+        h, xp, w, bh, boundary, start, out, part, agg[0], agg[1], agg[2], flags[1:], flags[:1],
         T, D, N, n_lb, n_prog, TT=block_t, BN=block_n, DENSE_HH=dense_hh, num_warps=num_warps)
-    return out, part.amax(1)
+    return _finish(out, part, agg[0], B, D, T, want_summary, h.device)

@@ -2,9 +2,11 @@
 
 State interleaves each unit's pair ``[h_u, c_u]`` (D = 2H); ``xp`` (T, B, 4H)
 holds the gate pre-activations ``[i, f, g, o]`` from the input GEMM (biases
-included).  One pass evaluates f, the 2 x 2 Jacobian blocks, b = f - J h_prev,
-the residual ``max|h - f|`` and ``max|f|``, and scans the block recurrence with
-the decoupled look-back; J and b stay in registers.
+included).  One pass evaluates f (with ``h_prev = [boundary, h[:-1]]``), the 2 x 2
+Jacobian blocks, b = f - J h_prev, the elementwise relative residual
+``max |h - f| / max(1, |f|)`` and ``max|f|``, and scans the block recurrence from
+``start`` (default ``boundary``) with the decoupled look-back; J and b stay in
+registers.  Optionally the pass also returns its summary ``J_{T-1} ... J_0`` per unit.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 32, 1  # best of a sweep on H100 (be
 
 
 @triton.jit
-def _fused_diag_lstm_kernel(H, XP, W, Bnd, Out, Res, Agg, Incl, Flags, Counter,
+def _fused_diag_lstm_kernel(H, XP, W, Bnd, St, Out, Res, Agg, Incl, Flags, Counter,
                             T, Hs, M, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr):
     c, lb = ticket(Counter, n_lb, 0)
     lanes = lb * BN + tl.arange(0, BN)  # lane = (batch, unit)
@@ -59,18 +61,24 @@ def _fused_diag_lstm_kernel(H, XP, W, Bnd, Out, Res, Agg, Incl, Flags, Counter,
     a11 = tl.where(m, fg, 1.0)
     b0 = tl.where(m, h_new - a00 * hp - a01 * cp, 0.0)
     b1 = tl.where(m, c_new - a10 * hp - a11 * cp, 0.0)
-    err = tl.where(m, tl.maximum(tl.abs(hc - h_new), tl.abs(cc - c_new)), 0.0)
-    err = tl.where(err == err, err, float("inf"))
-    fab = tl.where(m, tl.maximum(tl.abs(h_new), tl.abs(c_new)), 0.0)
-    fab = tl.where(fab == fab, fab, float("inf"))
-    # per-step relative residual max|h_t - f_t| / max(1, max|f_t|) over this program's lanes: an upper
-    # bound of the one over all lanes (equal when max|f_t| <= 1), so convergence is never overstated
-    fmax_t = tl.max(fab, 1)
+    # elementwise relative residual |h - f| / max(1, |f|) of both components; NaN -> inf (divergence)
+    fh = tl.abs(h_new)
+    fc = tl.abs(c_new)
+    rh = tl.abs(hc - h_new) / tl.maximum(fh, 1.0)
+    rc = tl.abs(cc - c_new) / tl.maximum(fc, 1.0)
+    rh = tl.where(rh == rh, rh, float("inf"))
+    rc = tl.where(rc == rc, rc, float("inf"))
+    rel = tl.where(m, tl.maximum(rh, rc), 0.0)
+    fh = tl.where(fh == fh, fh, float("inf"))
+    fc = tl.where(fc == fc, fc, float("inf"))
+    fab = tl.where(m, tl.maximum(fh, fc), 0.0)
     # per-program partial maxima (reduced on the host side of the launch): no same-address atomics
-    tl.store(Res + c * n_lb + lb, tl.max(tl.max(err, 1) / tl.maximum(fmax_t, 1.0), 0))
-    tl.store(Res + NP + c * n_lb + lb, tl.max(fmax_t, 0))
+    tl.store(Res + c * n_lb + lb, tl.max(tl.max(rel, 1), 0))
+    tl.store(Res + NP + c * n_lb + lb, tl.max(tl.max(fab, 1), 0))
     A00, A01, A10, A11, C0, C1 = tl.associative_scan((a00, a01, a10, a11, b0, b1), 0, comb_block2)
-    s0, s1 = lookback_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1,
+    st0 = tl.load(St + 2 * lanes, mask=lmask, other=0.0).to(tl.float32)
+    st1 = tl.load(St + 2 * lanes + 1, mask=lmask, other=0.0).to(tl.float32)
+    s0, s1 = lookback_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, st0, st1,
                              last_row(A00, rows, TT), last_row(A01, rows, TT), last_row(A10, rows, TT),
                              last_row(A11, rows, TT), last_row(C0, rows, TT), last_row(C1, rows, TT))
     o0 = A00 * s0[None, :] + A01 * s1[None, :] + C0
@@ -80,9 +88,16 @@ def _fused_diag_lstm_kernel(H, XP, W, Bnd, Out, Res, Agg, Incl, Flags, Counter,
 
 
 def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: int = DEFAULT_TT,
-                         block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS):
+                         block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS, *,
+                         start=None, want_summary: bool = False):
     """``h`` (T, B, 2H) interleaved [h, c], ``xp`` (T, B, 4H), ``weight_hh`` (4H,),
-    ``boundary`` (B, 2H).  Returns ``(h_new, stats=[rel. residual bound, max|f|])``."""
+    ``boundary`` (B, 2H): the h_prev of step 0, ``start`` (B, 2H) or None (= ``boundary``):
+    the scan's incoming state.
+
+    Returns ``(h_new, stats)``, with ``want_summary`` ``(h_new, stats, phi)``: ``stats``
+    float32 ``[max over t, b, i of |h - f| / max(1, |f|), max|f|]`` (NaN/Inf reported as
+    inf); ``phi`` float32 (B, H, 2, 2), per unit the product ``J_{T-1} ... J_0`` of the 2 x 2
+    blocks acting on ``[h_u, c_u]`` (identity for T == 0)."""
     T, B, D = h.shape
     Hs = D // 2
     M = B * Hs
@@ -90,8 +105,14 @@ def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: int = DE
     xp = xp.contiguous()
     out = torch.empty_like(h) if out is None else out
     if T == 0:
-        return out, torch.zeros(2, dtype=torch.float32, device=h.device)
+        stats = torch.zeros(2, dtype=torch.float32, device=h.device)
+        if not want_summary:
+            return out, stats
+        eye = torch.eye(2, dtype=torch.float32, device=h.device)
+        return out, stats, eye.expand(B, Hs, 2, 2).clone()
     w = weight_hh.detach().to(torch.float32).contiguous()
+    boundary = boundary.contiguous()
+    start = boundary if start is None else start.contiguous()
     block_t, block_n = narrow_tiles(M, block_t, block_n)
     n_lb = triton.cdiv(M, block_n)
     n_chunks = triton.cdiv(T, block_t)
@@ -101,6 +122,20 @@ def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: int = DE
     n_prog = n_chunks * n_lb
     part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
     _fused_diag_lstm_kernel[(n_prog,)](
-        h, xp, w, boundary.contiguous(), out, part, agg, incl, flags[1:], flags[:1],
+        h, xp, w, boundary, start, out, part, agg, incl, flags[1:], flags[:1],
         T, Hs, M, n_lb, n_prog, TT=block_t, BN=block_n, num_warps=num_warps)
-    return out, part.amax(1)
+    stats = part.amax(1)
+    if not want_summary:
+        return out, stats
+    # every chunk stored its aggregate: (n_chunks, M, 2, 2), composed in time order (later on the left)
+    return out, stats, ordered_product(agg[:, :4].reshape(n_chunks, 2, 2, M).permute(0, 3, 1, 2)).reshape(B, Hs, 2, 2)
+
+
+def ordered_product(A):
+    """``A[n-1] @ ... @ A[1] @ A[0]`` of a stack (n, ..., k, k), n >= 1, by a log-depth tree."""
+    while A.shape[0] > 1:
+        if A.shape[0] % 2:  # the last (latest) one waits a level
+            A = torch.cat([torch.matmul(A[1:-1:2], A[0:-1:2]), A[-1:]], 0)
+        else:
+            A = torch.matmul(A[1::2], A[0::2])
+    return A[0]

@@ -98,7 +98,8 @@ def _fused_gru_case(T, cell, structure, step):
         ref, err, f = _newton_step_ref(cell, structure, h, xp, bnd)
         out, stats = step(h, xp, bnd)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)  # no larger than the absolute residual ...
+    assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)  # no larger than the absolute residual
+    torch.testing.assert_close(float(stats[0]), _elementwise_rel(h, f), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
     return float(stats[0]), float((err / f.abs().amax(dim=(1, 2)).clamp_min(1)).max())
 
@@ -111,7 +112,7 @@ def test_fused_diag_gru(T, variant, tiles):
     cell = DiagGRU(4, 9)
     got, rel = _fused_gru_case(T, cell, DIAG, lambda h, xp, bnd: fused_diag_gru_step(
         h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=tiles[0], block_n=tiles[1], variant=variant))
-    assert got >= rel * (1 - 1e-5)  # ... and an upper bound of the per-step relative residual
+    assert got >= rel * (1 - 1e-5)  # elementwise scaling: never below the per-step relative residual
 
 
 @pytest.mark.parametrize("T", [1, 37])
@@ -147,7 +148,133 @@ def test_fused_diag_lstm(T):
         out, stats = fused_diag_lstm_step(h, xp, cell.weight_hh, bnd, block_t=16, block_n=4)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert float(stats[0]) <= float(err.max()) * (1 + 1e-5)
+    torch.testing.assert_close(float(stats[0]), _elementwise_rel(h, f), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------ start != boundary, elementwise residual, shard summary
+def _fused(kind):
+    """(cell factory of the state width n, structure, step(cell, h, xp, bnd, **kw), index of the z/f gate)."""
+    from seqpar.kernels.fused_diag_gru import fused_diag_gru_step, fused_gru_quasi_step
+    from seqpar.kernels.fused_diag_lstm import fused_diag_lstm_step
+
+    if kind == "diag_tile":
+        return lambda n: DiagGRU(4, n), DIAG, lambda c, h, xp, bnd, **kw: fused_diag_gru_step(
+            h, xp, c.weight_hh, c.bias_hh, bnd, block_t=16, block_n=8, **kw)
+    if kind == "diag_seq":
+        return lambda n: DiagGRU(4, n), DIAG, lambda c, h, xp, bnd, **kw: fused_diag_gru_step(
+            h, xp, c.weight_hh, c.bias_hh, bnd, block_t=8, block_n=16, variant="seq", **kw)
+    if kind == "gru_quasi":
+        return lambda n: GRU(4, n), DIAG, lambda c, h, xp, bnd, **kw: fused_gru_quasi_step(
+            h, xp, c.weight_hh, c.bias_hh, bnd, block_t=16, block_n=8, **kw)
+    return lambda n: DiagLSTM(4, n), BLOCK2, lambda c, h, xp, bnd, **kw: fused_diag_lstm_step(
+        h, xp, c.weight_hh, bnd, block_t=16, block_n=4, **kw)
+
+
+FUSED = ["diag_tile", "diag_seq", "gru_quasi", "lstm"]
+
+
+def _elementwise_rel(h, f):
+    r = (h - f).abs() / f.abs().clamp_min(1)
+    return float("inf") if bool(torch.isnan(r).any()) else float(r.max())
+
+
+def _jac_product(J, st):
+    """J_{T-1} ... J_0 in float64, from the per-step Jacobians (T, ...)."""
+    P = st.identity(tuple(J.shape[1:2]), J.shape[2] * (2 if st.kind == "block" else 1), torch.float64, J.device)
+    for t in range(J.shape[0]):
+        P = st.matmul(J[t].double(), P)
+    return P
+
+
+@pytest.mark.parametrize("kind", FUSED)
+@pytest.mark.parametrize("T", [1, 37, 100])
+@pytest.mark.parametrize("B,n", [(1, 5), (3, 12)])
+def test_fused_start_residual_summary(kind, T, B, n):
+    make, st, step = _fused(kind)
+    torch.manual_seed(1000 * T + 10 * B + n)
+    cell = make(n)
+    D = cell.state_size
+    with torch.no_grad():
+        xp = cell.project_inputs(torch.randn(T, B, 4))
+        h, bnd, start = torch.randn(T, B, D) * 0.5, torch.randn(B, D), torch.randn(B, D)
+        hp = shift(h, bnd)
+        f = cell.step(hp, xp)
+        J = cell.jacobian(hp, xp, st)
+        b = f - st.matvec(J, hp)
+        out, stats, phi = step(cell, h, xp, bnd, start=start, want_summary=True)
+        torch.testing.assert_close(out, affine_scan(J, b, start, st), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(float(stats[0]), _elementwise_rel(h, f), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
+        assert stats.dtype == torch.float32 and stats.shape == (2,)
+        ref_phi = _jac_product(J, st)
+        assert phi.dtype == torch.float32 and phi.shape == ref_phi.shape
+        torch.testing.assert_close(phi.double(), ref_phi, rtol=1e-3, atol=1e-5 * float(ref_phi.abs().max()) + 1e-12)
+        # start=None: today's behaviour, the scan starts from boundary (bit-identical to start=boundary)
+        out0, stats0 = step(cell, h, xp, bnd)
+        torch.testing.assert_close(out0, affine_scan(J, b, bnd, st), rtol=1e-5, atol=1e-5)
+        out1, stats1 = step(cell, h, xp, bnd, start=bnd.clone())
+        assert torch.equal(out0, out1) and torch.equal(stats0, stats1) and torch.equal(stats0, stats)
+
+
+@pytest.mark.parametrize("kind", FUSED)
+def test_fused_summary_empty(kind):
+    make, st, step = _fused(kind)
+    cell = make(5)
+    D = cell.state_size
+    out, stats, phi = step(cell, torch.zeros(0, 3, D), cell.project_inputs(torch.zeros(0, 3, 4)),
+                           torch.randn(3, D), start=torch.randn(3, D), want_summary=True)
+    assert out.shape == (0, 3, D) and stats.tolist() == [0.0, 0.0]
+    assert torch.equal(phi.double(), st.identity((3,), D, torch.float64, "cpu"))
+
+
+@pytest.mark.parametrize("kind", FUSED)
+@pytest.mark.parametrize("T", [1, 37])
+def test_fused_residual_elementwise(kind, T):
+    """One component ~1000, a unit-scale one wrong by 0.1: the residual must see the 0.1."""
+    make, st, step = _fused(kind)
+    torch.manual_seed(T)
+    cell = make(5)
+    D = cell.state_size
+    big, small = (1, 2) if st.kind == "block" else (0, 1)  # c of unit 0 / h of unit 1; else components 0 / 1
+    gate = cell.hidden_size + 0  # z gate (GRU) / forget gate (LSTM) of unit 0: ~1 keeps the big component
+    with torch.no_grad():
+        xp = cell.project_inputs(torch.randn(T, 2, 4))
+        xp[..., gate] += 3000.0
+        bnd = torch.randn(2, D) * 0.5
+        bnd[:, big] = 1000.0
+        h = torch.empty(T, 2, D)
+        hcur = bnd
+        for t in range(T):  # the exact solution ...
+            hcur = cell.step(hcur, xp[t])
+            h[t] = hcur
+        h[-1, 1, small] += 0.1  # ... wrong by 0.1 in one unit-scale component of the last step
+        f = cell.step(shift(h, bnd), xp)
+        assert float(f.abs().max()) > 500 and float(f[-1, 1, small].abs()) <= 1.0
+        per_step = ((h - f).abs().amax(dim=(1, 2)) / f.abs().amax(dim=(1, 2)).clamp_min(1)).max()
+        assert float(per_step) < 1e-3  # the old per-step scaling hides the error
+        ref = _elementwise_rel(h, f)
+        assert ref >= 0.1 * (1 - 1e-3)
+        _, stats = step(cell, h, xp, bnd)
+        assert float(stats[0]) >= 0.1 * (1 - 1e-3)
+        torch.testing.assert_close(float(stats[0]), ref, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(stats[1], f.abs().max(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", FUSED)
+@pytest.mark.parametrize("t_nan", [0, 20, 36])
+def test_fused_residual_nan_is_inf(kind, t_nan):
+    make, st, step = _fused(kind)
+    torch.manual_seed(t_nan)
+    cell = make(5)
+    D = cell.state_size
+    with torch.no_grad():
+        xp = cell.project_inputs(torch.randn(37, 2, 4))
+        h, bnd = torch.randn(37, 2, D) * 0.3, torch.randn(2, D)
+        h[t_nan, 1, 3] = float("nan")
+        assert _elementwise_rel(h, cell.step(shift(h, bnd), xp)) == float("inf")
+        _, stats = step(cell, h, xp, bnd)
+    assert float(stats[0]) == float("inf")
 
 
 def test_backend_resolution():
