@@ -102,18 +102,29 @@ def plot_convergence(data, out):
 
 
 def plot_scaling(data, out):
-    rows = data["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, kind in zip(axes, ["weak", "strong"]):
-        series = defaultdict(list)
-        for r in rows:
-            if r["kind"] == kind:
-                series[r["label"]].append((r["world_size"], r["time_per_iter_s"]))
-        for label, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=label)
-        ax.set_xlabel("GPUs"), ax.set_ylabel("time per Newton iteration (ms)")
-        ax.set_title(f"{kind} scaling"), ax.grid(True, alpha=0.3), ax.legend(fontsize=8)
+    """Left: solve / training-step time on 1 and P GPUs per configuration (same machine, same call).
+    Right: the P-GPU speed-up (weak scaling: 1-GPU time over P-GPU time at equal steps per rank)."""
+    rows = [r for r in data["rows"] if r.get("kind") in ("strong", "weak", "train")]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    sizes = sorted({r["world_size"] for r in rows})
+    t = {(r["label"], r["world_size"]): r["solve_s"] for r in rows}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(1, len(sizes))
+    for i, P in enumerate(sizes):
+        xs = [k + i * width for k in range(len(labels))]
+        ax.bar(xs, [t.get((lab, P), 0) * 1e3 for lab in labels], width, label=f"{P} GPU{'s' if P > 1 else ''}")
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(labels))], labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("time (ms), median after warm-up"), ax.legend(), ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title("solve (training step for 'train') time")
+    for P in sizes[1:]:
+        sp = [t[(lab, 1)] / t[(lab, P)] if (lab, 1) in t and (lab, P) in t else 0 for lab in labels]
+        ax2.bar(range(len(labels)), sp, label=f"{P} GPUs vs 1")
+        for k, v in enumerate(sp):
+            ax2.text(k, v, f"{v:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax2.set_ylabel("speed-up (weak: 1-GPU time / P-GPU time)"), ax2.grid(True, axis="y", alpha=0.3)
+    ax2.set_title("scaling"), ax2.legend()
     fig.suptitle(subtitle(data["env"]), fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -72,10 +72,11 @@ def correct_adjoint(cell, st: Structure, h_prev, xp, g, lam, v, chunk: int, back
     if n == 0 or float(v.abs().max()) <= tiny:
         return
     cap = max(CORRECTION_MIN_CAP, n // CORRECTION_CAP_FRACTION)
+    v_in = v
     e, L = n, CORRECTION_FIRST
     while e > 0:
         if n - e >= cap:
-            lam.copy_(local_adjoint(cell, st, h_prev, xp, g, v, chunk, backend)[0])
+            lam.copy_(local_adjoint(cell, st, h_prev, xp, g, v_in, chunk, backend)[0])
             return
         s = max(0, e - L)
         J = _adjoint_jacobians(cell, st, h_prev, xp, s, e)

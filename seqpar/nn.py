@@ -126,7 +126,7 @@ class _SeqparRNNBase(nn.Module):
         rows = comm.all_gather(torch.cat([last.reshape(-1), last.new_tensor([float(n)])]))
         if n:
             return states[-1]
-        from .newton import boundary_from_lasts
+        from .shards import boundary_from_lasts
 
         h0 = h_init.detach() if h_init is not None else states.new_zeros(B, D)
         return boundary_from_lasts(rows, h0, comm.rank, B, D).to(states.dtype)

@@ -49,13 +49,17 @@ def make_cell(name: str, input_size: int, hidden: int, *, seed: int = 0, dtype=t
 
 def make_inputs(start: int, length: int, batch: int, input_size: int, *, seed: int = 0,
                 dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Inputs for global steps [start, start + length): (length, batch, input_size), N(0, 1)."""
+    """Inputs for global steps [start, start + length): (length, batch, input_size), N(0, 1).
+
+    Generated block by block on ``device`` (a GPU fills 100M steps in seconds), each block from its
+    own seed, so any sharding of [0, T) on the same kind of device sees the same values."""
     out = torch.empty(length, batch, input_size, dtype=dtype, device=device)
+    gen_device = torch.device(device)
     t = start
     while t < start + length:
         blk = t // _BLOCK
-        g = torch.Generator().manual_seed(seed * 1_000_003 + blk + 1)
-        block = torch.randn(_BLOCK, batch, input_size, generator=g)
+        g = torch.Generator(device=gen_device).manual_seed(seed * 1_000_003 + blk + 1)
+        block = torch.randn(_BLOCK, batch, input_size, generator=g, device=gen_device)
         lo = t - blk * _BLOCK
         hi = min(_BLOCK, start + length - blk * _BLOCK)
         out[t - start:t - start + hi - lo] = block[lo:hi].to(device=device, dtype=dtype)

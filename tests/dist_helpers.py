@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _worker(rank, world_size, store_path, out_dir, fn, args, coll_timeout):
+def _worker(rank, world_size, store_path, out_dir, fn, args, coll_timeout, backend="gloo"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import torch.distributed as dist
@@ -29,7 +29,9 @@ def _worker(rank, world_size, store_path, out_dir, fn, args, coll_timeout):
     torch.set_num_threads(1)
     result = None
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=coll_timeout))
         result = ("ok", fn(rank, world_size, dist.group.WORLD, *args))
     except BaseException as e:  # noqa: BLE001
@@ -42,11 +44,11 @@ def _worker(rank, world_size, store_path, out_dir, fn, args, coll_timeout):
     os._exit(0 if result[0] == "ok" else 1)
 
 
-def run_ranks(fn, world_size, *args, timeout=240, coll_timeout=60, expect_fail=False):
+def run_ranks(fn, world_size, *args, timeout=240, coll_timeout=60, expect_fail=False, backend="gloo"):
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, store, tmp, fn, args, coll_timeout))
+        procs = [ctx.Process(target=_worker, args=(r, world_size, store, tmp, fn, args, coll_timeout, backend))
                  for r in range(world_size)]
         for p in procs:
             p.start()
