@@ -287,3 +287,22 @@ def test_ranks_must_agree_on_the_call():
     for r in range(2):
         _close(results[r]["sequential no_grad"], ref[r * 6:(r + 1) * 6], f"rank {r} sequential")
         _close(results[r]["ok"], ref[r * 6:(r + 1) * 6], f"rank {r} newton")
+
+
+def test_sharded_nn_layer_job_exits_cleanly_every_time():
+    """Issue #9 item 7: a torchrun job with a sharded DiagGRU layer (graph alive at exit) must exit 0 every
+    time, and seqpar must not keep the destroyed process group alive (the job exits 3 if it does)."""
+    import os
+    import sys
+
+    from dist_helpers import REPO, run_cmd
+
+    job = os.path.join(REPO, "tests", "dist_nn_exit_job.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", job]
+    codes, outs = [], []
+    for _ in range(6):
+        rc, out, _ = run_cmd(cmd, timeout=120, env={"PYTHONPATH": REPO}, check=False)
+        codes.append(rc)
+        outs.append(out)
+    bad = [(i, out[-1500:]) for i, (rc, out) in enumerate(zip(codes, outs)) if rc != 0 or "terminate called" in out]
+    assert not bad, f"exit codes {codes}:\n" + "\n".join(f"--- run {i}:\n{o}" for i, o in bad)
