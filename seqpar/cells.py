@@ -453,51 +453,225 @@ class DiagLSTM(_TorchWeightsCell):
             h, xp, w, bnd, out=out, start=start, want_summary=want_summary)
 
 
-class FunctionCell(Cell):
+def _check_size(name: str, value) -> int:
+    """A positive int (bools and non-integers refused)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int; got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+    return int(value)
+
+
+def _check_dt(dt) -> float:
+    import numbers
+
+    if isinstance(dt, torch.Tensor) and dt.numel() == 1 and not dt.requires_grad:
+        dt = dt.item()
+    if isinstance(dt, bool) or not isinstance(dt, numbers.Real):
+        raise TypeError(f"dt must be a finite positive real number; got {dt!r} ({type(dt).__name__})")
+    if not (math.isfinite(float(dt)) and float(dt) > 0):
+        raise ValueError(f"dt must be a finite positive real number; got {dt!r}")
+    return float(dt)
+
+
+class _UserFunctionCell(Cell):
+    """Cells wrapping user callables: an ``nn.Module`` (or a bound method of one) is a
+    submodule, ``params`` are extra tensors that get gradients (like torchdiffeq's
+    ``adjoint_params``), and tensors requiring grad that the callable captures but the
+    cell does not know are refused at ``solve`` (their gradient would silently be lost)."""
+
+    _fn_attr = "fn"
+
+    def _register_callable(self, fn, params):
+        owner = getattr(fn, "__self__", None)
+        if isinstance(fn, nn.Module):
+            pass  # nn.Module.__setattr__ registers it as a submodule
+        elif isinstance(owner, nn.Module):
+            self.fn_owner = owner  # a bound method of a module: its parameters are the cell's
+        extra = []
+        if params is not None:
+            if isinstance(params, torch.Tensor):
+                params = [params]
+            try:
+                params = list(params)
+            except TypeError:
+                raise TypeError(f"params must be an iterable of tensors; got {type(params).__name__}") from None
+            for i, t in enumerate(params):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"params[{i}] must be a torch.Tensor; got {type(t).__name__}")
+                if not t.is_floating_point():
+                    raise TypeError(f"params[{i}] must be a floating tensor; got {t.dtype}")
+                extra.append(t)
+        object.__setattr__(self, "_extra_params", extra)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        seen = set()
+        for name, p in super().named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate):
+            seen.add(id(p))
+            yield name, p
+        for i, t in enumerate(getattr(self, "_extra_params", ())):
+            if remove_duplicate and id(t) in seen:
+                continue
+            seen.add(id(t))
+            yield (prefix + "." if prefix else "") + f"params.{i}", t
+
+    def uncovered_captured_tensors(self):
+        """(name, tensor) of tensors requiring grad that the callable captures (closure,
+        defaults, globals, bound ``self``, also inside captured modules and functions)
+        but that are not among ``self.parameters()``."""
+        known = {id(p) for p in self.parameters()}
+        out = []
+        for name, t in _captured_tensors(getattr(self, self._fn_attr)):
+            if t.requires_grad and id(t) not in known and id(t) not in {id(x) for _, x in out}:
+                out.append((name, t))
+        return out
+
+    def check_captured(self):
+        bad = self.uncovered_captured_tensors()
+        if bad:
+            names = ", ".join(repr(n) for n, _ in bad)
+            what = self._fn_attr
+            raise ValueError(
+                f"{type(self).__name__}: {what} captures tensor(s) requiring grad that the cell does not know: "
+                f"{names}; their gradients would be silently lost (the adjoint backward only differentiates the "
+                f"cell's parameters). Pass them as {type(self).__name__}(..., params=[...]), or make {what} an "
+                f"nn.Module holding them as parameters")
+
+
+def _captured_tensors(fn, depth: int = 3, _seen=None):
+    """(name, tensor) pairs a callable can reach: closure cells, defaults, referenced
+    globals, a bound method's ``self``; nn.Modules contribute their parameters and tensor
+    attributes; nested functions are followed ``depth`` levels deep."""
+    _seen = set() if _seen is None else _seen
+    if id(fn) in _seen or depth < 0:
+        return []
+    _seen.add(id(fn))
+    found = []
+
+    def visit(name, obj, d):
+        if isinstance(obj, torch.Tensor):
+            found.append((name, obj))
+        elif isinstance(obj, nn.Module):
+            if id(obj) in _seen:
+                return
+            _seen.add(id(obj))
+            for pn, p in obj.named_parameters():
+                found.append((f"{name}.{pn}", p))
+            for mn, m in obj.named_modules():
+                for an, av in vars(m).items():
+                    if isinstance(av, torch.Tensor) and not an.startswith("_"):
+                        found.append((f"{name}.{mn + '.' if mn else ''}{an}", av))
+        elif isinstance(obj, (list, tuple)) and len(obj) <= 64:
+            for i, v in enumerate(obj):
+                if isinstance(v, (torch.Tensor, nn.Module)):
+                    visit(f"{name}[{i}]", v, d)
+        elif isinstance(obj, dict) and len(obj) <= 64:
+            for k, v in obj.items():
+                if isinstance(v, (torch.Tensor, nn.Module)):
+                    visit(f"{name}[{k!r}]", v, d)
+        elif callable(obj) and d > 0:
+            found.extend(_captured_tensors(obj, d - 1, _seen))
+
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, type) and type(owner).__module__ != "builtins":
+        visit("self", owner, depth)
+        if not isinstance(owner, nn.Module):
+            for an, av in getattr(owner, "__dict__", {}).items():
+                visit(f"self.{an}", av, depth)
+        fn = getattr(fn, "__func__", fn)
+    if isinstance(fn, nn.Module):
+        visit(type(fn).__name__, fn, depth)
+        fn = getattr(type(fn), "forward", None)
+        if fn is None:
+            return found
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a callable object: its attributes
+        if not isinstance(fn, nn.Module):
+            for an, av in getattr(fn, "__dict__", {}).items():
+                visit(an, av, depth)
+        return found
+    for var, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+        try:
+            visit(var, cell.cell_contents, depth)
+        except ValueError:  # empty cell
+            pass
+    defaults = getattr(fn, "__defaults__", None) or ()
+    argnames = code.co_varnames[:code.co_argcount]
+    for var, v in zip(argnames[len(argnames) - len(defaults):], defaults):
+        visit(var, v, depth)
+    for var, v in (getattr(fn, "__kwdefaults__", None) or {}).items():
+        visit(var, v, depth)
+    g = getattr(fn, "__globals__", {})
+    names = set(code.co_names)
+    stack = [c for c in code.co_consts if hasattr(c, "co_names")]
+    while stack:  # lambdas / comprehensions nested in fn
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    for var in sorted(names):
+        if var in g:
+            v = g[var]
+            if isinstance(v, (torch.Tensor, nn.Module)) or (callable(v) and getattr(v, "__globals__", None) is g):
+                visit(var, v, depth)
+    return found
+
+
+class FunctionCell(_UserFunctionCell):
     """Any user function ``fn(h_prev, u) -> h`` (batched over leading dims).
 
     ``structure`` declares the exact Jacobian structure of ``fn`` in h ("dense",
-    "diag", "block:k"); the Jacobian comes from ``torch.func`` forward-mode AD.
-    If ``fn`` is an ``nn.Module`` its parameters belong to the cell and get
-    gradients.  ``input_size`` is only used for input validation (None: any).
+    "diag", "block:k"); the Jacobian comes from ``torch.func`` forward-mode AD
+    (``seqpar.solve`` checks the declaration on a few steps).
+    If ``fn`` is an ``nn.Module`` (or a bound method of one) its parameters belong
+    to the cell and get gradients; ``params`` (an iterable of tensors, e.g. weights
+    a plain function closes over) are treated as the cell's parameters too.  A plain
+    function capturing tensors that require grad and are not in ``params`` is refused
+    at ``solve`` (their gradients would be lost).  ``input_size`` is only used for
+    input validation (None: any).
     """
 
-    def __init__(self, fn: Callable, hidden_size: int, structure="dense", input_size: Optional[int] = None):
+    def __init__(self, fn: Callable, hidden_size: int, structure="dense", input_size: Optional[int] = None,
+                 params=None):
         super().__init__()
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {type(fn).__name__}")
-        if hidden_size < 1:
-            raise ValueError(f"hidden_size must be >= 1; got {hidden_size}")
+        self.hidden_size = _check_size("hidden_size", hidden_size)
         self.fn = fn
-        self.hidden_size = int(hidden_size)
-        self.input_size = input_size
+        self.input_size = None if input_size is None else _check_size("input_size", input_size)
         self.structure = parse_structure(structure)
         self.structure.block_size(self.hidden_size)  # validates divisibility
+        self._register_callable(fn, params)
 
     def step(self, h_prev, xp):
         return self.fn(h_prev, xp)
 
 
-class ODECell(Cell):
+class ODECell(_UserFunctionCell):
     """One fixed step of an explicit integrator for ``dy/dt = g(y, u)``.
 
     ``method="euler"``: ``y + dt g(y, u)``; ``method="rk4"``: classical Runge-Kutta
     with u held constant over the step.  ``g`` may be an ``nn.Module`` (a neural
-    ODE); ``structure`` is that of dg/dy ("dense" unless declared).
+    ODE); ``params`` as for :class:`FunctionCell`; ``structure`` is that of dg/dy
+    ("dense" unless declared).
     """
 
+    _fn_attr = "g"
+
     def __init__(self, g: Callable, hidden_size: int, dt: float, method: str = "euler",
-                 structure="dense", input_size: Optional[int] = None):
+                 structure="dense", input_size: Optional[int] = None, params=None):
         super().__init__()
         if method not in ("euler", "rk4"):
             raise ValueError(f"method must be 'euler' or 'rk4'; got {method!r}")
         if not callable(g):
             raise TypeError(f"g must be callable; got {type(g).__name__}")
-        if not (dt > 0 and math.isfinite(dt)):
-            raise ValueError(f"dt must be a positive finite number; got {dt}")
-        self.g, self.dt, self.method = g, float(dt), method
-        self.hidden_size, self.input_size = int(hidden_size), input_size
+        self.hidden_size = _check_size("hidden_size", hidden_size)
+        self.g, self.dt, self.method = g, _check_dt(dt), method
+        self.input_size = None if input_size is None else _check_size("input_size", input_size)
         self.structure = parse_structure(structure)
+        self.structure.block_size(self.hidden_size)
+        self._register_callable(g, params)
 
     def step(self, h_prev, xp):
         g, dt = self.g, self.dt

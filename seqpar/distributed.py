@@ -25,6 +25,7 @@ import datetime
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -40,6 +41,27 @@ class CollectiveTimeout(RuntimeError):
 
 
 # --------------------------------------------------------------------- torch.distributed
+_EXIT_CLEANUP_REGISTERED = False
+
+
+def _exit_cleanup():
+    """At interpreter exit, while everything is still alive: free unreachable cycles (autograd contexts,
+    layers, communicators) so that process groups the user destroyed are released now, in order, rather
+    than during finalization."""
+    import gc
+
+    gc.collect()
+
+
+def _register_exit_cleanup():
+    global _EXIT_CLEANUP_REGISTERED
+    if not _EXIT_CLEANUP_REGISTERED:
+        import atexit
+
+        atexit.register(_exit_cleanup)
+        _EXIT_CLEANUP_REGISTERED = True
+
+
 def _resolve_group(group):
     """ProcessGroup for ``group``: a ProcessGroup, a 1-D DeviceMesh, or (mesh, dim)."""
     try:
@@ -68,18 +90,38 @@ class TorchDistCommunicator(Communicator):
             raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group "
                                "(or seqpar.distributed.init_from_env) before solving with a process group")
         self.dist = dist
-        self.group = _resolve_group(group)
-        if self.group is None:
-            self.group = dist.group.WORLD
-        self.rank = dist.get_rank(self.group)
-        self.world_size = dist.get_world_size(self.group)
+        pg = _resolve_group(group)
+        if pg is None:
+            pg = dist.group.WORLD
+        # Only a weak reference to the process group: a communicator is cached on its group and kept by
+        # autograd contexts (SolveFunction) and layers; a strong reference would keep the ProcessGroup (and
+        # gloo's threads) alive past destroy_process_group, to be torn down during interpreter shutdown,
+        # which intermittently ends the process with "terminate called without an active exception".
+        try:
+            self._group_ref = weakref.ref(pg)
+            self._group_strong = None
+        except TypeError:  # not weak-referenceable: keep it
+            self._group_ref, self._group_strong = None, pg
+        _register_exit_cleanup()
+        self.rank = dist.get_rank(pg)
+        self.world_size = dist.get_world_size(pg)
         if self.rank < 0:
             raise ValueError("this process is not a member of the sequence group it was given")
-        backend = str(dist.get_backend(self.group)).lower()
+        backend = str(dist.get_backend(pg)).lower()
         self.backend = backend
         self._cuda_ok = "nccl" in backend or "cuda" in backend
         self._cpu_ok = "gloo" in backend or "mpi" in backend or "cpu" in backend
         self._gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+    @property
+    def group(self):
+        if self._group_strong is not None:
+            return self._group_strong
+        pg = self._group_ref()
+        if pg is None:
+            raise RuntimeError("the process group of this seqpar communicator was destroyed "
+                               "(torch.distributed.destroy_process_group); create a new group to solve again")
+        return pg
 
     def _device_for(self, t: torch.Tensor) -> torch.device:
         if t.device.type == "cuda" and self._cuda_ok:

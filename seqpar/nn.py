@@ -66,6 +66,28 @@ class _SeqparRNNBase(nn.Module):
         object.__setattr__(self, "_cells", cell_list)
         object.__setattr__(self, "_bindings", bindings)
 
+    @property
+    def sequence_group(self):
+        ref, strong = self.__dict__.get("_sequence_group_ref"), self.__dict__.get("_sequence_group_strong")
+        if strong is not None or ref is None:
+            return strong
+        group = ref()
+        if group is None:
+            raise RuntimeError("this layer's sequence_group was destroyed (destroy_process_group)")
+        return group
+
+    @sequence_group.setter
+    def sequence_group(self, group):
+        # a weak reference when possible: the layer must not keep a destroyed process group (and gloo's
+        # threads) alive until interpreter shutdown (intermittent SIGABRT at exit)
+        import weakref
+
+        try:
+            ref, strong = (weakref.ref(group), None) if group is not None else (None, None)
+        except TypeError:
+            ref, strong = None, group
+        self.__dict__["_sequence_group_ref"], self.__dict__["_sequence_group_strong"] = ref, strong
+
     def cells(self) -> List[C.Cell]:
         """The per-(layer, direction) cells, bound to this layer's current parameters."""
         for cell, attr, name in self._bindings:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Callable, Optional
 
 import torch
@@ -10,7 +11,8 @@ from .autograd import SolveFunction
 from .comm import get_communicator
 from .backend import resolve_backend
 from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, min_tol
-from .validation import METHODS, check_solve_args, compute_dtype, is_exact, resolve_jacobian
+from .validation import (METHODS, check_cell_tensors_finite, check_declared_structure, check_options,
+                         check_solve_args, check_step_output, compute_dtype, is_exact, resolve_jacobian)
 
 DEFAULT_MAX_ITER_NEWTON = 50
 DEFAULT_MAX_ITER_QUASI = 200
@@ -30,8 +32,9 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         jacobian: Newton's linearisation: "auto" (the cell's exact structure),
             "dense" (exact Newton, DEER), "diag" (exact for diagonal cells,
             quasi-Newton otherwise), "block" / "block:k" (k x k blocks).
-        tol: convergence tolerance on the residual ``max_t |h_t - f(h_{t-1}, u_t)|_max /
-            max(1, |f(h_{t-1}, u_t)|_max)``; default 1e-12 for float64, 4e-6 otherwise.
+        tol: convergence tolerance: converged means ``|h_t - f(h_{t-1}, u_t)| <= tol *
+            max(1, |f(h_{t-1}, u_t)|)`` for every element of every step; default 1e-12 for
+            float64, 4e-6 otherwise; at least 8 ulp of the compute dtype.
         max_iter: Newton iteration cap (default 50, or 200 for quasi-Newton).
         initial_guess: (T, B, D) warm start (e.g. the previous training step's states).
         return_info: also return a :class:`SolveInfo`.
@@ -57,23 +60,34 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
     t0 = time.perf_counter()
     comm = get_communicator(group)
     error = None
+    fingerprint = None
     try:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
-        if tol is not None and not (tol > 0):
-            raise ValueError(f"tol must be > 0; got {tol}")
-        if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 0):
-            raise ValueError(f"max_iter must be a non-negative int; got {max_iter!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        check_options(tol, max_iter, chunk_size, callback)
         h0 = check_solve_args(cell, inputs, h0, initial_guess, allow_empty=comm.world_size > 1)
         structure = resolve_jacobian(jacobian, cell)
         resolved_backend = resolve_backend(backend, inputs.device if torch.is_tensor(inputs) else "cpu")
+        check_cell_tensors_finite(cell)
+        needs_grad = torch.is_grad_enabled() and (
+            inputs.requires_grad or h0.requires_grad or any(p.requires_grad for p in cell.parameters()))
+        if torch.is_grad_enabled() and method == "newton" and hasattr(cell, "check_captured"):
+            cell.check_captured()  # captured tensors requiring grad would get no gradient from the adjoint
+        if method == "sequential" and comm.world_size > 1 and needs_grad:
+            raise ValueError("method='sequential' under a sequence group (group=...) does not propagate gradients "
+                             "across ranks: use method='newton' (exact gradients), or call it under "
+                             "torch.no_grad() for a forward-only reference")
+        _check_first_steps(cell, inputs, h0, method)
+        if comm.world_size > 1:
+            fingerprint = rank_fingerprint(cell, inputs, h0, structure=structure, method=method, fallback=fallback,
+                                           backend=backend, tol=tol, max_iter=max_iter, needs_grad=needs_grad)
     except Exception as e:  # noqa: BLE001 - re-raised on this rank, reported to the others
         error = e
     comm.agree(error)
+    if comm.world_size > 1:
+        check_ranks_agree(comm, fingerprint)
 
     if method == "sequential":
         states = sequential_solve(cell, inputs, h0, comm)
@@ -104,6 +118,89 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
     info = info_out[0]
     info.wall_time_s = time.perf_counter() - t0
     return (states, info) if return_info else states
+
+
+FIRST_STEPS_CHECKED = 4
+
+
+def _check_first_steps(cell, inputs, h0, method):
+    """Once per solve, on at most ``FIRST_STEPS_CHECKED`` steps: the step function's output
+    shape / dtype, and (Newton) the declared Jacobian structure of AD-differentiated cells."""
+    if inputs.shape[0] == 0:
+        return
+    cdt = compute_dtype(inputs.dtype)
+    with torch.no_grad():
+        xp = cell.project_inputs(inputs[:FIRST_STEPS_CHECKED].detach().to(cdt)).to(cdt)
+        hh = h0.detach().to(cdt)
+    check_step_output(cell, hh, xp[0])
+    if method == "newton":
+        check_declared_structure(cell, hh, xp, steps=FIRST_STEPS_CHECKED)
+
+
+# --------------------------------------------------------------- ranks must agree
+_FP_FIELDS = ("state size", "batch size", "dtype", "input size", "cell type", "jacobian", "cell structure",
+              "method", "fallback", "backend", "tol", "max_iter", "gradient tracking (requires_grad / grad mode)",
+              "number of cell parameters", "h0", "h0", "cell parameters", "cell parameters")
+_FP_SCALE = {14: 18, 15: 18, 16: 19, 17: 19}  # checksum field -> field holding its scale (sum of |x|)
+_FP_LEN = len(_FP_FIELDS) + 3  # + two scales + the local sequence length
+_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3}
+
+
+def _code(text) -> float:
+    return float(zlib.crc32(str(text).encode()))  # deterministic across processes (unlike hash())
+
+
+def _checksums(tensors, device):
+    """(sum, weighted sum, sum |x|) of the tensors' values in float64, in 1M-element chunks."""
+    tot = torch.zeros(3, dtype=torch.float64, device=device)
+    off = 0
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        for s in range(0, flat.numel(), 1 << 20):
+            x = flat[s:s + (1 << 20)].to(device=device, dtype=torch.float64)
+            w = (torch.arange(off + s, off + s + x.numel(), dtype=torch.float64, device=device)
+                 * 0.7548776662466927) % 1.0 + 0.5
+            tot += torch.stack([x.sum(), (x * w).sum(), x.abs().sum()])
+        off += flat.numel()
+    return tot
+
+
+def rank_fingerprint(cell, inputs, h0, *, structure, method, fallback, backend, tol, max_iter, needs_grad):
+    """A fixed-length float64 vector describing this rank's call (what the ranks must agree on)."""
+    dev = h0.device
+    params = list(cell.parameters())
+    hc = _checksums([h0], dev)
+    pc = _checksums(params, dev)
+    head = torch.tensor([
+        float(h0.shape[1]), float(h0.shape[0]), float(_DTYPE_CODES.get(inputs.dtype, 0)), float(inputs.shape[2]),
+        _code(type(cell).__qualname__), _code(structure), _code(cell.structure), _code(method), _code(fallback),
+        _code(backend), -1.0 if tol is None else float(tol), -1.0 if max_iter is None else float(max_iter),
+        float(bool(needs_grad)), float(sum(p.numel() for p in params)),
+    ], dtype=torch.float64, device=dev)
+    fp = torch.cat([head, hc[:2], pc[:2], hc[2:], pc[2:], head.new_tensor([float(inputs.shape[0])])])
+    assert fp.numel() == _FP_LEN
+    return fp
+
+
+def check_ranks_agree(comm, fingerprint):
+    """All-gather the fingerprints; every rank raises the same ValueError if they differ."""
+    rows = comm.all_gather(fingerprint).to("cpu", torch.float64)
+    differ = []
+    for i, name in enumerate(_FP_FIELDS):
+        col = rows[:, i]
+        if i in _FP_SCALE:
+            tol = 1e-9 * float(rows[:, _FP_SCALE[i]].abs().max()) + 1e-300
+        else:
+            tol = 0.0
+        if float((col - col[0]).abs().max()) > tol and name not in differ:
+            differ.append(name)
+    if differ:
+        raise ValueError(f"{', '.join(differ)} differ(s) across ranks of the sequence group: every rank must call "
+                         f"solve with the same cell (parameters), h0, batch, dtype and options; only the time "
+                         f"shard of inputs differs")
+    if float(rows[:, -1].sum()) == 0:
+        raise ValueError("inputs has T=0 time steps on every rank of the sequence group; the sequence must "
+                         "not be empty")
 
 
 class _NoCtx:

@@ -5,8 +5,9 @@ import torch
 
 from .structure import Structure, parse_structure
 
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+HALF_DTYPES = (torch.bfloat16,)
+SUPPORTED_DTYPES_DOC = "float64, float32 or bfloat16"
 METHODS = ("newton", "sequential")
 
 
@@ -20,13 +21,130 @@ def check_tensor(name: str, t, ndim: int, shape_doc: str):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {shape_doc}; got shape {tuple(t.shape)}")
+    if t.dtype == torch.float16:
+        raise ValueError(f"{name} is torch.float16, which seqpar does not support (its range overflows in the "
+                         f"scans); use {SUPPORTED_DTYPES_DOC} (bfloat16 for half precision)")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float64, float32, bfloat16, float16); got {t.dtype}")
+        raise TypeError(f"{name} must be a floating tensor ({SUPPORTED_DTYPES_DOC}); got {t.dtype}")
 
 
 def check_finite(name: str, t: torch.Tensor):
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_options(tol, max_iter, chunk_size, callback):
+    """Scalar options of ``solve``: errors name the argument."""
+    import math
+    import numbers
+
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+            raise TypeError(f"tol must be a real number in (0, 1); got {tol!r} ({type(tol).__name__})")
+        if not (math.isfinite(float(tol)) and 0 < float(tol) < 1):
+            raise ValueError(f"tol must be > 0 and < 1 (a relative residual); got {tol!r}")
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral)
+                                 or max_iter < 0):
+        raise ValueError(f"max_iter must be a non-negative int; got {max_iter!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(iteration, residual); got {type(callback).__name__}")
+
+
+def check_cell_tensors_finite(cell):
+    """NaN/Inf in any parameter or floating buffer of the cell (one host sync)."""
+    named = [(f"parameter {n!r}", p) for n, p in cell.named_parameters()]
+    named += [(f"buffer {n!r}", b) for n, b in cell.named_buffers() if b.is_floating_point()]
+    named = [(n, t) for n, t in named if t.numel() and t.device.type != "meta"]
+    if not named:
+        return
+    with torch.no_grad():
+        ok = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
+    if not bool(ok.all()):
+        bad = [n for (n, _), v in zip(named, ok.tolist()) if not v]
+        raise ValueError(f"cell {', '.join(bad)} contains NaN or Inf")
+
+
+def check_step_output(cell, h_prev, xp_t):
+    """f's output on one step must have h_prev's shape (..., D) and the compute dtype."""
+    with torch.no_grad():
+        out = cell.step(h_prev, xp_t)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the cell's step function must return a tensor; got {type(out).__name__}")
+    if tuple(out.shape) != tuple(h_prev.shape):
+        raise ValueError(f"the cell's step function returned shape {tuple(out.shape)} for a state of shape "
+                         f"{tuple(h_prev.shape)}: its output must have the state size D={cell.state_size} "
+                         f"(hidden_size) as last dim and keep the batch dims")
+    if out.dtype != h_prev.dtype:
+        raise TypeError(f"the cell's step function returned {out.dtype} for a state in {h_prev.dtype}: it "
+                        f"must return the dtype of h_prev")
+    return out
+
+
+def uses_generic_jacobian(cell) -> bool:
+    from .cells import Cell
+
+    return type(cell).jacobian is Cell.jacobian
+
+
+def _probe_structure(cell, h, xp, D):
+    """The finest structure that holds the dense Jacobian at (h, xp) (one row, D JVPs): a string."""
+    from .cells import generic_jacobian
+    from .structure import DENSE
+
+    Jd = generic_jacobian(cell.step, h, xp, DENSE, DENSE)[..., 0, :, :]  # (1, D, D)
+    scale = Jd.abs().max().clamp_min(1e-30)
+    tol = torch.finfo(Jd.dtype).eps ** 0.5 * scale
+    for k in [1] + [k for k in range(2, D) if D % k == 0]:
+        st = Structure("diag") if k == 1 else Structure("block", k)
+        rest = Jd - st.to_dense(st.from_dense(Jd), D)
+        if bool(rest.abs().max() <= tol):
+            return "diag" if k == 1 else f"block:{k}"
+    return "dense"
+
+
+def check_declared_structure(cell, h0, xp, steps: int = 4, rows: int = 2):
+    """Compare a random-direction JVP of ``cell.step`` with the declared structure's Jacobian.
+
+    Only for cells whose Jacobian comes from forward-mode AD restricted to the declared
+    ``structure`` (FunctionCell, ODECell, custom cells without ``jacobian``): a wrong
+    declaration gives quasi-Newton forwards but wrong gradients.  Works on the first
+    ``steps`` steps and ``rows`` batch rows only.
+    """
+    from torch.func import jvp
+
+    st = cell.structure
+    if st.kind == "dense" or not uses_generic_jacobian(cell) or xp.shape[0] == 0:
+        return
+    D = h0.shape[-1]
+    n = min(steps, xp.shape[0])
+    with torch.no_grad():
+        h = h0[:rows]
+        hs = []
+        for t in range(n):  # points on the trajectory (where f is meant to be evaluated)
+            hs.append(h)
+            h = cell.step(h, xp[t, :rows])
+        h_prev = torch.stack(hs, 0)
+        xs = xp[:n, :rows]
+    g = torch.Generator(device="cpu").manual_seed(20240917)
+    v = torch.randn(h_prev.shape, generator=g, dtype=torch.float64).to(h_prev)
+    with torch.no_grad():
+        _, jv = jvp(lambda hh: cell.step(hh, xs), (h_prev,), (v,))
+        mine = st.matvec(cell.jacobian(h_prev, xs, st), v)
+    declared = st.kind if st.kind != "block" else f"block:{st.block}"
+    eps = torch.finfo(h_prev.dtype).eps
+    scale = max(1.0, float(jv.abs().max()))
+    err = float((jv - mine).abs().max())
+    if not err <= eps ** 0.5 * 10 * scale:  # NaN fails too
+        t, b = [int(i) for i in torch.nonzero((jv - mine).abs().amax(-1) == (jv - mine).abs().amax())[0]]
+        right = _probe_structure(cell, h_prev[t, b:b + 1], xs[t, b:b + 1], D) if D <= 256 else "dense"
+        raise ValueError(
+            f"{type(cell).__name__} declares structure={declared!r}, but its Jacobian df/dh_prev is not "
+            f"{declared} (a random-direction JVP differs by {err:.2e} from the declared structure's "
+            f"Jacobian at step {t}); newton's forward would still converge but gradients would be wrong. "
+            f"Declare structure={right!r}")
 
 
 def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool):

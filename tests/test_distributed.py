@@ -225,3 +225,84 @@ def test_rank_raising_mid_solve_fails_every_rank_quickly():
     assert "injected failure" in results[1][1]
     # the healthy ranks did not wait for the 30 s collective timeout: the dead peer's closed connection woke them
     assert elapsed < 60, elapsed
+
+
+# ------------------------------------------------- issue #9: ranks must agree on the call
+def _mismatch_cases(rank, world_size, group):
+    """Each case makes rank 1's call differ in one thing; returns every rank's error per case."""
+    def problem(seed=7, dtype=torch.float64, B=2, H=4):
+        cell = make_cell("gru", I, H, seed=seed, dtype=dtype)
+        g = torch.Generator().manual_seed(11)
+        x = torch.randn(12, B, I, generator=g, dtype=dtype)[rank * 6:(rank + 1) * 6]
+        h0 = 0.5 * torch.randn(B, cell.state_size, generator=g, dtype=dtype)
+        return cell, x, h0
+
+    odd = rank == 1
+    cases = {
+        "h0": lambda: (lambda c, x, h: seqpar.solve(c, x, h + (1e-3 if odd else 0.0), group=group))(*problem()),
+        "cell parameters": lambda: seqpar.solve(*problem(seed=8 if odd else 7), group=group),
+        "dtype": lambda: seqpar.solve(*problem(dtype=torch.float32 if odd else torch.float64), group=group),
+        "batch size": lambda: seqpar.solve(*problem(B=3 if odd else 2)[:2], group=group),
+        "state size": lambda: seqpar.solve(*problem(H=5 if odd else 4)[:2], group=group),
+        "jacobian": lambda: seqpar.solve(*problem(), group=group, jacobian="diag" if odd else "auto"),
+        "method": lambda: seqpar.solve(*problem(), group=group, method="sequential" if odd else "newton"),
+        "tol": lambda: seqpar.solve(*problem(), group=group, tol=1e-8 if odd else None),
+        "max_iter": lambda: seqpar.solve(*problem(), group=group, max_iter=7 if odd else 8),
+        "fallback": lambda: seqpar.solve(*problem(), group=group, fallback="none" if odd else "sequential"),
+        "T=0 time steps on every rank": lambda: (lambda c, x, h: seqpar.solve(c, x[:0], h, group=group))(*problem()),
+    }
+    out = {}
+    for name, call in cases.items():
+        with torch.no_grad():
+            try:
+                call()
+                out[name] = None
+            except Exception as e:  # noqa: BLE001
+                out[name] = f"{type(e).__name__}: {e}"
+    cell, x, h0 = problem()
+    try:  # gradients would not cross ranks: refused under grad
+        seqpar.solve(cell, x, h0, group=group, method="sequential")
+        out["sequential with grad"] = None
+    except ValueError as e:
+        out["sequential with grad"] = str(e)
+    with torch.no_grad():  # forward-only sequential reference under a group still works
+        out["sequential no_grad"] = seqpar.solve(cell, x, h0, group=group, method="sequential")
+    out["ok"] = seqpar.solve(cell, x, h0, group=group).detach()  # the group is still usable
+    return out
+
+
+def test_ranks_must_agree_on_the_call():
+    results = run_ranks(_mismatch_cases, 2, timeout=150, coll_timeout=20)
+    for name in ("h0", "cell parameters", "dtype", "batch size", "state size", "jacobian", "method", "tol",
+                 "max_iter", "fallback", "T=0 time steps on every rank"):
+        for r in range(2):
+            msg = results[r][name]
+            assert msg is not None and msg.startswith("ValueError") and name in msg, (name, r, msg)
+            assert "differ" in msg or name.startswith("T=0"), (name, r, msg)
+        assert results[0][name] == results[1][name], name  # the same error on every rank
+    for r in range(2):
+        assert "method='newton'" in results[r]["sequential with grad"]
+    cell, x, h0 = _problem("gru", 12)[:3]
+    ref = seqpar.solve(cell, x, h0, method="sequential").detach()
+    for r in range(2):
+        _close(results[r]["sequential no_grad"], ref[r * 6:(r + 1) * 6], f"rank {r} sequential")
+        _close(results[r]["ok"], ref[r * 6:(r + 1) * 6], f"rank {r} newton")
+
+
+def test_sharded_nn_layer_job_exits_cleanly_every_time():
+    """Issue #9 item 7: a torchrun job with a sharded DiagGRU layer (graph alive at exit) must exit 0 every
+    time, and seqpar must not keep the destroyed process group alive (the job exits 3 if it does)."""
+    import os
+    import sys
+
+    from dist_helpers import REPO, run_cmd
+
+    job = os.path.join(REPO, "tests", "dist_nn_exit_job.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", job]
+    codes, outs = [], []
+    for _ in range(6):
+        rc, out, _ = run_cmd(cmd, timeout=120, env={"PYTHONPATH": REPO}, check=False)
+        codes.append(rc)
+        outs.append(out)
+    bad = [(i, out[-1500:]) for i, (rc, out) in enumerate(zip(codes, outs)) if rc != 0 or "terminate called" in out]
+    assert not bad, f"exit codes {codes}:\n" + "\n".join(f"--- run {i}:\n{o}" for i, o in bad)

@@ -1,5 +1,6 @@
 """launch/solve.py as a user runs it (single process)."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -34,3 +35,33 @@ def test_solve_script_verifies(tmp_path, cell):
     s = json.loads(out.read_text())
     assert s["converged"] is True and s["seq_len"] == 3000
     assert s["verify_rel_error"] < 1e-9
+
+
+def test_bfloat16_verify_uses_a_dtype_scaled_bound(tmp_path):
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, launch_path("solve.py"), "--seq-len", "3000", "--hidden", "8", "--quiet",
+                    "--device", "cpu", "--dtype", "bfloat16", "--verify", "--json", str(out)],
+                   check=True, timeout=300, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    s = json.loads(out.read_text())
+    assert s["converged"] and s["verify_ok"], s
+    assert s["verify_residual_bound"] >= 1e-2 and s["verify_recurrence_residual_all_steps"] > 1e-4
+
+
+@pytest.mark.parametrize("value,pattern", [
+    ("x", "expected RANK:ITER"), ("1", "expected RANK:ITER"), ("1:a", "expected RANK:ITER"),
+    ("-1:2", "expected RANK:ITER"), ("0:1:boom", "'hang' or 'raise'"), ("3:1", "rank 3 is out of range"),
+])
+def test_malformed_inject_failure_is_a_clear_usage_error(value, pattern):
+    p = subprocess.run([sys.executable, launch_path("solve.py"), "--seq-len", "100", "--device", "cpu",
+                        f"--inject-failure={value}"], timeout=120, cwd=REPO, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2, p.stdout
+    assert "--inject-failure" in p.stdout and re.search(pattern, p.stdout), p.stdout
+    assert "Traceback" not in p.stdout
+
+
+def launch_path(name):
+    return os.path.join(ROOT, "launch", name)
+
+
+REPO = ROOT

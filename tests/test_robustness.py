@@ -150,3 +150,184 @@ def test_device_mismatch_meta():
         seqpar.solve(cell, x, torch.zeros(2, 4, device="meta"))
     with pytest.raises(ValueError, match="device mismatch: inputs on meta, cell parameter"):
         seqpar.solve(cell, torch.zeros(10, 2, 3, device="meta"))
+
+
+# ------------------------------------------------- issue #9: parameters of user functions
+def _captured_problem():
+    g = torch.Generator().manual_seed(0)
+    W = (0.5 * torch.randn(4, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    x = torch.randn(30, 2, 4, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    return W, x, h0
+
+
+def test_captured_tensor_requiring_grad_is_refused_by_name():
+    W, x, h0 = _captured_problem()
+    cell = seqpar.FunctionCell(lambda h, u: torch.tanh(h @ W.T + u), 4)
+    with pytest.raises(ValueError, match=r"'W'.*params=\[\.\.\.\]"):
+        seqpar.solve(cell, x, h0)
+    with torch.no_grad():  # no gradient wanted: nothing is lost
+        seqpar.solve(cell, x, h0)
+
+    def fn_default(h, u, scale=W):
+        return torch.tanh(h @ scale.T + u)
+    with pytest.raises(ValueError, match="'scale'"):
+        seqpar.solve(seqpar.FunctionCell(fn_default, 4), x, h0)
+    with pytest.raises(ValueError, match=r"'lin\.weight'"):
+        lin = torch.nn.Linear(4, 4).double()
+        seqpar.solve(seqpar.ODECell(lambda y, u: lin(y) + u, 4, dt=0.1), x, h0)
+
+
+_GLOBAL_W = (0.3 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_(True)
+
+
+def _uses_global(h, u):
+    return torch.tanh(h @ _GLOBAL_W.T + u)
+
+
+def test_captured_global_and_bound_method_self():
+    _, x, h0 = _captured_problem()
+    with pytest.raises(ValueError, match="_GLOBAL_W"):
+        seqpar.solve(seqpar.FunctionCell(_uses_global, 4), x, h0)
+
+    class Holder:
+        def __init__(self):
+            self.A = (0.3 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_(True)
+
+        def f(self, h, u):
+            return torch.tanh(h @ self.A.T + u)
+    with pytest.raises(ValueError, match=r"self\.A"):
+        seqpar.solve(seqpar.FunctionCell(Holder().f, 4), x, h0)
+
+
+@pytest.mark.parametrize("kind", ["function", "ode"])
+def test_params_argument_gradient_equals_sequential(kind):
+    W, x, h0 = _captured_problem()
+    if kind == "function":
+        cell = seqpar.FunctionCell(lambda h, u: torch.tanh(h @ W.T + u), 4, params=[W])
+    else:
+        cell = seqpar.ODECell(lambda y, u: torch.tanh(y @ W.T + u) - y, 4, dt=0.1, method="rk4", params=[W])
+    assert any(p is W for p in cell.parameters())
+    wts = torch.randn(30, 2, 4, dtype=torch.float64)
+    ref = torch.autograd.grad((seqpar.solve(cell, x, h0, method="sequential") * wts).sum(), W)[0]
+    out = seqpar.solve(cell, x, h0)
+    (out * wts).sum().backward()
+    assert W.grad is not None and rel_err(W.grad, ref) < 1e-10
+
+
+def test_module_and_bound_method_parameters_get_gradients():
+    _, x, h0 = _captured_problem()
+    lin = torch.nn.Linear(4, 4).double()
+    for fn in (lin, lin.forward):
+        cell = seqpar.FunctionCell(lambda h, u, f=fn: torch.tanh(f(h) + u), 4) if fn is lin.forward else \
+            seqpar.ODECell(fn if False else (lambda y, u: lin(y) - y + u), 4, dt=0.1, params=lin.parameters())
+        lin.zero_grad()
+        ref = torch.autograd.grad(seqpar.solve(cell, x, h0, method="sequential").sum(), list(lin.parameters()))
+        seqpar.solve(cell, x, h0).sum().backward()
+        for p, r in zip(lin.parameters(), ref):
+            assert p.grad is not None and rel_err(p.grad, r) < 1e-10
+    # an nn.Module fn is a submodule: its parameters are the cell's
+    net = torch.nn.Linear(8, 4).double()
+    cell = seqpar.FunctionCell(lambda h, u: torch.tanh(net(torch.cat([h, u], -1))), 4)
+    mcell = seqpar.ODECell(_CatNet(net), 4, dt=0.1)
+    assert {id(p) for p in mcell.parameters()} == {id(p) for p in net.parameters()}
+    seqpar.solve(mcell, x, h0).sum().backward()
+    assert net.weight.grad is not None
+    with pytest.raises(ValueError, match=r"'net\.weight'"):
+        seqpar.solve(cell, x, h0)
+
+
+class _CatNet(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, y, u):
+        return torch.tanh(self.net(torch.cat([y, u], -1))) - y
+
+
+# ------------------------------------------------------ wrongly declared structure=
+def test_wrong_declared_structure_is_refused_with_a_suggestion():
+    W, x, h0 = _captured_problem()
+    Wd = W.detach()
+    dense = lambda h, u: torch.tanh(h @ Wd.T + u)  # noqa: E731
+    with pytest.raises(ValueError, match="structure='diag'.*Declare structure='dense'"):
+        seqpar.solve(seqpar.FunctionCell(dense, 4, structure="diag"), x, h0)
+    blocky = seqpar.structure.Structure("block", 2)
+    Wb = blocky.to_dense(blocky.from_dense(Wd), 4)
+    fb = lambda h, u: torch.tanh(h @ Wb.T + u)  # noqa: E731
+    with pytest.raises(ValueError, match="Declare structure='block:2'"):
+        seqpar.solve(seqpar.FunctionCell(fb, 4, structure="diag"), x, h0)
+    Wf = Wd.float()
+    with pytest.raises(ValueError, match="structure='diag'"):
+        seqpar.solve(seqpar.ODECell(lambda y, u: torch.tanh(y @ Wf.T + u) - y, 4, dt=0.1, structure="diag"),
+                     x.float(), h0.float())
+    # correct declarations pass (float32 and float64)
+    seqpar.solve(seqpar.FunctionCell(fb, 4, structure="block:2"), x, h0)
+    a = torch.rand(4, dtype=torch.float32)
+    seqpar.solve(seqpar.FunctionCell(lambda h, u: torch.tanh(a * h + u), 4, structure="diag"), x.float(), h0.float())
+
+
+# ------------------------------------------------------------------- float16
+def test_float16_is_refused():
+    cell, x, h = good()
+    with pytest.raises(ValueError, match="inputs is torch.float16.*float64, float32 or bfloat16"):
+        seqpar.solve(cell.half(), x.half(), h.half())
+    with pytest.raises(ValueError, match="h0 is torch.float16"):
+        seqpar.solve(cell.bfloat16(), x.bfloat16(), h.half())
+
+
+# ------------------------------------------------------------ validation gaps
+@pytest.mark.parametrize("kw,exc,pattern", [
+    (dict(tol=math.inf), ValueError, "tol must be"),
+    (dict(tol=math.nan), ValueError, "tol must be"),
+    (dict(tol="1e-6"), TypeError, "tol must be"),
+    (dict(tol=1e6), ValueError, "tol must be"),
+    (dict(tol=True), TypeError, "tol must be"),
+    (dict(callback=3), TypeError, "callback must be callable"),
+    (dict(max_iter=True), ValueError, "max_iter must be"),
+    (dict(chunk_size=True), ValueError, "chunk_size must be"),
+])
+def test_option_validation_gaps(kw, exc, pattern):
+    cell, x, h = good()
+    with pytest.raises(exc, match=pattern):
+        seqpar.solve(cell, x, h, **kw)
+
+
+@pytest.mark.parametrize("hidden,exc", [(0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError),
+                                        ("4", TypeError)])
+def test_ode_and_function_cell_hidden_size(hidden, exc):
+    with pytest.raises(exc, match="hidden_size"):
+        seqpar.ODECell(lambda y, u: -y, hidden, dt=0.1)
+    with pytest.raises(exc, match="hidden_size"):
+        seqpar.FunctionCell(lambda y, u: -y, hidden)
+
+
+@pytest.mark.parametrize("dt", [math.nan, math.inf, 0.0, -0.1, "0.1", True, 1j])
+def test_ode_cell_dt(dt):
+    with pytest.raises((ValueError, TypeError), match="dt must be a finite positive real number"):
+        seqpar.ODECell(lambda y, u: -y, 2, dt=dt)
+
+
+@pytest.mark.parametrize("method", ["newton", "sequential"])
+def test_function_output_of_wrong_size_or_dtype(method):
+    x = torch.randn(10, 2, 4, dtype=torch.float64)
+    cell = seqpar.FunctionCell(lambda h, u: torch.tanh(h + u).sum(-1, keepdim=True), 4)
+    with pytest.raises(ValueError, match=r"returned shape \(2, 1\).*D=4"):
+        seqpar.solve(cell, x, method=method)
+    cell = seqpar.FunctionCell(lambda h, u: torch.tanh(h + u).float(), 4)
+    with pytest.raises(TypeError, match="returned torch.float32 for a state in torch.float64"):
+        seqpar.solve(cell, x, method=method)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_inf_in_cell_parameters(bad):
+    cell, x, h = good()
+    with torch.no_grad():
+        cell.weight_hh[1, 2] = bad
+    with pytest.raises(ValueError, match="cell parameter 'weight_hh' contains NaN or Inf"):
+        seqpar.solve(cell, x, h)
+    cell, x, h = good()
+    cell.register_buffer("scale", torch.tensor([1.0, bad]))
+    with pytest.raises(ValueError, match="cell buffer 'scale' contains NaN or Inf"):
+        seqpar.solve(cell, x, h)
