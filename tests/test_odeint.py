@@ -141,14 +141,25 @@ def test_short_grids_and_float32():
     assert one.shape == (1, 2, D) and torch.equal(one[0], y0)
     t2 = torch.tensor([0.0, 0.1], dtype=torch.float64)
     _assert_close(seqpar.odeint(func, y0, t2), torchdiffeq.odeint(func, y0, t2, method="rk4"), "2 points")
-    # float32 end to end (tolerance: float32 Newton's per-step residual floor, accumulated over the grid)
-    f32 = Field().float()
-    t = _grid().float()
+
+
+def test_float32_as_accurate_as_torchdiffeq_float32():
+    """1000 small rk4 steps of a damped MLP field in float32: seqpar is about as far from the float64 solution
+    as torchdiffeq's float32 run (~5e-6).  With solve's float32 default tol (4e-6) Newton stops one iteration
+    early on this problem and the trajectory is off by ~1e-4: odeint's float32 default must prevent that."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 4))
+    f32 = lambda tt, y: net(y) - 0.5 * y  # noqa: E731
+    y0 = torch.randn(4, 4)
+    t = torch.arange(1001, dtype=torch.float64) * 1e-3
     with torch.no_grad():
-        out = seqpar.odeint(f32, y0.float(), t)
-        ref = torchdiffeq.odeint(f32, y0.float(), t, method="rk4")
+        out = seqpar.odeint(f32, y0, t)
+        ref = torchdiffeq.odeint(f32, y0, t, method="rk4")
+        net64 = net.double()
+        ref64 = torchdiffeq.odeint(lambda tt, y: net64(y) - 0.5 * y, y0.double(), t, method="rk4")
     assert out.dtype == torch.float32
-    assert rel_err(out, ref) < 1e-4
+    assert rel_err(out, ref64) < max(3 * rel_err(ref, ref64), 1e-5)
+    assert rel_err(out, ref) < 2e-5
 
 
 def _ok(tt, y):
