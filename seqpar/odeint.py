@@ -290,4 +290,6 @@ def _check_func(func, y0, t):
                          f"func returned {got}")
 
 
+odeint.trajectory_shard = trajectory_shard  # also reachable as seqpar.odeint.trajectory_shard
+
 __all__ = ["odeint", "trajectory_shard", "ODEStepCell", "METHODS"]
