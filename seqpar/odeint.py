@@ -33,11 +33,11 @@ from .solver import solve
 from .structure import DENSE
 
 METHODS = ("rk4", "euler", "midpoint")
-# Default Newton tolerance below float32's precision floor: Newton iterates until the residual stops
-# halving.  solve's float32 default (4e-6 per step, relative to |y|) is loose for ODEs, whose steps change y
-# by only dt * f and whose Jacobians (~ I) do not damp per-step errors: on a 1000-step rk4 grid it left a
-# 1e-4 trajectory error, one more iteration gives 5e-6 (torchdiffeq's own float32 error: 3e-6).
-FLOAT32_TOL = 1e-7
+# Default float32 Newton tolerance: 1e-6, near the smallest solve accepts (8 ulp).  solve's float32 default
+# (4e-6 per step, relative to |y|) is loose for ODEs, whose steps change y by only dt * f and whose Jacobians
+# (~ I) do not damp per-step errors: on a 1000-step rk4 grid it left a 1e-4 trajectory error, one more
+# iteration gives 5e-6 (torchdiffeq's own float32 error: 3e-6).
+FLOAT32_TOL = 1e-6
 # torchdiffeq methods that have no meaning on a fixed grid solved as one recurrence
 _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")
 _MULTISTEP = ("explicit_adams", "implicit_adams", "fixed_adams")
@@ -198,7 +198,7 @@ def odeint(func: Callable, y0: torch.Tensor, t: torch.Tensor, *, method: str = "
             get the full gradient on every rank (summed/broadcast over the group);
             a gradient w.r.t. ``t`` holds only this rank's piece's contribution.
         tol: Newton tolerance on the per-step residual (see :func:`seqpar.solve`); default
-            1e-12 for float64, and for float32/bfloat16 1e-7: below the precision floor, so
+            1e-12 for float64, and for float32/bfloat16 1e-6 (near the smallest float32 allows), so
             Newton runs until the residual stops improving (usually one iteration more than
             solve's float32 default, which is too loose for ODE trajectories).
         max_iter, fallback, return_info, backend: as in :func:`seqpar.solve`

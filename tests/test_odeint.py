@@ -145,7 +145,7 @@ def test_short_grids_and_float32():
 
 def test_float32_as_accurate_as_torchdiffeq_float32():
     """1000 small rk4 steps of a damped MLP field in float32: seqpar is about as far from the float64 solution
-    as torchdiffeq's float32 run (~5e-6).  With solve's float32 default tol (4e-6) Newton stops one iteration
+    as torchdiffeq's float32 run (a few 1e-6).  With solve's float32 default tol (4e-6) Newton stops one iteration
     early on this problem and the trajectory is off by ~1e-4: odeint's float32 default must prevent that."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 4))
@@ -158,8 +158,9 @@ def test_float32_as_accurate_as_torchdiffeq_float32():
         net64 = net.double()
         ref64 = torchdiffeq.odeint(lambda tt, y: net64(y) - 0.5 * y, y0.double(), t, method="rk4")
     assert out.dtype == torch.float32
-    assert rel_err(out, ref64) < max(3 * rel_err(ref, ref64), 1e-5)
-    assert rel_err(out, ref) < 2e-5
+    # within a few times torchdiffeq's own float32 error (per-step residual <= 1e-6 over 1000 steps)
+    assert rel_err(out, ref64) < max(3 * rel_err(ref, ref64), 2e-5)
+    assert rel_err(out, ref) < 3e-5
 
 
 def _ok(tt, y):
