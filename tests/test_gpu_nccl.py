@@ -64,20 +64,25 @@ def test_nccl_two_ranks_equal_one_gpu():
     print(results)
 
 
+def _logistic(h, u):
+    return 3.9 * h * (1 - h) + 1e-3 * u
+
+
 def _chaotic_fallback(rank, world_size, group):
     import seqpar
 
     dev = torch.device("cuda", rank)
-    # the logistic map at r = 3.9 is chaotic: Newton cannot converge over the whole sequence
-    cell = seqpar.FunctionCell(lambda h, u: 3.9 * h * (1 - h) + 1e-3 * u, 1, structure="diag")
+    # the logistic map at r = 3.9 is chaotic: Newton cannot converge over the whole sequence, and two exact
+    # evaluations differ after a few dozen steps (rounding grows ~e^0.5 per step), so exactness is checked
+    # as the recurrence residual of every step, across the rank boundary too
+    cell = seqpar.FunctionCell(_logistic, 1, structure="diag")
     T = 3001
     x = torch.rand(T, 2, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dev)
     h0 = torch.full((2, 1), 0.3, dtype=torch.float64, device=dev)
-    ref = seqpar.solve(cell, x, h0, method="sequential")
     lengths = [1700, 1301]
     start, n = sum(lengths[:rank]), lengths[rank]
     states, info = seqpar.solve(cell, x[start:start + n], h0, return_info=True, group=group)
-    return dict(err=float((states - ref[start:start + n]).abs().max()), converged=info.converged,
+    return dict(states=states.cpu(), x=x[start:start + n].cpu(), h0=h0.cpu(), converged=info.converged,
                 fallback=info.fallback, newton_converged=info.newton_converged)
 
 
@@ -86,4 +91,9 @@ def test_nccl_fallback_stays_exact():
     results = run_ranks(_chaotic_fallback, 2, backend="nccl", timeout=300)
     for r in results:
         assert r["converged"] and r["fallback"] and not r["newton_converged"], r
-        assert r["err"] < 1e-9, r
+    h = torch.cat([r["states"] for r in results], 0)
+    x = torch.cat([r["x"] for r in results], 0)
+    h_prev = torch.cat([results[0]["h0"].unsqueeze(0), h[:-1]], 0)
+    f = _logistic(h_prev, x)
+    res = ((h - f).abs() / f.abs().clamp_min(1.0)).max().item()
+    assert res <= 1e-12, res
