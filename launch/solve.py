@@ -107,7 +107,7 @@ def check_inject_failure(parser, args, world_size: int):
 def verify_bounds(dtype: torch.dtype, n_win: int, tol) -> tuple:
     """(relative error bound vs step-by-step evaluation, recurrence residual bound) for states in ``dtype``.
 
-    A converged solve matches sequential evaluation to about eps * sqrt(T) (DESIGN.md section 5); the
+    A converged solve matches sequential evaluation to about eps * sqrt(T) (docs/design.md); the
     residual of states stored in ``dtype`` is at least its rounding (bfloat16: eps = 7.8e-3).
     """
     eps = torch.finfo(dtype).eps

@@ -1,7 +1,7 @@
 """The backward pass: the adjoint recurrence at the solution, as an autograd Function.
 
 With states h_t = f(h_{t-1}, u_t) and upstream gradients g_t = dL/dh_t, the
-adjoint is the reverse-time linear recurrence (DESIGN.md section 2)
+adjoint is the reverse-time linear recurrence (docs/design.md section 1)
 
     lambda_t = g_t + J_{t+1}^T lambda_{t+1},      lambda_{n-1} = g_{n-1} + v
 

@@ -1,4 +1,4 @@
-"""The communicator the solver talks to (DESIGN.md section 4).
+"""The communicator the solver talks to (docs/design.md section 5).
 
 The solver core never imports ``torch.distributed``: it calls the few
 collectives below on a communicator object, so the same code runs in one

@@ -1,6 +1,6 @@
 """Communicators for a sharded time axis, and helpers for the launchers.
 
-The solver talks to a :class:`seqpar.comm.Communicator` (DESIGN.md section 4).
+The solver talks to a :class:`seqpar.comm.Communicator` (docs/design.md section 5).
 This module provides the implementations behind ``seqpar.solve(..., group=...)``:
 
 * :class:`TorchDistCommunicator` wraps a ``torch.distributed`` process group

@@ -4,7 +4,7 @@ Conventions: time is dim 0.  ``J`` has the storage of a :class:`Structure`
 for leading dims (n, B); ``b`` and states are (n, B, D).  The recurrence is
 ``h_t = J_t h_{t-1} + b_t`` with ``h_{-1} = h_in``.
 
-Three levels (DESIGN.md section 3):
+Three levels (docs/design.md section 2):
 
 * :func:`affine_scan` scans one block of time steps in log2(n) vectorised
   rounds (Hillis-Steele); it is also the CPU path.

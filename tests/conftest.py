@@ -18,6 +18,6 @@ def rel_err(a, b):
 
 
 def dtype_tol(dtype, T):
-    """eps(dtype) * sqrt(T) scaled: the accuracy a converged solve must reach (DESIGN.md section 5)."""
+    """eps(dtype) * sqrt(T) scaled: the accuracy a converged solve must reach (docs/design.md)."""
     eps = torch.finfo(dtype).eps
     return 50 * eps * max(1.0, T) ** 0.5
