@@ -86,19 +86,26 @@ class Cell(nn.Module):
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, structure={self.structure.describe()}"
 
 
+GENERIC_JACOBIAN_BUDGET = 32 * 2**20  # bytes of JVP tangents alive at once (dense: D tangents per step)
+
+
 def generic_jacobian(step, h_prev, xp, exact: Structure, want: Structure) -> torch.Tensor:
     """df/dh by forward-mode AD, probing only the columns the exact structure needs.
 
     diag cells: one JVP with a ones tangent; k-block cells: k JVPs; dense: D JVPs
-    (vmapped).  The result is restricted to ``want``.
+    (vmapped).  The result is restricted to ``want``.  Memory is bounded by the
+    chunk it is given: the inputs are copied out of any larger tensor they view
+    (forward-mode AD would otherwise build tangents the size of the base), and
+    dense cells are probed on sub-chunks of at most ``GENERIC_JACOBIAN_BUDGET``
+    bytes of tangents.
     """
     from torch.func import jvp, vmap
 
+    h_prev, xp = h_prev.clone(), xp.clone()  # detach from a whole-sequence base
     D = h_prev.shape[-1]
     lead = h_prev.shape[:-1]
-    f = lambda h: step(h, xp)  # noqa: E731
     if exact.kind == "diag":
-        _, d = jvp(f, (h_prev,), (torch.ones_like(h_prev),))
+        _, d = jvp(lambda h: step(h, xp), (h_prev,), (torch.ones_like(h_prev),))
         return DIAG.diag_matrix(d) if want.kind == "diag" else want.from_dense(torch.diag_embed(d))
     k = exact.block_size(D)
     if exact.kind == "block":
@@ -107,15 +114,21 @@ def generic_jacobian(step, h_prev, xp, exact: Structure, want: Structure) -> tor
         for j in range(k):
             v = torch.zeros(nb, k, dtype=h_prev.dtype, device=h_prev.device)
             v[:, j] = 1
-            _, cj = jvp(f, (h_prev,), (v.reshape(D).expand_as(h_prev).contiguous(),))
+            _, cj = jvp(lambda h: step(h, xp), (h_prev,), (v.reshape(D).expand_as(h_prev).contiguous(),))
             cols.append(cj.reshape(*lead, nb, k))
         blocks = torch.stack(cols, -1)  # (*lead, nb, k_out, k_in)
         if want.kind == "block" and want.block_size(D) == k:
             return blocks
         return want.from_dense(exact.to_dense(blocks, D))
+    if h_prev.dim() >= 2 and h_prev.shape[0] > 1:  # time-major chunk: sub-chunks bound the D tangents per step
+        per_step = D * h_prev[0].numel() * h_prev.element_size()
+        sub = max(1, GENERIC_JACOBIAN_BUDGET // max(1, per_step))
+        if sub < h_prev.shape[0]:
+            return torch.cat([generic_jacobian(step, h_prev[s:s + sub], xp[s:s + sub], exact, want)
+                              for s in range(0, h_prev.shape[0], sub)], 0)
     eye = torch.eye(D, dtype=h_prev.dtype, device=h_prev.device)
     tangents = eye.reshape(D, *([1] * len(lead)), D).expand(D, *lead, D).contiguous()
-    cols = vmap(lambda v: jvp(f, (h_prev,), (v,))[1])(tangents)  # (D_in, *lead, D_out)
+    cols = vmap(lambda v: jvp(lambda h: step(h, xp), (h_prev,), (v,))[1])(tangents)  # (D_in, *lead, D_out)
     Jd = cols.movedim(0, -1)  # (*lead, D_out, D_in)
     return want.from_dense(Jd)
 
