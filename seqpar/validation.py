@@ -196,6 +196,8 @@ def resolve_jacobian(jacobian, cell) -> Structure:
     """Map the ``jacobian`` argument to a Structure for Newton's linearisation."""
     exact = cell.structure
     if jacobian == "auto":
+        if exact.kind != "diag" and exact.block_size(cell.state_size) == 1:
+            return parse_structure("diag")  # D = 1: the 1x1 Jacobian is its own diagonal
         return exact
     if jacobian == "block":
         k = exact.block if exact.kind == "block" else 2
@@ -209,12 +211,14 @@ def resolve_jacobian(jacobian, cell) -> Structure:
         raise ValueError(f"jacobian must be 'auto', 'dense', 'diag', 'block' or 'block:k'; got {jacobian!r}") from e
     if st.kind == "block" and cell.state_size % st.block:
         raise ValueError(f"jacobian={jacobian!r}: block size {st.block} does not divide the state size {cell.state_size}")
+    if st.kind != "diag" and st.block_size(cell.state_size) == 1:
+        return parse_structure("diag")  # 1x1 blocks (D = 1 dense, block:1) are the diagonal: its kernels apply
     return st
 
 
 def is_exact(newton: Structure, exact: Structure, D: int) -> bool:
     """Whether linearising with ``newton`` keeps the cell's whole Jacobian (true Newton)."""
-    if newton.kind == "dense" or exact.kind == "diag":
+    if newton.kind == "dense" or exact.kind == "diag" or D == 1:
         return True
     if exact.kind == "dense":
         return False

@@ -174,3 +174,17 @@ def test_double_backward_is_refused_not_silently_wrong():
 
 def test_default_tol_is_reachable():
     assert default_tol(torch.float32) >= 8 * torch.finfo(torch.float32).eps
+
+
+# -------------------------------------------- 1x1 Jacobians run as the diagonal (its kernels apply)
+@pytest.mark.parametrize("jac", ["auto", "dense", "block:1"])
+def test_one_by_one_jacobian_is_the_diagonal_and_exact(jac):
+    torch.manual_seed(0)
+    cell = seqpar.GRU(2, 1).double()
+    x = torch.randn(301, 5, 2, dtype=torch.float64, requires_grad=True)
+    h, info = seqpar.solve(cell, x, jacobian=jac, return_info=True)
+    ref = seqpar.solve(cell, x, method="sequential")
+    assert info.jacobian == "diag" and info.converged and info.iterations <= 12  # exact Newton, not quasi
+    assert (h - ref).abs().max().item() < 1e-12
+    g, gr = torch.autograd.grad(h.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0]
+    assert (g - gr).abs().max().item() < 1e-10
