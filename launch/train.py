@@ -50,10 +50,11 @@ Fix (``--init memory``, the default; ``--init chrono`` is the old behaviour):
 
 * a fraction ``--memory-frac`` (default 1/4) of the lanes are *memory lanes*:
   update-gate bias +24 (forget bias +24 for LSTMs) and no recurrent or noise
-  input into that gate, so the gate is exactly 1.0 in float32 and the lane
-  keeps its value exactly: the Jacobian is exactly 1, so both the forward
+  input into that gate, so the gate is exactly 1.0 in float32: the Jacobian
+  is exactly 1 and the lane keeps its value (up to the rounding of the
+  cell's n + z (h - n), ~1 ulp per step, a random walk), so both the forward
   state and the adjoint (the gradient from the loss at t = 1M back to t = 0)
-  cross 1M steps without loss -- on any number of ranks;
+  cross 1M steps without decay -- on any number of ranks;
 * input gating: the write-gate weight from the flag channel is set so that
   the flag drives the gate pre-activation to -6 at t = 0 (every lane writes
   its candidate n(x_0) once, when the marker appears), and nothing else in
