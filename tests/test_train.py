@@ -80,6 +80,10 @@ def test_training_learns_under_torchrun(tmp_path):
     assert s["loss_last"] < 0.5 * s["loss_first"], s["losses"]
     assert min(s["last_step_recall"][-3:]) >= 0.99, s["last_step_recall"]
     assert "time/step" in out and "summary:" in out
+    one = _main(tmp_path, "--seq-len", "1024", "--hidden", "8", "--batch", "16", "--steps", "12")
+    assert one["sequence_parallel"] == 1 and one["last_step_recall"] == s["last_step_recall"]
+    for a, b in zip(one["losses"], s["losses"]):  # the same curve, sharded or not (to fp tolerance)
+        assert abs(a - b) <= 1e-4 * abs(b), (one["losses"], s["losses"])
 
 
 def _main(tmp_path, *argv):
