@@ -22,12 +22,14 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
           tol: Optional[float] = None, max_iter: Optional[int] = None,
           initial_guess: Optional[torch.Tensor] = None, return_info: bool = False,
           method: str = "newton", fallback: str = "sequential", chunk_size: Optional[int] = None,
-          group=None, callback: Optional[Callable[[int, float], None]] = None, backend: str = "auto"):
+          group=None, callback: Optional[Callable[[int, float], None]] = None, backend: str = "auto",
+          batch_first: bool = False):
     """Evaluate ``h_t = cell(h_{t-1}, u_t)`` for all t in parallel over time.
 
     Args:
         cell: a :class:`seqpar.cells.Cell` (holds the parameters).
-        inputs: (T, B, D_in) time-major inputs (under ``group``: this rank's shard).
+        inputs: (T, B, D_in) time-major inputs by default (time first, as ``torch.nn.GRU``'s default);
+            (B, T, D_in) with ``batch_first=True`` (under ``group``: this rank's time shard).
         h0: (B, D) initial state, zeros if None (under ``group``: the same on every rank).
         jacobian: Newton's linearisation: "auto" (the cell's exact structure),
             "dense" (exact Newton, DEER), "diag" (exact for diagonal cells,
@@ -36,7 +38,8 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
             max(1, |f(h_{t-1}, u_t)|)`` for every element of every step; default 1e-12 for
             float64, 4e-6 otherwise; at least 8 ulp of the compute dtype.
         max_iter: Newton iteration cap (default 50, or 200 for quasi-Newton).
-        initial_guess: (T, B, D) warm start (e.g. the previous training step's states).
+        initial_guess: (T, B, D) warm start (e.g. the previous training step's states); (B, T, D) with
+            ``batch_first=True``.
         return_info: also return a :class:`SolveInfo`.
         method: "newton" or "sequential" (step-by-step reference, autograd through the loop).
         fallback: when Newton does not converge: "sequential" (keep the converged
@@ -51,9 +54,12 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         backend: "auto" (Triton kernels for CUDA tensors when triton is installed,
             the pure-PyTorch reference otherwise), "triton" (force the kernels:
             error if they cannot run) or "torch" (force the reference).
+        batch_first: False (default): ``inputs``, ``initial_guess`` and the states are time-major
+            (T, B, ...); True: batch-major (B, T, ...), as ``torch.nn.GRU(batch_first=True)``.
 
     Returns:
-        states (T, B, D) in the dtype of ``inputs``, and the SolveInfo if ``return_info``.
+        states (T, B, D) in the dtype of ``inputs`` ((B, T, D) with ``batch_first=True``), and the
+        SolveInfo if ``return_info``.
         Gradients flow to ``inputs``, ``h0`` and the cell's parameters through the
         adjoint scan.
     """
@@ -67,7 +73,14 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}; got {fallback!r}")
         check_options(tol, max_iter, chunk_size, callback)
-        h0 = check_solve_args(cell, inputs, h0, initial_guess, allow_empty=comm.world_size > 1)
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be True or False; got {batch_first!r}")
+        h0 = check_solve_args(cell, inputs, h0, initial_guess, allow_empty=comm.world_size > 1,
+                              batch_first=batch_first)
+        if batch_first:  # everything below is time-major
+            inputs = inputs.transpose(0, 1)
+            if initial_guess is not None:
+                initial_guess = initial_guess.transpose(0, 1)
         structure = resolve_jacobian(jacobian, cell)
         resolved_backend = resolve_backend(backend, inputs.device if torch.is_tensor(inputs) else "cpu")
         check_cell_tensors_finite(cell)
@@ -94,6 +107,8 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         info = SolveInfo(converged=True, iterations=0, residual=0.0, newton_converged=False,
                          method="sequential", jacobian="none", seq_len=inputs.shape[0],
                          world_size=comm.world_size, wall_time_s=time.perf_counter() - t0)
+        if batch_first:
+            states = states.transpose(0, 1)
         return (states, info) if return_info else states
 
     cdt = compute_dtype(inputs.dtype)
@@ -117,6 +132,8 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
             states = SolveFunction.forward(_NoCtx(), *args)
     info = info_out[0]
     info.wall_time_s = time.perf_counter() - t0
+    if batch_first:
+        states = states.transpose(0, 1)
     return (states, info) if return_info else states
 
 

@@ -147,21 +147,32 @@ def check_declared_structure(cell, h0, xp, steps: int = 4, rows: int = 2):
             f"Declare structure={right!r}")
 
 
-def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool):
-    """Validate ``solve``'s tensors against ``cell``; returns h0 (zeros if None)."""
+def layout_doc(batch_first: bool, last: str = "D_in") -> str:
+    """How ``solve`` reads a 3-D tensor, for error messages."""
+    if batch_first:
+        return f"(B, T, {last}) (batch_first=True)"
+    return f"(T, B, {last}) (time-major, the default; pass batch_first=True for (B, T, {last}))"
+
+
+def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batch_first: bool = False):
+    """Validate ``solve``'s tensors (in the caller's layout) against ``cell``; returns h0 (zeros if None)."""
     from .cells import Cell
 
     if not isinstance(cell, Cell):
         raise TypeError(f"cell must be a seqpar.cells.Cell; got {type(cell).__name__} "
                         "(wrap a plain function with seqpar.cells.FunctionCell)")
-    check_tensor("inputs", inputs, 3, "(T, B, D_in)")
-    T, B, D_in = inputs.shape
+    check_tensor("inputs", inputs, 3, layout_doc(batch_first))
+    if batch_first:
+        B, T, D_in = inputs.shape
+    else:
+        T, B, D_in = inputs.shape
     if T == 0 and not allow_empty:
         raise ValueError("inputs has T=0 time steps; the sequence must not be empty")
     if B == 0:
         raise ValueError("inputs has batch size B=0")
     if cell.input_size is not None and D_in != cell.input_size:
-        raise ValueError(f"inputs has D_in={D_in} features but the cell expects input_size={cell.input_size}")
+        raise ValueError(f"inputs has D_in={D_in} features but the cell expects input_size={cell.input_size} "
+                         f"(inputs of shape {tuple(inputs.shape)} are read as {layout_doc(batch_first)})")
     D = cell.state_size
     for p_name, p in cell.named_parameters():
         if p.device != inputs.device:
@@ -174,7 +185,8 @@ def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool):
     else:
         check_tensor("h0", h0, 2, f"(B, D) = ({B}, {D})")
         if tuple(h0.shape) != (B, D):
-            raise ValueError(f"h0 must have shape (B, D) = ({B}, {D}); got {tuple(h0.shape)}")
+            raise ValueError(f"h0 must have shape (B, D) = ({B}, {D}); got {tuple(h0.shape)} (inputs of shape "
+                             f"{tuple(inputs.shape)} are read as {layout_doc(batch_first)})")
         if h0.dtype != inputs.dtype:
             raise TypeError(f"dtype mismatch: inputs are {inputs.dtype}, h0 is {h0.dtype}")
         if h0.device != inputs.device:
@@ -182,10 +194,11 @@ def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool):
         check_finite("h0", h0)
     check_finite("inputs", inputs)
     if initial_guess is not None:
-        check_tensor("initial_guess", initial_guess, 3, f"(T, B, D) = ({T}, {B}, {D})")
-        if tuple(initial_guess.shape) != (T, B, D):
-            raise ValueError(f"initial_guess must have shape (T, B, D) = ({T}, {B}, {D}); "
-                             f"got {tuple(initial_guess.shape)}")
+        want, names = ((B, T, D), "(B, T, D)") if batch_first else ((T, B, D), "(T, B, D)")
+        check_tensor("initial_guess", initial_guess, 3, f"{names} = {want}, the layout of inputs")
+        if tuple(initial_guess.shape) != want:
+            raise ValueError(f"initial_guess must have shape {names} = {want}, the layout of inputs "
+                             f"({layout_doc(batch_first, 'D')}); got {tuple(initial_guess.shape)}")
         if initial_guess.device != inputs.device:
             raise ValueError(f"device mismatch: inputs on {inputs.device}, initial_guess on {initial_guess.device}")
         check_finite("initial_guess", initial_guess)

@@ -15,6 +15,7 @@ from dist_helpers import REPO, launch_path, load_states, run_cmd, torchrun_cmd
 from seqpar.problems import make_cell, make_inputs
 
 
+@pytest.mark.slow
 def test_torchrun_10M_steps_converges(tmp_path):
     js = tmp_path / "s.json"
     rc, out, dt = run_cmd(torchrun_cmd(2, "solve.py", "--seq-len", "10M", "--hidden", "4", "--device", "cpu",
