@@ -146,7 +146,7 @@ def test_short_grids_and_float32():
 def test_float32_as_accurate_as_torchdiffeq_float32():
     """1000 small rk4 steps of a damped MLP field in float32 with tol=1e-6 (the documented setting for accurate
     float32 trajectories): seqpar is about as far from the float64 solution as torchdiffeq's float32 run (a few
-    1e-6).  With the default tol (4e-6) the per-step residuals add up to ~1e-4 here: bounded, and reported."""
+    1e-6).  With the default tol (5e-5) the per-step residuals add up to ~1e-3 here: bounded, and reported."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 4))
     f32 = lambda tt, y: net(y) - 0.5 * y  # noqa: E731
@@ -159,7 +159,7 @@ def test_float32_as_accurate_as_torchdiffeq_float32():
         net64 = net.double()
         ref64 = torchdiffeq.odeint(lambda tt, y: net64(y) - 0.5 * y, y0.double(), t, method="rk4")
     assert out.dtype == torch.float32
-    assert info.converged and info.residual <= 4e-6 and rel_err(loose, ref64) < 1e-3
+    assert info.converged and info.residual <= 5e-5 and rel_err(loose, ref64) < 5e-3
     # within a few times torchdiffeq's own float32 error (per-step residual <= 1e-6 over 1000 steps)
     assert rel_err(out, ref64) < max(3 * rel_err(ref, ref64), 2e-5)
     assert rel_err(out, ref) < 3e-5
