@@ -22,7 +22,7 @@ from .errors import NotConvergedError
 from .shards import ShardLayout
 
 HEARTBEAT_S = 1.0          # a repairing rank reports progress at least this often (between windows)
-COST_FACTOR = 2.0          # repair time budget: this many times sequential evaluation of the steps done
+COST_FACTOR = 1.0          # repair time budget: this many times sequential evaluation of the steps done
 
 
 def repair_tail(cell, xp: torch.Tensor, h_in: torch.Tensor, opts, out: torch.Tensor,
