@@ -3,7 +3,9 @@
 The solver core never imports ``torch.distributed``: it calls the few
 collectives below on a communicator object, so the same code runs in one
 process, under torchrun (NCCL/gloo), under mpiexec (mpi4py) and in Ray workers.
-Implementations for process groups and MPI live in :mod:`seqpar.distributed`.
+Implementations for process groups and MPI, and :func:`seqpar.distributed.get_communicator`
+(group -> communicator), live in :mod:`seqpar.distributed`, which imports this module (never
+the other way round).
 """
 from __future__ import annotations
 
@@ -70,16 +72,3 @@ class SingleProcess(Communicator):
 
 
 SINGLE = SingleProcess()
-
-
-def get_communicator(group=None) -> Communicator:
-    """Communicator for ``group``: None -> single process; a Communicator -> itself;
-    a torch ProcessGroup / DeviceMesh (1-D) -> torch.distributed; an mpi4py
-    communicator -> MPI."""
-    if group is None:
-        return SINGLE
-    if isinstance(group, Communicator):
-        return group
-    from . import distributed
-
-    return distributed.communicator_for(group)

@@ -31,7 +31,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .comm import Communicator, SingleProcess, get_communicator
+from .comm import SINGLE, Communicator, SingleProcess
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -232,8 +232,19 @@ def _is_mpi_comm(group) -> bool:
     return mod.startswith("mpi4py")
 
 
+def get_communicator(group=None) -> Communicator:
+    """Communicator for ``group``: None -> single process; a Communicator -> itself;
+    a torch ProcessGroup / DeviceMesh (1-D) -> torch.distributed; an mpi4py
+    communicator -> MPI."""
+    if group is None:
+        return SINGLE
+    if isinstance(group, Communicator):
+        return group
+    return communicator_for(group)
+
+
 def communicator_for(group) -> Communicator:
-    """The communicator for ``group`` (called by :func:`seqpar.comm.get_communicator`).
+    """The communicator for ``group`` (see :func:`get_communicator`).
 
     ``group``: a torch ProcessGroup, a 1-D DeviceMesh, ``(mesh, dim)``, an mpi4py
     communicator, ``"world"`` (the default torch group), or a Communicator.

@@ -139,7 +139,7 @@ class _SeqparRNNBase(nn.Module):
         h_0), fetched with one small all-gather (that value carries no gradient back to its rank)."""
         if self.sequence_group is None:
             return states[-1]
-        from .comm import get_communicator
+        from .distributed import get_communicator
 
         comm = get_communicator(self.sequence_group)
         n = states.shape[0]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .cells import Cell
-from .comm import get_communicator
+from .distributed import get_communicator
 from .problems import shard_range
 from .solver import solve
 from .structure import DENSE

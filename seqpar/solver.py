@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from .autograd import SolveFunction
-from .comm import get_communicator
+from .distributed import get_communicator
 from .backend import resolve_backend
 from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, min_tol
 from .validation import (METHODS, check_cell_tensors_finite, check_declared_structure, check_options,

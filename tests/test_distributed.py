@@ -149,7 +149,7 @@ def _nn_layer_and_mesh(rank, world_size, group):
     res = {"out": out.detach(), "h_n": h_n.detach(), "dx": xl.grad,
            "grads": {k: p.grad.clone() for k, p in layer.named_parameters()}}
     # the communicator also accepts (mesh, dim) and mesh[dim]
-    from seqpar.comm import get_communicator
+    from seqpar.distributed import get_communicator
 
     res["comm_sizes"] = (get_communicator((mesh, "seq")).world_size, get_communicator(mesh["seq"]).world_size)
     return res
