@@ -97,24 +97,22 @@ def positive_count(text) -> int:
     return v
 
 
-def positive_int(text) -> int:
+def _int_at_least(text, low: int, what: str) -> int:
     try:
         v = int(str(text).strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a {what} integer; got {text!r}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"expected a {what} integer; got {text!r}")
     return v
+
+
+def positive_int(text) -> int:
+    return _int_at_least(text, 1, "positive")
 
 
 def nonnegative_int(text) -> int:
-    try:
-        v = int(str(text).strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer; got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer; got {text!r}")
-    return v
+    return _int_at_least(text, 0, "non-negative")
 
 
 def tolerance(text) -> float:
