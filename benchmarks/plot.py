@@ -131,13 +131,36 @@ def plot_scaling(data, out):
     plt.close(fig)
 
 
+def plot_odeint(data, out):
+    """Forward and training-step time against grid length, seqpar vs torchdiffeq (extrapolated points hollow)."""
+    rows = [r for r in data["rows"] if r.get("D") == 16]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, kind in zip(axes, ["fwd", "train"]):
+        series = defaultdict(list)
+        for r in rows:
+            if r.get(f"{kind}_s"):
+                series[r["solver"]].append((r["T"], r[f"{kind}_s"], r.get(f"{kind}_extrapolated", False)))
+        for solver, pts in sorted(series.items()):
+            pts.sort()
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=solver)
+            for T, v, ex in pts:
+                ax.plot(T, v, "o", color=line.get_color(), mfc="none" if ex else line.get_color())
+        ax.set_xscale("log"), ax.set_yscale("log"), ax.grid(True, alpha=0.3), ax.legend(fontsize=8)
+        ax.set_xlabel("grid steps T (rk4)"), ax.set_ylabel("seconds")
+        ax.set_title(f"neural ODE D=16 B=16: {'forward' if kind == 'fwd' else 'training step'} (hollow: extrapolated)")
+    fig.suptitle(subtitle(data["env"]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args()
     for name, fn, png in [("peers.json", plot_peers, "speedup_vs_T.png"), ("training.json", plot_training, "training.png"),
                           ("convergence.json", plot_convergence, "convergence.png"),
-                          ("scaling.json", plot_scaling, "scaling.png")]:
+                          ("scaling.json", plot_scaling, "scaling.png"), ("odeint.json", plot_odeint, "odeint.png")]:
         data = load(a.results, name)
         if name == "peers.json" and data:  # later runs at some shapes (peers_*.json) replace those rows
             for extra in sorted(f for f in os.listdir(a.results) if f.startswith("peers_") and f.endswith(".json")):
