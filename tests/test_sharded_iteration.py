@@ -15,6 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # interpreted kernels on spawned ranks: minutes; CI runs the slow tests too
 
 import seqpar  # noqa: E402
 from dist_helpers import run_ranks  # noqa: E402
