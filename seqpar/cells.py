@@ -140,15 +140,22 @@ def _uniform_(params, hidden_size):
             nn.init.uniform_(p, -bound, bound)
 
 
-def _torch_layer0(m, kind):
-    """(weight_ih, weight_hh, bias_ih, bias_hh) of layer 0 of a torch RNN module or cell."""
+def _torch_layer(m, kind, layer=0):
+    """(weight_ih, weight_hh, bias_ih, bias_hh) of layer ``layer`` of a torch RNN module, or of a cell."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"{kind}.from_torch: layer must be an int; got {type(layer).__name__}")
     if isinstance(m, nn.RNNBase):
         if m.bidirectional:
             raise ValueError(f"{kind}.from_torch: bidirectional modules are not supported; got {m}")
         if getattr(m, "proj_size", 0):
             raise ValueError(f"{kind}.from_torch: proj_size is not supported; got {m}")
-        sfx = "_l0"
+        if not 0 <= layer < m.num_layers:
+            raise ValueError(f"{kind}.from_torch: layer={layer} is out of range for a module with "
+                             f"num_layers={m.num_layers} (valid: 0..{m.num_layers - 1})")
+        sfx = f"_l{layer}"
     elif isinstance(m, nn.RNNCellBase):
+        if layer != 0:
+            raise ValueError(f"{kind}.from_torch: a torch cell ({type(m).__name__}) has one layer; got layer={layer}")
         sfx = ""
     else:
         raise TypeError(f"{kind}.from_torch expects a torch.nn RNN/GRU/LSTM module or cell; got {type(m).__name__}")
@@ -185,9 +192,15 @@ class _TorchWeightsCell(Cell):
         _uniform_(self.parameters(), self.hidden_size)
 
     @classmethod
-    def from_torch(cls, m):
-        """A cell with copies of the weights of layer 0 of torch module ``m``."""
-        w_ih, w_hh, b_ih, b_hh = _torch_layer0(m, cls.__name__)
+    def from_torch(cls, m, layer: int = 0):
+        """A cell with copies of the weights of torch module or cell ``m``.
+
+        For a multi-layer ``torch.nn.RNN/GRU/LSTM``, ``layer`` picks which layer's weights
+        (``weight_ih_l{layer}`` ...; default 0); an out-of-range layer raises ``ValueError``.
+        To convert every layer at once, load the module's ``state_dict`` into a
+        ``seqpar.nn`` layer with the same ``num_layers`` instead.
+        """
+        w_ih, w_hh, b_ih, b_hh = _torch_layer(m, cls.__name__, layer)
         expect_gates = cls.gates
         if w_hh.shape[0] != expect_gates * w_hh.shape[1]:
             raise ValueError(f"{cls.__name__}.from_torch: weight_hh has shape {tuple(w_hh.shape)}, "
@@ -362,7 +375,7 @@ class DiagGRU(_TorchWeightsCell):
     structure = DIAG
 
     @classmethod
-    def from_torch(cls, m):  # pragma: no cover - no torch counterpart
+    def from_torch(cls, m, layer: int = 0):  # pragma: no cover - no torch counterpart
         raise TypeError("DiagGRU has no torch.nn counterpart")
 
     def _gates(self, h_prev, xp):
@@ -413,7 +426,7 @@ class DiagLSTM(_TorchWeightsCell):
     structure = Structure("block", 2)
 
     @classmethod
-    def from_torch(cls, m):  # pragma: no cover - no torch counterpart
+    def from_torch(cls, m, layer: int = 0):  # pragma: no cover - no torch counterpart
         raise TypeError("DiagLSTM has no torch.nn counterpart")
 
     @property
@@ -685,6 +698,9 @@ class ODECell(_UserFunctionCell):
         self.structure = parse_structure(structure)
         self.structure.block_size(self.hidden_size)
         self._register_callable(g, params)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dt={self.dt:g}, method={self.method!r}"
 
     def step(self, h_prev, xp):
         g, dt = self.g, self.dt

@@ -96,12 +96,29 @@ class _SeqparRNNBase(nn.Module):
 
     def extra_repr(self):
         s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        if getattr(self, "nonlinearity", "tanh") != "tanh":
+            s += f", nonlinearity={self.nonlinearity!r}"
         if not self.bias:
             s += ", bias=False"
         if self.batch_first:
             s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout:g}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        kw = self.solve_kwargs
+        jac = kw["jacobian"]
+        s += f", jacobian={jac if isinstance(jac, str) else getattr(jac, 'describe', jac.__str__)()!r}"
+        if kw["tol"] is not None:
+            s += f", tol={kw['tol']:g}"
+        if kw["max_iter"] is not None:
+            s += f", max_iter={kw['max_iter']}"
+        if kw["fallback"] != "sequential":
+            s += f", fallback={kw['fallback']!r}"
+        if kw["method"] != "newton":
+            s += f", method={kw['method']!r}"
+        if self.__dict__.get("_sequence_group_ref") is not None or self.__dict__.get("_sequence_group_strong") is not None:
+            s += ", sequence_group=<set>"
         return s
 
     # --- state packing (overridden for LSTMs)
@@ -202,7 +219,25 @@ class _SeqparRNNBase(nn.Module):
 
 
 class RNN(_SeqparRNNBase):
-    """Elman RNN (= torch.nn.RNN); ``nonlinearity`` "tanh" or "relu"."""
+    """Elman RNN (= torch.nn.RNN); ``nonlinearity`` "tanh" or "relu".
+
+    torch.nn.RNN's arguments and parameter names (``weight_ih_l0`` ...); forward returns ``output, h_n``.
+
+    seqpar-specific keyword-only arguments (after torch.nn's):
+
+    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
+      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
+    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
+    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
+      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
+      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
+    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
+      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
+      end of this rank's shard (not with ``bidirectional=True``).
+
+    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
+    converged, ...) of each (layer, direction) of the last forward call.
+    """
 
     cell_cls = C.Elman
 
@@ -214,13 +249,49 @@ class RNN(_SeqparRNNBase):
 
 
 class GRU(_SeqparRNNBase):
-    """GRU (= torch.nn.GRU)."""
+    """GRU (= torch.nn.GRU).
+
+    torch.nn.GRU's arguments and parameter names (``weight_ih_l0`` ...); forward returns ``output, h_n``.
+
+    seqpar-specific keyword-only arguments (after torch.nn's):
+
+    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
+      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
+    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
+    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
+      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
+      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
+    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
+      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
+      end of this rank's shard (not with ``bidirectional=True``).
+
+    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
+    converged, ...) of each (layer, direction) of the last forward call.
+    """
 
     cell_cls = C.GRU
 
 
 class LSTM(_SeqparRNNBase):
-    """LSTM (= torch.nn.LSTM, without proj_size); forward returns ``output, (h_n, c_n)``."""
+    """LSTM (= torch.nn.LSTM, without proj_size); forward returns ``output, (h_n, c_n)``.
+
+    torch.nn.LSTM's arguments (``proj_size`` must be 0) and parameter names (``weight_ih_l0`` ...).
+
+    seqpar-specific keyword-only arguments (after torch.nn's):
+
+    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
+      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
+    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
+    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
+      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
+      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
+    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
+      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
+      end of this rank's shard (not with ``bidirectional=True``).
+
+    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
+    converged, ...) of each (layer, direction) of the last forward call.
+    """
 
     cell_cls = C.LSTM
     is_lstm = True
@@ -232,13 +303,51 @@ class LSTM(_SeqparRNNBase):
 
 
 class DiagGRU(_SeqparRNNBase):
-    """GRU with diagonal recurrent weights (ParaRNN-style); exact Newton costs O(D) per step."""
+    """GRU with diagonal recurrent weights (ParaRNN-style); exact Newton costs O(D) per step.
+
+    torch.nn.GRU's arguments; ``weight_hh_lk`` has shape (3*H,) (one recurrent weight per gate
+    and unit).  The default ``jacobian="auto"`` is the exact diagonal Jacobian.
+
+    seqpar-specific keyword-only arguments (after torch.nn's):
+
+    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
+      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
+    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
+    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
+      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
+      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
+    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
+      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
+      end of this rank's shard (not with ``bidirectional=True``).
+
+    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
+    converged, ...) of each (layer, direction) of the last forward call.
+    """
 
     cell_cls = C.DiagGRU
 
 
 class DiagLSTM(_SeqparRNNBase):
-    """LSTM with diagonal recurrent weights; the cell state interleaves (h, c) per unit (2 x 2 blocks)."""
+    """LSTM with diagonal recurrent weights; the cell state interleaves (h, c) per unit (2 x 2 blocks).
+
+    torch.nn.LSTM's arguments (no ``proj_size``); ``weight_hh_lk`` has shape (4*H,); forward
+    returns ``output, (h_n, c_n)``.  The default ``jacobian="auto"`` is the exact 2 x 2 block Jacobian.
+
+    seqpar-specific keyword-only arguments (after torch.nn's):
+
+    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
+      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
+    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
+    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
+      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
+      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
+    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
+      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
+      end of this rank's shard (not with ``bidirectional=True``).
+
+    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
+    converged, ...) of each (layer, direction) of the last forward call.
+    """
 
     cell_cls = C.DiagLSTM
     is_lstm = True

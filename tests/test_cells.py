@@ -89,6 +89,35 @@ def test_from_torch_module_layer0_and_errors():
         seqpar.LSTM.from_torch(nn.Linear(3, 5))
 
 
+def test_from_torch_picks_a_layer():
+    m = nn.LSTM(3, 5, num_layers=3).double()
+    for layer in range(3):
+        cell = seqpar.LSTM.from_torch(m, layer=layer)
+        assert torch.equal(cell.weight_hh, getattr(m, f"weight_hh_l{layer}"))
+        assert torch.equal(cell.bias_ih, getattr(m, f"bias_ih_l{layer}"))
+        assert cell.input_size == (3 if layer == 0 else 5)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=f"layer={bad} is out of range .*num_layers=3"):
+            seqpar.LSTM.from_torch(m, layer=bad)
+    with pytest.raises(ValueError, match="one layer"):
+        seqpar.GRU.from_torch(nn.GRUCell(3, 5), layer=1)
+    with pytest.raises(TypeError, match="layer must be an int"):
+        seqpar.GRU.from_torch(nn.GRU(3, 5), layer="1")
+
+
+def test_reprs_show_solver_settings():
+    import seqpar.nn as snn
+
+    assert "jacobian='diag'" in repr(snn.GRU(3, 4, jacobian="diag"))
+    assert "tol=1e-05" in repr(snn.GRU(3, 4, tol=1e-5))
+    for cls in (snn.RNN, snn.GRU, snn.LSTM, snn.DiagGRU, snn.DiagLSTM):
+        assert "jacobian='auto'" in repr(cls(3, 4)), cls
+        for word in ("jacobian", "tol", "sequence_group", "last_info"):
+            assert word in cls.__doc__, (cls, word)
+    r = repr(seqpar.ODECell(lambda y, u: -y, 2, dt=0.01, method="rk4"))
+    assert "dt=0.01" in r and "method='rk4'" in r
+
+
 def test_cell_constructor_errors():
     with pytest.raises(ValueError, match="nonlinearity"):
         seqpar.Elman(3, 4, nonlinearity="sigmoid")

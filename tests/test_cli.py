@@ -145,7 +145,8 @@ def test_console_scripts_declared_and_importable():
         assert callable(getattr(importlib.import_module(mod), func)), name
 
 
-@pytest.mark.parametrize("module", ["seqpar.cli.solve", "seqpar.cli.ray_solve", "seqpar.cli.default_job"])
+@pytest.mark.parametrize("module", ["seqpar.cli.solve", "seqpar.cli.ray_solve", "seqpar.cli.default_job",
+                                    "seqpar.cli.train"])
 def test_module_help_runs(module):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120, env=env)

@@ -1,4 +1,4 @@
-"""launch/train.py: sharded (and DDP x sequence) gradients equal unsharded ones; the marker-recall task is
+"""seqpar.cli.train (launch/train.py): sharded (and DDP x sequence) gradients equal unsharded ones; the marker-recall task is
 learnt (loss falls, last-step recall reaches 1) in one process and under torchrun; memory lanes keep their
 state exactly; checkpoints round-trip; bad options fail with one parser line; --verify/--plot/--out work."""
 import json
@@ -8,14 +8,13 @@ import sys
 import pytest
 import torch
 
-from dist_helpers import REPO, run_cmd, run_ranks, torchrun_cmd
+from dist_helpers import run_cmd, run_ranks, torchrun_cmd
 
-sys.path.insert(0, os.path.join(REPO, "launch"))
 T, B, I, H = 61, 3, 4, 6
 
 
 def _grads(model, x, target, mask, T_total, batch):
-    import train
+    from seqpar.cli import train
 
     model.zero_grad(set_to_none=True)
     loss, _ = train.local_loss(model, x, target, mask, T_total, batch)
@@ -25,7 +24,7 @@ def _grads(model, x, target, mask, T_total, batch):
 
 def _sharded_grads(rank, world_size, group, dp, cell):
     """One training step's gradients on a dp x (world/dp) mesh, DDP over the data group."""
-    import train
+    from seqpar.cli import train
     from seqpar import distributed as sd
 
     ctx = sd.init_from_env("auto", "cpu")
@@ -48,7 +47,7 @@ def _sharded_grads(rank, world_size, group, dp, cell):
 
 
 def _reference(dp, cell):
-    import train
+    from seqpar.cli import train
 
     torch.manual_seed(0)
     model = train.Model(I, H, cell, chrono_max=T, dtype=torch.float64)
@@ -87,7 +86,7 @@ def test_training_learns_under_torchrun(tmp_path):
 
 
 def _main(tmp_path, *argv):
-    import train
+    from seqpar.cli import train
 
     js = tmp_path / f"s{len(list(tmp_path.iterdir()))}.json"
     assert train.main(["--device", "cpu", "--backend", "none", "--json", str(js), *argv]) == 0
@@ -110,7 +109,7 @@ def test_recall_learnt_in_one_process(tmp_path):
 def test_memory_lanes_keep_the_marker_exactly(cell):
     """float32: the keep gate of memory lanes is exactly 1, so the state written at t = 0 is unchanged at
     t = T - 1 whatever the noise (up to the rounding of the cell's n + z (h - n), ~1 ulp per step)."""
-    import train
+    from seqpar.cli import train
 
     T_, H_ = 1000, 8
     torch.manual_seed(0)
@@ -137,7 +136,7 @@ def test_memory_lanes_keep_the_marker_exactly(cell):
 
 def test_checkpoint_round_trip(tmp_path):
     """2 steps, save, resume to 4 == 4 steps straight (losses and final parameters)."""
-    import train
+    from seqpar.cli import train
 
     ck, ck4 = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
     s2 = _main(tmp_path, *TINY, "--steps", "2", "--save", ck)
@@ -170,7 +169,7 @@ def test_checkpoint_round_trip(tmp_path):
     (["--plot", "/nonexistent/dir/c.png"], "--plot"),
 ])
 def test_bad_options_fail_with_one_line(argv, msg, capsys):
-    import train
+    from seqpar.cli import train
 
     with pytest.raises(SystemExit) as e:
         train.main(["--device", "cpu", *argv])
