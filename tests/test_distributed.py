@@ -12,6 +12,8 @@ import seqpar
 from dist_helpers import run_ranks
 from seqpar.problems import make_cell
 
+pytestmark = pytest.mark.slow  # multi-process: CI runs the slow tests too (README)
+
 CELL_NAMES = ["elman", "gru", "lstm", "diag-gru", "diag-lstm"]
 MODES = ["auto", "dense", "diag", "block", "block:4"]
 LAYOUTS = {1: [[23]], 2: [[15, 8], [1, 22]], 3: [[10, 1, 12], [0, 1, 22]]}

@@ -14,6 +14,8 @@ import seqpar
 from dist_helpers import REPO, launch_path, load_states, run_cmd, torchrun_cmd
 from seqpar.problems import make_cell, make_inputs
 
+pytestmark = pytest.mark.slow  # multi-process: CI runs the slow tests too (README)
+
 
 @pytest.mark.slow
 def test_torchrun_10M_steps_converges(tmp_path):

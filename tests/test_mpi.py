@@ -6,7 +6,7 @@ from dist_helpers import launch_path, load_states, mpiexec_path, run_cmd, torchr
 
 pytest.importorskip("mpi4py")
 MPIEXEC = mpiexec_path()
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+pytestmark = [pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)"), pytest.mark.slow]  # multi-process: CI runs the slow tests too (README)
 ARGS = ["--seq-len", "50001", "--cell", "lstm", "--hidden", "4", "--batch", "2", "--device", "cpu", "--quiet"]
 
 

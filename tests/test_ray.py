@@ -5,6 +5,8 @@ import pytest
 
 from dist_helpers import launch_path, load_states, run_cmd, torchrun_cmd
 
+pytestmark = pytest.mark.slow  # multi-process: CI runs the slow tests too (README)
+
 pytest.importorskip("ray.train.torch")
 ARGS = ["--seq-len", "40001", "--cell", "diag-lstm", "--hidden", "4", "--batch", "2", "--quiet"]
 ENV = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
