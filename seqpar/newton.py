@@ -39,7 +39,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .comm import Communicator
-from .scan import chunk_bounds, chunked_scan
+from .scan import chunked_scan
 from .shards import ShardLayout, gather_boundary
 from .structure import Structure
 

@@ -163,7 +163,6 @@ def memory_init(rnn, cell, hidden, t_max, frac):
     keep[:m] = KEEP_BIAS
     W_ih, b_ih, b_hh, W_hh = rnn.weight_ih_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, rnn.weight_hh_l0
     keep = keep.to(W_ih)
-    diag = W_hh.dim() == 1
     with torch.no_grad():
         if cell in ("diag-gru", "gru"):
             z = slice(H, 2 * H)
@@ -388,7 +387,7 @@ def write_plot(path, summary):
     ax[1].axhline(0.99, color="C3", ls="--", lw=1, label="0.99")
     ax[1].set_ylim(-0.02, 1.02)
     ax[1].set_xlabel("step")
-    ax[1].set_ylabel(f"recall at t = T-1")
+    ax[1].set_ylabel("recall at t = T-1")
     ax[1].legend(loc="lower right", fontsize=8)
     ax[1].grid(alpha=0.3)
     fig.suptitle(f"marker recall, {summary['cell']} H={summary['hidden']} T={summary['seq_len']:,} "
