@@ -162,12 +162,17 @@ def test_module_tiny_solve(tmp_path):
 
 
 def _installed_from_here():
+    """The installed seqpar distribution if ``import seqpar`` resolves to this checkout (an editable install of
+    it, as in CI), else None.  (Editable installs need not record a direct_url.json.)"""
     try:
         dist = md.distribution("seqpar")
     except md.PackageNotFoundError:
         return None
-    url = dist.read_text("direct_url.json") or ""
-    return dist if os.path.realpath(ROOT) in url or f"file://{os.path.realpath(ROOT)}" in url else None
+    import seqpar
+
+    pkg_root = os.path.realpath(os.path.dirname(os.path.dirname(seqpar.__file__)))
+    scripts = os.path.join(os.path.dirname(sys.executable), "seqpar-solve")
+    return dist if pkg_root == os.path.realpath(ROOT) and os.path.exists(scripts) else None
 
 
 def test_installed_console_scripts():
