@@ -68,7 +68,8 @@ class SolveInfo:
     seq_len: int = 0          # T of the whole sequence (all shards)
     world_size: int = 1
     wall_time_s: float = 0.0
-    exchange_s: float = 0.0   # time in the per-iteration all-gather (waiting for the slowest rank included)
+    exchange_s: float = 0.0   # wall time inside the all-gather calls: includes waiting for the slowest rank and, on
+    #                           GPUs (asynchronous), for this rank's own pass to finish; not pure communication
     corrected_steps: int = 0  # steps touched by incoming-state corrections on this rank (all iterations)
     reruns: int = 0           # local passes rerun because the correction would have covered too much
     backward_iterations: Optional[int] = None  # set by the backward pass (defect-correction iterations)
