@@ -128,14 +128,8 @@ def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: int = DE
     if not want_summary:
         return out, stats
     # every chunk stored its aggregate: (n_chunks, M, 2, 2), composed in time order (later on the left)
-    return out, stats, ordered_product(agg[:, :4].reshape(n_chunks, 2, 2, M).permute(0, 3, 1, 2)).reshape(B, Hs, 2, 2)
+    from seqpar.scan import jacobian_product  # later tiles on the left, log-depth tree
+    from seqpar.structure import Structure
 
-
-def ordered_product(A):
-    """``A[n-1] @ ... @ A[1] @ A[0]`` of a stack (n, ..., k, k), n >= 1, by a log-depth tree."""
-    while A.shape[0] > 1:
-        if A.shape[0] % 2:  # the last (latest) one waits a level
-            A = torch.cat([torch.matmul(A[1:-1:2], A[0:-1:2]), A[-1:]], 0)
-        else:
-            A = torch.matmul(A[1::2], A[0::2])
-    return A[0]
+    tiles = agg[:, :4].reshape(n_chunks, 2, 2, M).permute(0, 3, 1, 2)  # (n_chunks, M, 2, 2)
+    return out, stats, jacobian_product(tiles, Structure("block", 2)).reshape(B, Hs, 2, 2)

@@ -249,7 +249,7 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     chunk = opts.chunk_size or auto_chunk(st, B, D, h0.dtype)
     h = initial_guess.to(h0.dtype).clone() if initial_guess is not None else h0.new_zeros(n, B, D)
     layout = ShardLayout.exchange(comm, n, h0.device)
-    boundary = gather_boundary(comm, layout, h, h0)  # the initial iterate's state before this shard
+    boundary = gather_boundary(comm, h, h0)  # the initial iterate's state before this shard
     local = LocalPass(cell, xp, opts, chunk)
     info = SolveInfo(converged=False, iterations=0, residual=math.nan, jacobian=st.describe(), tol=opts.tol,
                      world_size=P, seq_len=layout.total)
@@ -298,7 +298,7 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     if info.converged and P > 1:
         # the boundary came from composed summaries: check the first step against the state the
         # previous rank actually holds (agrees to ~1e-2 eps; a mismatch is never reported as converged)
-        actual = gather_boundary(comm, layout, h, h0)
+        actual = gather_boundary(comm, h, h0)
         first = step_residuals(h[:1], cell.step(actual, xp[0]).unsqueeze(0)).reshape(1) if n else h0.new_zeros(1)
         worst = float(comm.all_gather(first).max())
         boundary = actual

@@ -27,6 +27,24 @@ from .solver import solve
 _PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
+_SEQPAR_ARGS_DOC = """
+    seqpar-specific keyword-only arguments (after torch.nn's):
+
+    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
+      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
+    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
+    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
+      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
+      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
+    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
+      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
+      end of this rank's shard (not with ``bidirectional=True``).
+
+    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
+    converged, ...) of each (layer, direction) of the last forward call.
+"""  # appended to each layer's docstring below
+
+
 class _SeqparRNNBase(nn.Module):
     cell_cls = None  # set by subclasses
     is_lstm = False
@@ -158,17 +176,12 @@ class _SeqparRNNBase(nn.Module):
             return states[-1]
         from .distributed import get_communicator
 
-        comm = get_communicator(self.sequence_group)
-        n = states.shape[0]
-        D = cell.state_size
-        last = states[-1].detach() if n else states.new_zeros(B, D)
-        rows = comm.all_gather(torch.cat([last.reshape(-1), last.new_tensor([float(n)])]))
-        if n:
-            return states[-1]
-        from .shards import boundary_from_lasts
+        from .shards import gather_boundary
 
-        h0 = h_init.detach() if h_init is not None else states.new_zeros(B, D)
-        return boundary_from_lasts(rows, h0, comm.rank, B, D).to(states.dtype)
+        comm = get_communicator(self.sequence_group)
+        h0 = h_init.detach() if h_init is not None else states.new_zeros(B, cell.state_size)
+        boundary = gather_boundary(comm, states.detach(), h0)  # every rank takes part, empty or not
+        return states[-1] if states.shape[0] else boundary.to(states.dtype)
 
     def forward(self, input: torch.Tensor, hx=None):
         if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
@@ -222,21 +235,6 @@ class RNN(_SeqparRNNBase):
     """Elman RNN (= torch.nn.RNN); ``nonlinearity`` "tanh" or "relu".
 
     torch.nn.RNN's arguments and parameter names (``weight_ih_l0`` ...); forward returns ``output, h_n``.
-
-    seqpar-specific keyword-only arguments (after torch.nn's):
-
-    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
-      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
-    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
-    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
-      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
-      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
-    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
-      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
-      end of this rank's shard (not with ``bidirectional=True``).
-
-    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
-    converged, ...) of each (layer, direction) of the last forward call.
     """
 
     cell_cls = C.Elman
@@ -252,21 +250,6 @@ class GRU(_SeqparRNNBase):
     """GRU (= torch.nn.GRU).
 
     torch.nn.GRU's arguments and parameter names (``weight_ih_l0`` ...); forward returns ``output, h_n``.
-
-    seqpar-specific keyword-only arguments (after torch.nn's):
-
-    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
-      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
-    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
-    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
-      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
-      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
-    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
-      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
-      end of this rank's shard (not with ``bidirectional=True``).
-
-    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
-    converged, ...) of each (layer, direction) of the last forward call.
     """
 
     cell_cls = C.GRU
@@ -276,21 +259,6 @@ class LSTM(_SeqparRNNBase):
     """LSTM (= torch.nn.LSTM, without proj_size); forward returns ``output, (h_n, c_n)``.
 
     torch.nn.LSTM's arguments (``proj_size`` must be 0) and parameter names (``weight_ih_l0`` ...).
-
-    seqpar-specific keyword-only arguments (after torch.nn's):
-
-    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
-      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
-    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
-    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
-      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
-      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
-    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
-      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
-      end of this rank's shard (not with ``bidirectional=True``).
-
-    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
-    converged, ...) of each (layer, direction) of the last forward call.
     """
 
     cell_cls = C.LSTM
@@ -307,21 +275,6 @@ class DiagGRU(_SeqparRNNBase):
 
     torch.nn.GRU's arguments; ``weight_hh_lk`` has shape (3*H,) (one recurrent weight per gate
     and unit).  The default ``jacobian="auto"`` is the exact diagonal Jacobian.
-
-    seqpar-specific keyword-only arguments (after torch.nn's):
-
-    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
-      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
-    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
-    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
-      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
-      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
-    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
-      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
-      end of this rank's shard (not with ``bidirectional=True``).
-
-    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
-    converged, ...) of each (layer, direction) of the last forward call.
     """
 
     cell_cls = C.DiagGRU
@@ -332,21 +285,6 @@ class DiagLSTM(_SeqparRNNBase):
 
     torch.nn.LSTM's arguments (no ``proj_size``); ``weight_hh_lk`` has shape (4*H,); forward
     returns ``output, (h_n, c_n)``.  The default ``jacobian="auto"`` is the exact 2 x 2 block Jacobian.
-
-    seqpar-specific keyword-only arguments (after torch.nn's):
-
-    * ``jacobian``: ``"auto"`` (default: the cell's exact structure -- Newton),
-      ``"dense"``, ``"diag"`` (quasi-Newton for dense cells), ``"block"`` or ``"block:k"``;
-    * ``tol``, ``max_iter``: Newton tolerance and iteration cap (``None``: :func:`seqpar.solve`'s defaults);
-    * ``fallback`` (default ``"sequential"``: step-by-step evaluation where Newton does not converge)
-      and ``method`` (``"newton"``, or ``"sequential"``: the step-by-step reference): passed, with
-      ``jacobian``, ``tol`` and ``max_iter``, to :func:`seqpar.solve` (its docstring has the details);
-    * ``sequence_group``: a process group over which the time axis is sharded; each rank passes
-      its own contiguous time shard and gets its shard of ``output``; ``h_n`` is the state at the
-      end of this rank's shard (not with ``bidirectional=True``).
-
-    Attribute ``last_info``: a list with the :class:`seqpar.SolveInfo` (iterations, residual,
-    converged, ...) of each (layer, direction) of the last forward call.
     """
 
     cell_cls = C.DiagLSTM
@@ -360,3 +298,7 @@ class DiagLSTM(_SeqparRNNBase):
 
 
 __all__ = ["RNN", "GRU", "LSTM", "DiagGRU", "DiagLSTM"]
+
+
+for _layer in (RNN, GRU, LSTM, DiagGRU, DiagLSTM):
+    _layer.__doc__ = _layer.__doc__.rstrip() + "\n\n" + _SEQPAR_ARGS_DOC.lstrip("\n")

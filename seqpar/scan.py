@@ -8,7 +8,7 @@ Three levels (docs/design.md section 2):
 
 * :func:`affine_scan` scans one block of time steps in log2(n) vectorised
   rounds (Hillis-Steele); it is also the CPU path.
-* :func:`chunked_scan` / :func:`chunked_reduce` walk a sequence chunk by chunk,
+* :func:`chunked_scan` walks a sequence chunk by chunk,
   asking a callback for each chunk's (J, b) so Jacobians are *recomputed*, never
   stored for the whole sequence (the memory bound of the dense path).
 * the cross-rank level lives in :mod:`seqpar.newton`: each rank's scan also
@@ -127,11 +127,6 @@ def affine_reduce(J, b, structure: Structure):
     return A[0], c[0]
 
 
-def compose_summaries(later, earlier, structure: Structure):
-    """Summary of running ``earlier`` then ``later``."""
-    return structure.combine(later, earlier)
-
-
 def chunk_bounds(n: int, chunk: int):
     chunk = max(1, int(chunk))
     return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
@@ -178,12 +173,3 @@ def chunked_scan(chunk_fn: ChunkFn, n: int, h_in, structure: Structure, chunk: i
     if out is None:
         out = torch.cat(pieces, 0) if pieces else h_in.new_zeros(0, *h_in.shape)
     return out, phi
-
-
-def chunked_reduce(chunk_fn: ChunkFn, n: int, structure: Structure, chunk: int):
-    """Summary map (A, c) of a whole sequence, reducing chunk by chunk (pass 1)."""
-    total = None
-    for s, e in chunk_bounds(n, chunk):
-        summary = affine_reduce(*chunk_fn(s, e), structure)
-        total = summary if total is None else compose_summaries(summary, total, structure)
-    return total

@@ -7,7 +7,7 @@ receives straight through.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -40,28 +40,18 @@ class ShardLayout:
     def offset_of(self, q: int) -> int:
         return sum(self.lengths[:q])
 
-    def previous_nonempty(self, q: Optional[int] = None) -> Optional[int]:
-        """The nearest rank before ``q`` (default: this rank) that holds steps, or None."""
-        q = self.rank if q is None else q
-        return next((p for p in range(q - 1, -1, -1) if self.lengths[p] > 0), None)
 
-
-def gather_boundary(comm: Communicator, layout: ShardLayout, states: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """The state before this rank's first step: the last state of the nearest non-empty
-    rank before it, or ``h0``.  ``states`` (n, B, D) this rank's states; one all-gather."""
+def gather_boundary(comm: Communicator, states: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The state before this rank's first step: the last state of the nearest non-empty rank before
+    it, or ``h0``.  ``states`` (n, B, D) this rank's states (n may be 0); one all-gather of each
+    rank's last state and a non-empty flag (0 or 1: exact in any float dtype).  Returned in h0's dtype."""
     if comm.world_size == 1:
         return h0
-    last = states[-1] if states.shape[0] else torch.zeros_like(h0)
-    lasts = comm.all_gather(last.to(h0.dtype).contiguous())
-    q = layout.previous_nonempty()
-    return h0 if q is None else lasts[q]
-
-
-def boundary_from_lasts(lasts, h0, rank, B, D):
-    """Boundary of ``rank`` from gathered rows ``[last state (B*D), shard length]``; empty
-    shards pass through (only the sign of the length column is read)."""
+    n = states.shape[0]
+    last = states[-1].to(h0.dtype) if n else torch.zeros_like(h0)
+    rows = comm.all_gather(torch.cat([last.reshape(-1), last.new_tensor([1.0 if n else 0.0])]))
     boundary = h0
-    for q in range(rank):
-        if float(lasts[q, -1]) > 0:
-            boundary = lasts[q, :-1].reshape(B, D)
+    for q in range(comm.rank):
+        if float(rows[q, -1]) > 0:
+            boundary = rows[q, :-1].reshape(h0.shape)
     return boundary

@@ -50,7 +50,7 @@ import seqpar
 from seqpar import distributed as sd
 from seqpar.newton import step_residuals
 from seqpar.problems import CELLS, make_cell, make_inputs, parse_count, shard_range
-from seqpar.shards import boundary_from_lasts
+from seqpar.shards import gather_boundary
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 JACOBIANS = "auto, dense, diag, block, block:k"
@@ -350,9 +350,7 @@ def _recurrence_residual(cell, inputs, states, h0, comm):
     n = states.shape[0]
     B, D = h0.shape
     cdt = torch.float64 if states.dtype == torch.float64 else torch.float32
-    last = states[-1].to(cdt) if n else h0.to(cdt)
-    lasts = comm.all_gather(torch.cat([last.reshape(-1), last.new_tensor([float(n)])]))
-    boundary = boundary_from_lasts(lasts, h0.to(cdt), comm.rank, B, D)
+    boundary = gather_boundary(comm, states, h0.to(cdt))
     worst = torch.zeros((), dtype=cdt, device=states.device)
     step = 1 << 18
     for s in range(0, n, step):
