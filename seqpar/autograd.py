@@ -159,11 +159,11 @@ def adjoint_solve(cell, opts: NewtonOptions, h_prev, xp, g, comm: Communicator):
     cdt = g.dtype
     exact = is_exact(opts.structure, cell.structure, D)
     st = cell.structure if exact else opts.structure
-    chunk = opts.chunk_size or auto_chunk(st, B, D, cdt)
+    chunk = opts.chunk_size or auto_chunk(st, B, D, cdt, device=g.device)
     lam = adjoint_scan(cell, st, h_prev, xp, g, comm, chunk, backend=opts.backend)
     if exact:
         return lam, 0
-    vjp_chunk = max(1, (1 << 22) // max(1, B * max(D, xp.shape[-1] if n else 1)))
+    vjp_chunk = _vjp_chunk(B, D, xp)
     prev = err = math.inf
     floor = 100 * torch.finfo(cdt).eps  # a stall this close to rounding is as exact as the dtype allows
     for it in range(1, max(opts.max_iter, ADJOINT_MIN_ITER) + 1):
@@ -182,9 +182,15 @@ def adjoint_solve(cell, opts: NewtonOptions, h_prev, xp, g, comm: Communicator):
         prev = err
         lam = lam + adjoint_scan(cell, st, h_prev, xp, r, comm, chunk, backend=opts.backend)
     # defect correction stalled (e.g. a strongly non-normal cell): the exact structure is slower but exact
-    exact_chunk = opts.chunk_size or auto_chunk(cell.structure, B, D, cdt)
+    exact_chunk = opts.chunk_size or auto_chunk(cell.structure, B, D, cdt, device=g.device)
     lam = adjoint_scan(cell, cell.structure, h_prev, xp, g, comm, exact_chunk, backend=opts.backend)
     return lam, -1
+
+
+def _vjp_chunk(B: int, D: int, xp: torch.Tensor) -> int:
+    """Steps per VJP chunk: about 2^22 (CPU) or 2^24 (GPU: fewer, larger autograd graphs) state elements."""
+    elems = (1 << 24) if xp.is_cuda else (1 << 22)
+    return max(1, elems // max(1, B * max(D, xp.shape[-1] if xp.shape[0] else 1)))
 
 
 def _vjp_chunks(cell, inputs, cdt, h_prev, lam, params: List[torch.nn.Parameter], need_x: bool, chunk: int):
@@ -265,7 +271,7 @@ class SolveFunction(torch.autograd.Function):
             lam, iters = adjoint_solve(cell, ctx.opts, h_prev, xp, g, comm)
         ctx.info.backward_iterations = iters
         need_x = ctx.needs_input_grad[4]
-        vjp_chunk = max(1, (1 << 22) // max(1, B * max(D, xp.shape[-1] if n else 1)))
+        vjp_chunk = _vjp_chunk(B, D, xp)
         dx, dh_first, dparams = _vjp_chunks(cell, inputs, cdt, h_prev, lam, params, need_x, vjp_chunk)
         dparams = _all_reduce_grads(dparams, params, comm)
         dh0 = None

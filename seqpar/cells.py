@@ -86,7 +86,8 @@ class Cell(nn.Module):
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, structure={self.structure.describe()}"
 
 
-GENERIC_JACOBIAN_BUDGET = 32 * 2**20  # bytes of JVP tangents alive at once (dense: D tangents per step)
+GENERIC_JACOBIAN_BUDGET = 32 * 2**20  # bytes of JVP tangents alive at once (dense: D tangents per step), CPU
+GENERIC_JACOBIAN_BUDGET_CUDA = 256 * 2**20  # on a GPU: fewer, larger vmapped probes (launch-bound otherwise)
 
 
 def generic_jacobian(step, h_prev, xp, exact: Structure, want: Structure) -> torch.Tensor:
@@ -97,7 +98,7 @@ def generic_jacobian(step, h_prev, xp, exact: Structure, want: Structure) -> tor
     chunk it is given: the inputs are copied out of any larger tensor they view
     (forward-mode AD would otherwise build tangents the size of the base), and
     dense cells are probed on sub-chunks of at most ``GENERIC_JACOBIAN_BUDGET``
-    bytes of tangents.
+    (``GENERIC_JACOBIAN_BUDGET_CUDA`` on a GPU) bytes of tangents.
     """
     from torch.func import jvp, vmap
 
@@ -122,7 +123,8 @@ def generic_jacobian(step, h_prev, xp, exact: Structure, want: Structure) -> tor
         return want.from_dense(exact.to_dense(blocks, D))
     if h_prev.dim() >= 2 and h_prev.shape[0] > 1:  # time-major chunk: sub-chunks bound the D tangents per step
         per_step = D * h_prev[0].numel() * h_prev.element_size()
-        sub = max(1, GENERIC_JACOBIAN_BUDGET // max(1, per_step))
+        budget = GENERIC_JACOBIAN_BUDGET_CUDA if h_prev.is_cuda else GENERIC_JACOBIAN_BUDGET
+        sub = max(1, budget // max(1, per_step))
         if sub < h_prev.shape[0]:
             return torch.cat([generic_jacobian(step, h_prev[s:s + sub], xp[s:s + sub], exact, want)
                               for s in range(0, h_prev.shape[0], sub)], 0)
