@@ -183,42 +183,44 @@ def time_calls(call, repeats: int, max_call_s: float, deadline: float = math.inf
 
 def _jax_compat_shims():
     """DEER's maths.associative_scan uses private JAX helpers; restore any a newer JAX dropped."""
+    import importlib
     import operator
 
-    from jax._src import core as jcore
-    from jax._src import util as jutil
-    from jax._src.lax import lax as jlax
+    def canonicalize_axis(axis, ndim):
+        axis = operator.index(axis)
+        if not -ndim <= axis < ndim:
+            raise ValueError(f"axis {axis} is out of bounds for array of dimension {ndim}")
+        return axis + ndim if axis < 0 else axis
+
+    def safe_map(f, *args):
+        args = [list(x) for x in args]
+        if any(len(x) != len(args[0]) for x in args):
+            raise ValueError("safe_map: length mismatch")
+        return list(map(f, *args))
+
+    def is_constant_dim(d):
+        try:
+            operator.index(d)
+            return True
+        except TypeError:
+            return False
+
+    def _const(example, val):
+        return np.array(val, dtype=getattr(example, "dtype", None) or np.asarray(example).dtype)
 
     added = []
-    if not hasattr(jutil, "canonicalize_axis"):
-        def canonicalize_axis(axis, ndim):
-            axis = operator.index(axis)
-            if not -ndim <= axis < ndim:
-                raise ValueError(f"axis {axis} is out of bounds for array of dimension {ndim}")
-            return axis + ndim if axis < 0 else axis
-        jutil.canonicalize_axis = canonicalize_axis
-        added.append("jax._src.util.canonicalize_axis")
-    if not hasattr(jutil, "safe_map"):
-        def safe_map(f, *args):
-            args = [list(a) for a in args]
-            if any(len(a) != len(args[0]) for a in args):
-                raise ValueError("safe_map: length mismatch")
-            return list(map(f, *args))
-        jutil.safe_map = safe_map
-        added.append("jax._src.util.safe_map")
-    if not hasattr(jcore, "is_constant_dim"):
-        def is_constant_dim(d):
-            try:
-                operator.index(d)
-                return True
-            except TypeError:
-                return False
-        jcore.is_constant_dim = is_constant_dim
-        added.append("jax._src.core.is_constant_dim")
-    if not hasattr(jlax, "_const"):
-        jlax._const = lambda example, val: np.array(val, dtype=np.asarray(example).dtype if not hasattr(
-            example, "dtype") else example.dtype)
-        added.append("jax._src.lax.lax._const")
+    for module, name, shim in (("jax._src.util", "canonicalize_axis", canonicalize_axis),
+                               ("jax._src.util", "safe_map", safe_map),
+                               ("jax._src.core", "is_constant_dim", is_constant_dim),
+                               ("jax._src.lax.lax", "_const", _const)):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:  # DEER's import of it fails too; its error will say so
+            added.append(f"{module} missing ({e})")
+            continue
+        if not hasattr(mod, name):
+            setattr(mod, name, shim)
+            added.append(f"{module}.{name}")
     return added
 
 
