@@ -25,8 +25,9 @@ steps, one program per (chunk, batch row).
   elementwise relative residual ``max |h_t - f_t| / max(1, |f_t|)`` (NaN -> inf) and
   ``max |f_t|`` as per-program partial maxima (reduced after the launch: no
   same-address atomics).
-* the (n_chunks, B) summaries are scanned from ``start`` on the host side with
-  :func:`seqpar.scan.affine_scan` (a few batched matmuls): each chunk's carry.
+* the (n_chunks, B) summaries are scanned from ``start`` (a one-program-per-row
+  kernel of n_chunks mat-vecs; reference :func:`seqpar.scan.affine_scan`): each
+  chunk's carry.
 * ``MODE=2`` (rescan): walk the chunk again from its carry, recomputing gates
   (mat-vecs only: ``out <- a_r (W_r v) + a_z (W_z v) + a_n (W_n v) + z v + f`` with
   ``v = out - h_prev``, J is not formed) and storing ``out_t``.
@@ -51,7 +52,7 @@ from ._common import sigmoid, tanh
 
 MAX_D = 64
 PRECISIONS = {"ieee": 0, "tf32": 1, "tf32x3": 2}
-DEFAULT_PROGRAMS = 2048  # aim for at least this many (chunk, batch row) programs (L >= MIN_CHUNK)
+DEFAULT_PROGRAMS = None  # (chunk, batch row) programs to aim for; None: default_programs(D)
 MIN_CHUNK = 8
 
 
@@ -116,46 +117,49 @@ def _fused_dense_gru_kernel(H, XP, W, BH, Bnd, Carry, SumA, SumC, Out, Res,
     else:
         acc = tl.load(Carry + sb * D + ri, mask=rm, other=0.0)
     for k in range(L):
+        # no branch on t < T (the tail of the last chunk is masked): keeps the loads pipelinable
         t = t0 + k
-        if t < T:
-            if W_IN_LOOP:
-                wr, wz, wn = _w_tiles(W, D, ri, ci, mm)
-            t64 = t.to(tl.int64)
-            xo = (t64 * Bsz + bi) * (3 * D) + ri
-            xr = tl.load(XP + xo, mask=rm, other=0.0).to(tl.float32)
-            xz = tl.load(XP + xo + D, mask=rm, other=0.0).to(tl.float32)
-            xn = tl.load(XP + xo + 2 * D, mask=rm, other=0.0).to(tl.float32)
-            ho = (t64 * Bsz + bi) * D + ri
-            hc = tl.load(H + ho, mask=rm, other=0.0).to(tl.float32)
-            r, z, n, hn, f = _gru_gates(wr, wz, wn, br, bz, bn, hp, xr, xz, xn)
-            dn = (1.0 - z) * (1.0 - n * n)
-            a_r = dn * hn * r * (1.0 - r)
-            a_n = dn * r
-            a_z = (hp - n) * z * (1.0 - z)
-            v = acc - hp  # J v + f = J acc + b
-            if MODE == 1:
-                J = a_r[:, None] * wr + a_z[:, None] * wz + a_n[:, None] * wn + tl.where(eye, z[:, None], 0.0)
-                acc = tl.where(rm, _mv(J, v) + f, 0.0)
-                if USE_DOT:
-                    if PREC == 1:
-                        A = tl.dot(J, A, input_precision="tf32")
-                    elif PREC == 2:
-                        A = tl.dot(J, A, input_precision="tf32x3")
-                    else:
-                        A = tl.dot(J, A, input_precision="ieee")
+        valid = (zero + t) < T  # (DP,): a vector, the interpreter refuses scalar & vector masks
+        m = rm & valid
+        if W_IN_LOOP:
+            wr, wz, wn = _w_tiles(W, D, ri, ci, mm)
+        t64 = t.to(tl.int64)
+        xo = (t64 * Bsz + bi) * (3 * D) + ri
+        xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
+        xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
+        xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+        ho = (t64 * Bsz + bi) * D + ri
+        hc = tl.load(H + ho, mask=m, other=0.0).to(tl.float32)
+        r, z, n, hn, f = _gru_gates(wr, wz, wn, br, bz, bn, hp, xr, xz, xn)
+        dn = (1.0 - z) * (1.0 - n * n)
+        a_r = dn * hn * r * (1.0 - r)
+        a_n = dn * r
+        a_z = (hp - n) * z * (1.0 - z)
+        v = acc - hp  # J v + f = J acc + b
+        if MODE == 1:
+            J = a_r[:, None] * wr + a_z[:, None] * wz + a_n[:, None] * wn + tl.where(eye, z[:, None], 0.0)
+            acc = tl.where(m, _mv(J, v) + f, acc)
+            if USE_DOT:
+                if PREC == 1:
+                    JA = tl.dot(J, A, input_precision="tf32")
+                elif PREC == 2:
+                    JA = tl.dot(J, A, input_precision="tf32x3")
                 else:
-                    A = tl.sum(J[:, :, None] * A[None, :, :], 1)
-                fab = tl.where(rm, tl.abs(f), 0.0)
-                rel = tl.abs(hc - f) / tl.maximum(fab, 1.0)
-                rel = tl.where(rm, tl.where(rel == rel, rel, float("inf")), 0.0)  # NaN -> inf: divergence
-                fab = tl.where(fab == fab, fab, float("inf"))
-                rmax = tl.maximum(rmax, rel)
-                fmax = tl.maximum(fmax, fab)
+                    JA = tl.dot(J, A, input_precision="ieee")
             else:
-                jv = a_r * _mv(wr, v) + a_z * _mv(wz, v) + a_n * _mv(wn, v) + z * v
-                acc = tl.where(rm, jv + f, 0.0)
-                tl.store(Out + ho, acc.to(Out.dtype.element_ty), mask=rm)
-            hp = hc
+                JA = tl.sum(J[:, :, None] * A[None, :, :], 1)
+            A = tl.where(valid[:, None], JA, A)
+            fab = tl.where(m, tl.abs(f), 0.0)
+            rel = tl.abs(hc - f) / tl.maximum(fab, 1.0)
+            rel = tl.where(m, tl.where(rel == rel, rel, float("inf")), 0.0)  # NaN -> inf: divergence
+            fab = tl.where(fab == fab, fab, float("inf"))
+            rmax = tl.maximum(rmax, rel)
+            fmax = tl.maximum(fmax, fab)
+        else:
+            jv = a_r * _mv(wr, v) + a_z * _mv(wz, v) + a_n * _mv(wn, v) + z * v
+            acc = tl.where(m, jv + f, acc)
+            tl.store(Out + ho, acc.to(Out.dtype.element_ty), mask=m)
+        hp = hc
     if MODE == 1:
         tl.store(SumA + sb * D * D + ri[:, None] * D + ci[None, :], A, mask=mm)
         tl.store(SumC + sb * D + ri, acc, mask=rm)
@@ -163,8 +167,34 @@ def _fused_dense_gru_kernel(H, XP, W, BH, Bnd, Carry, SumA, SumC, Out, Res,
         tl.store(Res + NP + sb, tl.max(fmax, 0))
 
 
-def chunk_length(T: int, B: int, programs: int = DEFAULT_PROGRAMS) -> int:
-    """Steps per chunk: enough (chunk, batch row) programs to fill the GPU, at least MIN_CHUNK steps."""
+@triton.jit
+def _carry_kernel(SumA, SumC, St, Carry, n_chunks, Bsz, D, DP: tl.constexpr):
+    """One program per batch row: carry_0 = start, carry_{k+1} = A_k carry_k + c_k (mat-vecs, fp32)."""
+    bi = tl.program_id(0)
+    ri = tl.arange(0, DP)
+    ci = tl.arange(0, DP)
+    rm = ri < D
+    mm = rm[:, None] & (ci < D)[None, :]
+    s = tl.load(St + bi * D + ri, mask=rm, other=0.0).to(tl.float32)
+    for k in range(n_chunks):
+        sb = (k * Bsz + bi).to(tl.int64)
+        tl.store(Carry + sb * D + ri, s, mask=rm)
+        Ak = tl.load(SumA + sb * D * D + ri[:, None] * D + ci[None, :], mask=mm, other=0.0)
+        ck = tl.load(SumC + sb * D + ri, mask=rm, other=0.0)
+        s = _mv(Ak, s) + ck
+
+
+def default_programs(D: int) -> int:
+    """Programs to aim for.  Small D is latency-bound (one short dependency chain per step, one
+    warp): many short chunks; large D is bound by the D^3 summary product: fewer, longer chunks
+    keep the host-side summary scan small.  (To be tuned: benchmarks/bench_dense_gru.py --sweep.)"""
+    if D <= 8:
+        return 8192
+    return 4096 if D <= 16 else 2048
+
+
+def chunk_length(T: int, B: int, programs: int) -> int:
+    """Steps per chunk: about ``programs`` (chunk, batch row) programs, at least MIN_CHUNK steps."""
     return max(MIN_CHUNK, triton.cdiv(T, max(1, triton.cdiv(programs, B))))
 
 
@@ -179,7 +209,7 @@ def default_num_warps(D: int) -> int:
 def fused_dense_gru_step(h, xp, weight_hh, bias_hh, boundary, out: Optional[torch.Tensor] = None, *,
                          start=None, want_summary: bool = False, chunk: Optional[int] = None,
                          precision: str = "ieee", num_warps: Optional[int] = None,
-                         programs: int = DEFAULT_PROGRAMS, w_in_loop: Optional[bool] = None):
+                         programs: Optional[int] = DEFAULT_PROGRAMS, w_in_loop: Optional[bool] = None):
     """One Newton iteration of the dense GRU with its exact Jacobian.
 
     ``h`` (T, B, D) the iterate, ``xp`` (T, B, 3D) projected inputs (float32 or
@@ -192,12 +222,13 @@ def fused_dense_gru_step(h, xp, weight_hh, bias_hh, boundary, out: Optional[torc
     reported as inf); ``phi`` float32 (B, 1, D, D), ``J_{T-1} ... J_0`` (identity for
     T == 0).
 
-    Tuning: ``chunk`` steps per program (default :func:`chunk_length`), ``precision`` of
+    Tuning: ``chunk`` steps per program (default: :func:`chunk_length` for ``programs``
+    programs, default :func:`default_programs`), ``precision`` of
     the summary products ``"ieee"`` | ``"tf32"`` | ``"tf32x3"`` (D > 8 only; the
     per-step states always use fp32 mat-vecs), ``num_warps``, ``w_in_loop`` (reload the
     W_hh tiles every step instead of holding them in registers; default for D > 32).
     """
-    from seqpar.scan import affine_scan, jacobian_product
+    from seqpar.scan import jacobian_product
     from seqpar.structure import DENSE
 
     T, B, D = h.shape
@@ -223,7 +254,7 @@ def fused_dense_gru_step(h, xp, weight_hh, bias_hh, boundary, out: Optional[torc
     start = boundary if start is None else start
     use_dot = D > 8
     DP = max(16, triton.next_power_of_2(D)) if use_dot else max(2, triton.next_power_of_2(D))
-    L = int(chunk) if chunk else chunk_length(T, B, programs)
+    L = int(chunk) if chunk else chunk_length(T, B, programs or default_programs(D))
     n_chunks = triton.cdiv(T, L)
     NP = n_chunks * B
     nw = num_warps or default_num_warps(D)
@@ -234,13 +265,14 @@ def fused_dense_gru_step(h, xp, weight_hh, bias_hh, boundary, out: Optional[torc
     kw = dict(DP=DP, USE_DOT=use_dot, PREC=PRECISIONS[precision], W_IN_LOOP=wil, num_warps=nw)
     _fused_dense_gru_kernel[(NP,)](h, xp, W, bh, boundary, sumC, sumA, sumC, out, part,
                                    T, B, D, L, NP, MODE=1, **kw)
-    s0 = start.to(torch.float32).reshape(B, D)
-    A = sumA.unsqueeze(2)  # (n_chunks, B, 1, D, D): the dense structure's storage
-    ends = affine_scan(A, sumC, s0, DENSE)  # state after each chunk
-    carry = torch.cat([s0.unsqueeze(0), ends[:-1]], 0).contiguous()
+    # the chunk summaries scanned from start (reference: affine_scan(sumA.unsqueeze(2), sumC, start, DENSE)):
+    # one small launch instead of the log-depth torch scan's many (n_chunks is ~programs / B)
+    carry = torch.empty_like(sumC)
+    _carry_kernel[(B,)](sumA, sumC, start.contiguous(), carry, n_chunks, B, D, DP=max(2, triton.next_power_of_2(D)),
+                        num_warps=default_num_warps(D))
     _fused_dense_gru_kernel[(NP,)](h, xp, W, bh, boundary, carry, sumA, sumC, out, part,
                                    T, B, D, L, NP, MODE=2, **kw)
     stats = part.amax(1)
     if not want_summary:
         return out, stats
-    return out, stats, jacobian_product(A, DENSE)
+    return out, stats, jacobian_product(sumA.unsqueeze(2), DENSE)  # (B, 1, D, D): dense storage
