@@ -7,8 +7,8 @@ times, as the median of --repeats calls after one warm-up call, with the device
 synchronised around each call (the input projection is included: the solve does it):
 
 * ``fused-ieee``: the fused kernel (kernels/fused_dense_gru.py), chunk summaries in IEEE fp32;
-* ``fused-tf32``: the same with TF32 tensor-core products for the chunk summaries
-  (``seqpar.cells.DENSE_KERNEL_PRECISION``; ``--precisions`` adds ``tf32x3``);
+* ``fused-tf32`` / ``fused-tf32x3``: the same with TF32 / 3xTF32 tensor-core products for the chunk summaries
+  (``seqpar.cells.DENSE_KERNEL_PRECISION``; D > 8 only);
 * ``torch-path``: the previous path (J per chunk in torch, ``GRU.jacobian``, scanned by
   kernels/scan_dense.py), forced with a GRU subclass that redefines ``jacobian`` (the
   backend then refuses the kernel);
@@ -24,7 +24,7 @@ skipped.  Writes JSON (default $OUT/dense_gru.json or benchmarks/results/dense_g
 and prints a table.
 
     python benchmarks/bench_dense_gru.py --out $OUT/dense_gru.json           # GPU: ~3-4 min
-    python benchmarks/bench_dense_gru.py --sweep --dims 4,64 --steps 1M      # kernel tunables (step only)
+    python benchmarks/bench_dense_gru.py --sweep --dims 4,64 --steps 1M --precisions ieee   # tunables, ~2 min
     python benchmarks/bench_dense_gru.py --quick                             # CPU smoke test (interpreter)
 """
 from __future__ import annotations
@@ -65,10 +65,10 @@ def build_parser():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--input-size", type=int, default=0, help="input size I (0: I = D)")
     p.add_argument("--solvers", default=",".join(SOLVERS))
-    p.add_argument("--precisions", default="ieee,tf32", help="fused kernel summary products: ieee,tf32,tf32x3")
+    p.add_argument("--precisions", default="ieee,tf32,tf32x3", help="fused kernel summary products: ieee,tf32,tf32x3")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-call-s", type=float, default=20.0, help="skip a configuration estimated above this per call")
-    p.add_argument("--total-budget-s", type=float, default=270.0, help="skip everything after this much wall time")
+    p.add_argument("--total-budget-s", type=float, default=240.0, help="skip everything after this much wall time")
     p.add_argument("--no-check", action="store_true", help="skip the float64 cuDNN comparison")
     p.add_argument("--sweep", action="store_true",
                    help="instead: time one fused Newton iteration over num_warps / w_in_loop / programs / precision")
@@ -150,7 +150,7 @@ def sweep(a, Ts, dims, dev, env):
             with torch.no_grad():
                 xp = cell.project_inputs(torch.randn(T, a.batch, cell.input_size, device=dev))
             for prec in parse_list(a.precisions, str) if D > 8 else ["ieee"]:
-                for nw in (1, 2, 4, 8):
+                for nw in ((1, 2, 4, 8) if D <= 16 else (2, 4, 8)):
                     for wil in (False, True):
                         for programs in (1024, 2048, 4096, 8192):
                             try:
