@@ -61,7 +61,7 @@ def parse_list(text, conv):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", default="100k,1M", help="sequence lengths T (comma-separated counts)")
-    p.add_argument("--dims", default="2,4,16,64", help="state sizes D (<= 64 for the kernel)")
+    p.add_argument("--dims", default="64,16,4,2", help="state sizes D (<= 64), in run order: the costly first")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--input-size", type=int, default=0, help="input size I (0: I = D)")
     p.add_argument("--solvers", default=",".join(SOLVERS))
