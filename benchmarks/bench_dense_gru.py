@@ -279,7 +279,7 @@ def main(argv=None):
                             torch.cuda.empty_cache()
                 rows.append(row)
                 print(_line(row), flush=True)
-            del x, ref
+            x = ref = None  # free before the next configuration
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     write_json(a.out or out_path("dense_gru.json"), {"env": env, "args": vars(a), "rows": rows})

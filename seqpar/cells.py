@@ -271,7 +271,7 @@ class Elman(_TorchWeightsCell):
 
 
 DENSE_KERNEL_MAX_D = 64          # GRU, jacobian="dense": the fused exact-Newton kernel up to this state size
-DENSE_KERNEL_PRECISION = "ieee"  # its chunk-summary products: "ieee" | "tf32" | "tf32x3" (benchmarks/bench_dense_gru.py)
+DENSE_KERNEL_PRECISION = "ieee"  # its chunk-summary products: "ieee" | "tf32" | "tf32x3" (bench_dense_gru.py)
 
 
 class GRU(_TorchWeightsCell):
