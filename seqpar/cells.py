@@ -277,6 +277,10 @@ class Elman(_TorchWeightsCell):
         return structure.row_scale(s, Wr)
 
 
+DENSE_KERNEL_MAX_D = 64          # GRU, jacobian="dense": the fused exact-Newton kernel up to this state size
+DENSE_KERNEL_PRECISION = "ieee"  # its chunk-summary products: "ieee" | "tf32" | "tf32x3" (bench_dense_gru.py)
+
+
 class GRU(_TorchWeightsCell):
     """torch.nn.GRU's cell: gates (r, z, n), ``h' = (1 - z) n + z h``."""
 
@@ -308,11 +312,18 @@ class GRU(_TorchWeightsCell):
                 + structure.row_scale(a_n, Wn) + structure.diag_matrix(z))
 
     def fused_newton_step(self, structure, xp):
+        w, b = self.weight_hh, self.bias_hh
+        if structure.kind == "dense" and self.hidden_size <= DENSE_KERNEL_MAX_D:
+            # exact Newton: gates, J (in registers), residual and the chunked scan in one kernel pair
+            from .kernels.fused_dense_gru import fused_dense_gru_step
+
+            return lambda h, bnd, start, out=None, want_summary=False: fused_dense_gru_step(
+                h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary,
+                precision=DENSE_KERNEL_PRECISION)
         if structure.kind != "diag":  # quasi-Newton on the diagonal of J: fused gates + scan after one GEMM
             return None
         from .kernels.fused_diag_gru import fused_gru_quasi_step
 
-        w, b = self.weight_hh, self.bias_hh
         return lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(
             h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
 

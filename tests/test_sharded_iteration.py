@@ -21,8 +21,8 @@ import seqpar  # noqa: E402
 from dist_helpers import run_ranks  # noqa: E402
 from seqpar.problems import make_cell  # noqa: E402
 
-# (cell, jacobian): the three cells with fused kernels (DiagGRU exact, GRU quasi-Newton, DiagLSTM 2x2 blocks)
-FUSED = [("diag-gru", "auto"), ("gru", "diag"), ("diag-lstm", "auto")]
+# (cell, jacobian): the cells with fused kernels (DiagGRU exact, GRU quasi-Newton and exact dense, DiagLSTM 2x2 blocks)
+FUSED = [("diag-gru", "auto"), ("gru", "diag"), ("gru", "dense"), ("diag-lstm", "auto")]
 LAYOUTS = {1: [[41]], 2: [[26, 15], [1, 40]], 3: [[20, 0, 21], [0, 1, 40]]}
 B, I, H = 2, 3, 5
 
