@@ -322,8 +322,11 @@ class GRU(_TorchWeightsCell):
                 precision=DENSE_KERNEL_PRECISION)
         if structure.kind != "diag":  # quasi-Newton on the diagonal of J: fused gates + scan after one GEMM
             return None
-        from .kernels.fused_diag_gru import fused_gru_quasi_step
+        from .kernels.fused_diag_gru import fused_diag_gru_step, fused_gru_quasi_step
 
+        if self.hidden_size == 1:  # W_hh is its own diagonal: the DiagGRU kernel, exact, no per-iteration GEMM
+            return lambda h, bnd, start, out=None, want_summary=False: fused_diag_gru_step(
+                h, xp, w.reshape(3), b, bnd, out=out, start=start, want_summary=want_summary)
         return lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(
             h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
 

@@ -8,6 +8,7 @@ iterates, empty sequences; the wiring into ``seqpar.solve`` and the sharded-solv
 correction.  GPU variants (``-m gpu``) check one iteration on T = 5003 against float64 and full solves on
 T = 100k (IEEE and TF32 summaries) against torch.nn.GRU in float64 on the GPU.
 """
+import copy
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -270,3 +271,32 @@ def test_gpu_solve_matches_float64_cudnn(D, precision, monkeypatch):
     assert info.converged and info.newton_converged and info.fallback is None, info.summary()
     err = float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1))
     assert err < 1e-4, (precision, err, info.summary())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_hidden_one_runs_the_diag_kernel_exactly(bias):
+    """D = 1: W_hh is its own diagonal, so the GRU runs the DiagGRU kernel (exact Newton, no per-iteration
+    GEMM); with one input feature the projection is a multiply-add.  Same states as sequential evaluation."""
+    from seqpar.backend import fused_stepper
+    from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
+    from seqpar.structure import DIAG
+
+    torch.manual_seed(7)
+    m = torch.nn.GRU(1, 1, bias=bias)
+    cell = GRU.from_torch(m)
+    x = torch.randn(41, 3, 1)
+    h0 = torch.randn(3, 1)
+    xp = cell.project_inputs(x)
+    ref_xp = torch.nn.functional.linear(x, m.weight_ih_l0, m.bias_ih_l0 if bias else None)
+    torch.testing.assert_close(xp, ref_xp)
+    step = fused_stepper(cell, DIAG, xp, "triton")
+    assert step is not None
+    h = torch.randn(41, 3, 1)
+    out, stats = step(h, h0, h0)
+    ref_out, ref_stats = fused_diag_gru_step(h, xp, cell.weight_hh.reshape(3), cell.bias_hh, h0)
+    torch.testing.assert_close(out, ref_out)
+    with torch.no_grad():
+        seq = seqpar.solve(GRU.from_torch(copy.deepcopy(m).double()), x.double(), h0.double(), method="sequential")
+        got, info = seqpar.solve(cell, x, h0, jacobian="dense", backend="triton", return_info=True)
+    assert info.converged and info.jacobian == "diag"
+    torch.testing.assert_close(got.double(), seq, rtol=1e-5, atol=2e-6)
