@@ -118,7 +118,7 @@ def max_rel_diff(a, ref):
     num, den = 0.0, 1.0
     for s in range(0, ref.shape[0], PIECE):
         r = ref[s:s + PIECE]
-        num = max(num, float((a[s:s + PIECE].double() - r).abs().max()))
+        num = max(num, float((a[s:s + r.shape[0]].double() - r).abs().max()))
         den = max(den, float(r.abs().max()))
     return num / den
 
@@ -150,21 +150,24 @@ def sweep(a, Ts, dims, dev, env):
             with torch.no_grad():
                 xp = cell.project_inputs(torch.randn(T, a.batch, cell.input_size, device=dev))
             for prec in parse_list(a.precisions, str) if D > 8 else ["ieee"]:
-                for nw in ((1, 2, 4, 8) if D <= 16 else (2, 4, 8)):
-                    for wil in (False, True):
-                        for programs in (1024, 2048, 4096, 8192):
-                            try:
-                                t = time_step(cell, xp, a.batch, D, a.repeats, precision=prec, num_warps=nw,
-                                              w_in_loop=wil, programs=programs)
-                            except Exception as e:  # noqa: BLE001  (e.g. out of shared memory / registers)
-                                t = None
-                                print(f"  D={D} T={T} {prec} nw={nw} wil={wil} programs={programs}: {e!r}"[:200])
-                            row = dict(D=D, T=T, B=a.batch, precision=prec, num_warps=nw, w_in_loop=wil,
-                                       programs=programs, step_s=t)
-                            rows.append(row)
-                            if t is not None:
-                                print(f"D={D:3d} T={T:>9,d} {prec:6s} nw={nw} w_in_loop={wil!s:5s} "
-                                      f"programs={programs:5d}: {t * 1e3:8.2f} ms / iteration", flush=True)
+                for nw in ((1, 2, 4) if D <= 16 else (4, 8)):
+                    for wil in ((False,) if D <= 16 else (False, True)):
+                        for programs in (2048, 4096, 8192, 16384):
+                            for pf in (True, False):
+                                try:
+                                    t = time_step(cell, xp, a.batch, D, a.repeats, precision=prec, num_warps=nw,
+                                                  w_in_loop=wil, programs=programs, prefetch=pf)
+                                except Exception as e:  # noqa: BLE001  (e.g. out of shared memory / registers)
+                                    t = None
+                                    print(f"  D={D} T={T} {prec} nw={nw} wil={wil} programs={programs} "
+                                          f"prefetch={pf}: {e!r}"[:200])
+                                row = dict(D=D, T=T, B=a.batch, precision=prec, num_warps=nw, w_in_loop=wil,
+                                           programs=programs, prefetch=pf, step_s=t)
+                                rows.append(row)
+                                if t is not None:
+                                    print(f"D={D:3d} T={T:>9,d} {prec:6s} nw={nw} w_in_loop={wil!s:5s} "
+                                          f"programs={programs:5d} prefetch={pf!s:5s}: {t * 1e3:8.2f} ms / iteration",
+                                          flush=True)
             del xp
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

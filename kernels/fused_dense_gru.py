@@ -73,6 +73,19 @@ def _mv(Wt, v):
 
 
 @triton.jit
+def _step_inputs(XP, H, t, T_end, Bsz, bi, D, ri, rm, zero):
+    """Step t's input pre-activations (xr, xz, xn) and iterate h_t, fp32, (DP,) each; zeros if t >= T_end."""
+    m = rm & ((zero + t) < T_end)
+    t64 = t.to(tl.int64)
+    xo = (t64 * Bsz + bi) * (3 * D) + ri
+    xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
+    xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
+    xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+    hc = tl.load(H + (t64 * Bsz + bi) * D + ri, mask=m, other=0.0).to(tl.float32)
+    return xr, xz, xn, hc
+
+
+@triton.jit
 def _gru_gates(wr, wz, wn, br, bz, bn, hp, xr, xz, xn):
     """Gates r, z, n, the recurrent n pre-activation hn and f at h_prev ``hp``."""
     hn = _mv(wn, hp) + bn
@@ -87,7 +100,7 @@ def _gru_gates(wr, wz, wn, br, bz, bn, hp, xr, xz, xn):
 def _fused_dense_gru_kernel(H, XP, W, BH, Bnd, Carry, SumA, SumC, Out, Res,
                             T, Bsz, D, L, NP,
                             DP: tl.constexpr, MODE: tl.constexpr, USE_DOT: tl.constexpr,
-                            PREC: tl.constexpr, W_IN_LOOP: tl.constexpr):
+                            PREC: tl.constexpr, W_IN_LOOP: tl.constexpr, PREFETCH: tl.constexpr = True):
     pid = tl.program_id(0)
     c = pid // Bsz
     bi = pid % Bsz
@@ -116,6 +129,8 @@ def _fused_dense_gru_kernel(H, XP, W, BH, Bnd, Carry, SumA, SumC, Out, Res,
         fmax = tl.zeros([DP], tl.float32)
     else:
         acc = tl.load(Carry + sb * D + ri, mask=rm, other=0.0)
+    if PREFETCH:  # step t's inputs are loaded during step t-1: the load latency hides behind its math
+        nxr, nxz, nxn, nhc = _step_inputs(XP, H, t0, T, Bsz, bi, D, ri, rm, zero)
     for k in range(L):
         # no branch on t < T (the tail of the last chunk is masked): keeps the loads pipelinable
         t = t0 + k
@@ -124,12 +139,12 @@ def _fused_dense_gru_kernel(H, XP, W, BH, Bnd, Carry, SumA, SumC, Out, Res,
         if W_IN_LOOP:
             wr, wz, wn = _w_tiles(W, D, ri, ci, mm)
         t64 = t.to(tl.int64)
-        xo = (t64 * Bsz + bi) * (3 * D) + ri
-        xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
-        xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
-        xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
         ho = (t64 * Bsz + bi) * D + ri
-        hc = tl.load(H + ho, mask=m, other=0.0).to(tl.float32)
+        if PREFETCH:
+            xr, xz, xn, hc = nxr, nxz, nxn, nhc
+            nxr, nxz, nxn, nhc = _step_inputs(XP, H, t + 1, tl.minimum(T, t0 + L), Bsz, bi, D, ri, rm, zero)
+        else:
+            xr, xz, xn, hc = _step_inputs(XP, H, t, T, Bsz, bi, D, ri, rm, zero)
         r, z, n, hn, f = _gru_gates(wr, wz, wn, br, bz, bn, hp, xr, xz, xn)
         dn = (1.0 - z) * (1.0 - n * n)
         a_r = dn * hn * r * (1.0 - r)
@@ -176,12 +191,18 @@ def _carry_kernel(SumA, SumC, St, Carry, n_chunks, Bsz, D, DP: tl.constexpr):
     rm = ri < D
     mm = rm[:, None] & (ci < D)[None, :]
     s = tl.load(St + bi * D + ri, mask=rm, other=0.0).to(tl.float32)
+    Ak = tl.load(SumA + bi * D * D + ri[:, None] * D + ci[None, :], mask=mm, other=0.0)
+    ck = tl.load(SumC + bi * D + ri, mask=rm, other=0.0)
     for k in range(n_chunks):
         sb = (k * Bsz + bi).to(tl.int64)
         tl.store(Carry + sb * D + ri, s, mask=rm)
-        Ak = tl.load(SumA + sb * D * D + ri[:, None] * D + ci[None, :], mask=mm, other=0.0)
-        ck = tl.load(SumC + sb * D + ri, mask=rm, other=0.0)
+        # chunk k+1's summary is loaded before chunk k's mat-vec (its latency hides behind the math)
+        nb = ((k + 1) * Bsz + bi).to(tl.int64)
+        more = (ri * 0 + k + 1) < n_chunks
+        nA = tl.load(SumA + nb * D * D + ri[:, None] * D + ci[None, :], mask=mm & more[:, None], other=0.0)
+        nc = tl.load(SumC + nb * D + ri, mask=rm & more, other=0.0)
         s = _mv(Ak, s) + ck
+        Ak, ck = nA, nc
 
 
 def default_programs(D: int) -> int:
@@ -209,7 +230,8 @@ def default_num_warps(D: int) -> int:
 def fused_dense_gru_step(h, xp, weight_hh, bias_hh, boundary, out: Optional[torch.Tensor] = None, *,
                          start=None, want_summary: bool = False, chunk: Optional[int] = None,
                          precision: str = "ieee", num_warps: Optional[int] = None,
-                         programs: Optional[int] = DEFAULT_PROGRAMS, w_in_loop: Optional[bool] = None):
+                         programs: Optional[int] = DEFAULT_PROGRAMS, w_in_loop: Optional[bool] = None,
+                         prefetch: bool = True):
     """One Newton iteration of the dense GRU with its exact Jacobian.
 
     ``h`` (T, B, D) the iterate, ``xp`` (T, B, 3D) projected inputs (float32 or
@@ -226,7 +248,9 @@ def fused_dense_gru_step(h, xp, weight_hh, bias_hh, boundary, out: Optional[torc
     programs, default :func:`default_programs`), ``precision`` of
     the summary products ``"ieee"`` | ``"tf32"`` | ``"tf32x3"`` (D > 8 only; the
     per-step states always use fp32 mat-vecs), ``num_warps``, ``w_in_loop`` (reload the
-    W_hh tiles every step instead of holding them in registers; default for D > 32).
+    W_hh tiles every step instead of holding them in registers; default for D > 32),
+    ``prefetch`` (load step t+1's inputs while step t computes; the per-step chain is
+    latency-bound at small D).
     """
     from seqpar.scan import jacobian_product
     from seqpar.structure import DENSE
@@ -262,7 +286,8 @@ def fused_dense_gru_step(h, xp, weight_hh, bias_hh, boundary, out: Optional[torc
     sumA = torch.empty(n_chunks, B, D, D, dtype=torch.float32, device=dev)
     sumC = torch.empty(n_chunks, B, D, dtype=torch.float32, device=dev)
     part = torch.empty(2, NP, dtype=torch.float32, device=dev)
-    kw = dict(DP=DP, USE_DOT=use_dot, PREC=PRECISIONS[precision], W_IN_LOOP=wil, num_warps=nw)
+    kw = dict(DP=DP, USE_DOT=use_dot, PREC=PRECISIONS[precision], W_IN_LOOP=wil, PREFETCH=bool(prefetch),
+              num_warps=nw)
     _fused_dense_gru_kernel[(NP,)](h, xp, W, bh, boundary, sumC, sumA, sumC, out, part,
                                    T, B, D, L, NP, MODE=1, **kw)
     # the chunk summaries scanned from start (reference: affine_scan(sumA.unsqueeze(2), sumC, start, DENSE)):
