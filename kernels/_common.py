@@ -38,6 +38,16 @@ Look-back window ``W`` (constexpr of every single-pass kernel, host argument
   inclusive state (or above the nearest unpublished tile, where it re-polls), so
   the frontier moves up to W tiles per round trip.  Workspace:
   :func:`lookback_buffers`.
+
+In both schemes a program waits only on tiles with smaller tickets, i.e. programs
+that have already started and that never wait on later ones: no deadlock, whatever
+the number of co-resident programs.  Memory order: data (aggregate / inclusive
+state) is stored, a ``debug_barrier`` orders all the program's threads' stores before
+the one thread's release of the flag; the reader's acquire of the flag is followed
+by a ``debug_barrier`` before its threads' (volatile, L1-bypassing) loads of the data.
+
+Tile shape, warps and window per lane count come from each kernel module's
+``TILES`` table (:func:`pick_tiles`; explicit arguments override it).
 """
 import triton
 import triton.language as tl
@@ -103,11 +113,11 @@ def poll_window(Flags, hi, lb, n_lb, W: tl.constexpr):
     """One acquire read of the flag word holding predecessor ``hi`` (>= 0): the tiles
     ``j = wb .. wb + W - 1`` (``wb = hi // W * W``), of which ``j <= hi`` are considered.
 
-    Returns ``(j (W,), take_agg (W,), take_incl (W,), done, next_hi)``: with ``lo`` the
-    nearest (highest) tile that has its inclusive state (flag 2) or nothing yet (flag 0),
-    ``take_agg`` marks the flag-1 tiles ``lo < j <= hi`` whose aggregates are to be composed,
-    ``take_incl`` the tile ``lo`` when it has flag 2 (then ``done`` = 1), ``next_hi`` where to
-    look next: ``lo`` when it has flag 0 (re-poll it), ``wb - 1`` when every tile had flag 1."""
+    Returns scalars ``(lo, done, next_hi)``: ``lo`` the nearest (highest) tile ``<= hi`` of
+    the word that has its inclusive state (flag 2) or nothing yet (flag 0), -1 if all have
+    flag 1; the flag-1 tiles ``lo < j <= hi`` are to be composed, then ``done`` = 1 if ``lo``
+    has flag 2 (its inclusive state ends the look-back), else look on from ``next_hi``: ``lo``
+    when it has flag 0 (re-poll it), ``wb - 1`` when every tile had flag 1."""
     w = hi // W
     v = tl.atomic_add(Flags + w * n_lb + lb, 0, sem="acquire")  # scalar: one value for all threads
     k = tl.arange(0, W)
@@ -115,16 +125,12 @@ def poll_window(Flags, hi, lb, n_lb, W: tl.constexpr):
     wb = w * W
     j = wb + k
     valid = j <= hi
-    is2 = valid & (s >= 2)
-    is0 = valid & (s == 0)
-    j2 = tl.max(tl.where(is2, j, -1), 0)
-    j0 = tl.max(tl.where(is0, j, -1), 0)
+    j2 = tl.max(tl.where(valid & (s >= 2), j, -1), 0)
+    j0 = tl.max(tl.where(valid & (s == 0), j, -1), 0)
     lo = tl.maximum(j0, j2)
-    take_agg = valid & (j > lo)
-    take_incl = is2 & (j == lo)
     done = (j2 > j0).to(tl.int32)
     next_hi = tl.where(lo >= 0, lo, wb - 1)
-    return j, take_agg, take_incl, done, next_hi
+    return lo, done, next_hi
 
 
 @triton.jit
@@ -179,29 +185,29 @@ def _walk_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first):
 @triton.jit
 def _window_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first, W: tl.constexpr):
     """W > 1: windows of up to W predecessors per acquire read (see the module docstring).
-    Each window is turned into W maps in time order (identity for the tiles not taken, the
-    constant map (0, inclusive state) for the flag-2 tile), composed with an order-preserving
-    ``tl.associative_scan`` along the window (last row = the window's composite), and folded
-    under the accumulator, which holds the later maps: acc <- acc o window."""
+    The accumulator holds the maps later in time; the window's flag-1 tiles are folded under
+    it from the latest to the earliest (acc <- acc o (a_j, c_j), an order-preserving
+    sequential composition, unrolled over the W rows with masked row loads: identity for the
+    rows not taken), then the flag-2 tile's inclusive state, if any, gives h_in = acc(h)."""
     acc_a = tl.full(h_first.shape, 1.0, tl.float32)
     acc_c = tl.zeros(h_first.shape, tl.float32)
-    rw = tl.arange(0, W)
     done = (c == 0).to(tl.int32)
     hi = c - 1
     while done == 0:
-        j, take_agg, take_incl, dn, next_hi = poll_window(Flags, hi, lb, n_lb, W)
+        lo, dn, next_hi = poll_window(Flags, hi, lb, n_lb, W)
         tl.debug_barrier()
-        off = j.to(tl.int64)[:, None] * N + lanes[None, :]
-        ma = take_agg[:, None] & lmask[None, :]
-        mi = take_incl[:, None] & lmask[None, :]
-        a = tl.load(AggA + off, mask=ma, other=1.0, volatile=True)
-        b = tl.load(AggC + off, mask=ma, other=0.0, volatile=True)
-        hv = tl.load(Incl + off, mask=mi, other=0.0, volatile=True)
-        a = tl.where(take_incl[:, None], 0.0, a)
-        b = tl.where(take_incl[:, None], hv, b)
-        wa, wc = tl.associative_scan((a, b), 0, comb_diag)
-        acc_c = acc_a * last_row(wc, rw, W) + acc_c
-        acc_a = acc_a * last_row(wa, rw, W)
+        wb = hi // W * W
+        for k in tl.static_range(W - 1, -1, -1):
+            j = wb + k
+            take = lmask & ((tl.zeros_like(lanes) + j) > lo) & ((tl.zeros_like(lanes) + j) <= hi)
+            off = j.to(tl.int64) * N + lanes
+            a = tl.load(AggA + off, mask=take, other=1.0, volatile=True)
+            b = tl.load(AggC + off, mask=take, other=0.0, volatile=True)
+            acc_c = acc_a * b + acc_c
+            acc_a = acc_a * a
+        hv = tl.load(Incl + lo.to(tl.int64) * N + lanes, mask=lmask & ((tl.zeros_like(lanes) + dn) == 1),
+                     other=0.0, volatile=True)
+        acc_c = tl.where((tl.zeros_like(lanes) + dn) == 1, acc_a * hv + acc_c, acc_c)
         hi = next_hi
         done = dn
     return tl.where((tl.zeros_like(lanes) + c) == 0, h_first, acc_c)
@@ -278,36 +284,34 @@ def _walk_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1):
 
 @triton.jit
 def _window_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1, W: tl.constexpr):
-    """W > 1 look-back of 2x2 maps, as :func:`_window_diag`: the flag-2 tile becomes the
-    constant map (zero matrix, inclusive state)."""
+    """W > 1 look-back of 2x2 maps, as :func:`_window_diag`."""
     one = tl.full(g0.shape, 1.0, tl.float32)
     zero = tl.zeros(g0.shape, tl.float32)
     p00, p01, p10, p11, q0, q1 = one, zero, zero, one, zero, zero
-    rw = tl.arange(0, W)
     done = (c == 0).to(tl.int32)
     hi = c - 1
     while done == 0:
-        j, take_agg, take_incl, dn, next_hi = poll_window(Flags, hi, lb, n_lb, W)
+        lo, dn, next_hi = poll_window(Flags, hi, lb, n_lb, W)
         tl.debug_barrier()
-        j64 = j.to(tl.int64)[:, None]
-        o6 = j64 * (6 * M) + lanes[None, :]
-        o2 = j64 * (2 * M) + lanes[None, :]
-        ma = take_agg[:, None] & lmask[None, :]
-        mi = take_incl[:, None] & lmask[None, :]
-        ti = take_incl[:, None]
-        e00 = tl.where(ti, 0.0, tl.load(Agg + o6, mask=ma, other=1.0, volatile=True))
-        e01 = tl.where(ti, 0.0, tl.load(Agg + o6 + M, mask=ma, other=0.0, volatile=True))
-        e10 = tl.where(ti, 0.0, tl.load(Agg + o6 + 2 * M, mask=ma, other=0.0, volatile=True))
-        e11 = tl.where(ti, 0.0, tl.load(Agg + o6 + 3 * M, mask=ma, other=1.0, volatile=True))
-        f0 = tl.where(ti, tl.load(Incl + o2, mask=mi, other=0.0, volatile=True),
-                      tl.load(Agg + o6 + 4 * M, mask=ma, other=0.0, volatile=True))
-        f1 = tl.where(ti, tl.load(Incl + o2 + M, mask=mi, other=0.0, volatile=True),
-                      tl.load(Agg + o6 + 5 * M, mask=ma, other=0.0, volatile=True))
-        s00, s01, s10, s11, s0, s1 = tl.associative_scan((e00, e01, e10, e11, f0, f1), 0, comb_block2)
-        # acc <- acc o window
-        p00, p01, p10, p11, q0, q1 = comb_block2(
-            last_row(s00, rw, W), last_row(s01, rw, W), last_row(s10, rw, W), last_row(s11, rw, W),
-            last_row(s0, rw, W), last_row(s1, rw, W), p00, p01, p10, p11, q0, q1)
+        wb = hi // W * W
+        for k in tl.static_range(W - 1, -1, -1):
+            j = wb + k
+            take = lmask & ((tl.zeros_like(lanes) + j) > lo) & ((tl.zeros_like(lanes) + j) <= hi)
+            o6 = j.to(tl.int64) * (6 * M) + lanes
+            e00 = tl.load(Agg + o6, mask=take, other=1.0, volatile=True)
+            e01 = tl.load(Agg + o6 + M, mask=take, other=0.0, volatile=True)
+            e10 = tl.load(Agg + o6 + 2 * M, mask=take, other=0.0, volatile=True)
+            e11 = tl.load(Agg + o6 + 3 * M, mask=take, other=1.0, volatile=True)
+            f0 = tl.load(Agg + o6 + 4 * M, mask=take, other=0.0, volatile=True)
+            f1 = tl.load(Agg + o6 + 5 * M, mask=take, other=0.0, volatile=True)
+            # acc <- acc o (E, f)
+            p00, p01, p10, p11, q0, q1 = comb_block2(e00, e01, e10, e11, f0, f1, p00, p01, p10, p11, q0, q1)
+        fin = (tl.zeros_like(lanes) + dn) == 1
+        o2 = lo.to(tl.int64) * (2 * M) + lanes
+        v0 = tl.load(Incl + o2, mask=lmask & fin, other=0.0, volatile=True)
+        v1 = tl.load(Incl + o2 + M, mask=lmask & fin, other=0.0, volatile=True)
+        q0 = tl.where(fin, p00 * v0 + p01 * v1 + q0, q0)
+        q1 = tl.where(fin, p10 * v0 + p11 * v1 + q1, q1)
         hi = next_hi
         done = dn
     first = (tl.zeros_like(lanes) + c) == 0
