@@ -49,18 +49,21 @@ from seqpar.kernels.scan_diag import scan_diag
 
 BLOCK2 = Structure("block", 2)
 WINDOWS = (1, 8, 16, 32)
-# other tile shapes (TT, BN, warps) tried per lane count with the best window of the table tile
+# other tile shapes (TT, BN, warps) tried per lane count with the best window of the table tile.
+# Register use (ptxas, sm_90, fused GRU): 32 elements per thread (TT * BN / (32 * warps), the
+# old defaults) -> 255 registers + spills (2 CTAs of 4 warps per SM); 16 -> ~190 (no spill);
+# 8 -> ~96-128 (W = 16 / 32): more programs in flight to hide the look-back wait.
 GRU_SHAPES = {
-    16: [(128, 16, 2), (512, 16, 4), (256, 16, 2), (1024, 16, 8)],
-    64: [(32, 64, 2), (128, 64, 4), (64, 32, 2), (128, 32, 4)],
-    256: [(32, 128, 4), (64, 64, 4), (32, 256, 8), (64, 64, 2)],
-    1024: [(32, 128, 4), (16, 128, 2), (64, 64, 4), (8, 256, 2)],
+    16: [(64, 16, 4), (128, 16, 8), (128, 16, 4), (256, 16, 8), (32, 16, 2)],
+    64: [(16, 64, 4), (32, 64, 8), (32, 64, 4), (64, 64, 8), (32, 32, 4)],
+    256: [(8, 256, 8), (16, 256, 8), (16, 128, 4), (8, 128, 4), (16, 64, 4)],
+    1024: [(8, 256, 8), (16, 256, 8), (16, 128, 4), (8, 128, 4), (16, 64, 4)],
 }
-SCAN_SHAPES = {
-    16: [(512, 16, 2), (128, 16, 1), (1024, 16, 4)],
-    64: [(128, 64, 4), (32, 64, 1), (256, 32, 2)],
-    256: [(128, 64, 4), (32, 128, 2), (64, 256, 4)],
-    1024: [(128, 64, 4), (32, 128, 2), (64, 128, 4)],
+SCAN_SHAPES = {  # scan kernel at (64, 64, 2) (64 elements per thread): 255 registers + spills
+    16: [(128, 16, 2), (256, 16, 4), (128, 16, 4), (512, 16, 8)],
+    64: [(64, 64, 4), (32, 64, 2), (32, 64, 4), (128, 32, 4)],
+    256: [(64, 64, 4), (32, 128, 4), (32, 64, 2), (16, 256, 4)],
+    1024: [(64, 64, 4), (32, 128, 4), (32, 64, 2), (16, 256, 4)],
 }
 R = {}
 T0 = time.time()
@@ -69,6 +72,7 @@ SHORT_TILES = 64  # tiles of the short float64 check
 
 
 def elapsed():
+    torch.cuda.empty_cache()  # between configs / sections: the previous section's tensors are gone
     return time.time() - T0
 
 
@@ -96,7 +100,6 @@ def copy_bandwidth():
     src = torch.randn(n, device=DEV)
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src), 10)
-    del src, dst
     return 8 * n / (ms * 1e-3) / 1e9  # read + write
 
 
@@ -217,8 +220,6 @@ def sweep_gru(B, D, T, args, extra_shapes=(), only=None):
         b = res["configs"][bk]
         print(f"  best {bk}: {b['ms']:.3f} ms, ratio {b['ratio']:.2f}; W=1: {base.get('ms', float('nan')):.3f} ms",
               flush=True)
-    del h, xp, out, base_out
-    torch.cuda.empty_cache()
     write_json(args.out, R)
     return res
 
@@ -288,8 +289,6 @@ def sweep_scan(N, T, args, extra_shapes=()):
         one(tt, bn, warps, 1, reverse=True)
         one(b_["tt"], b_["bn"], b_["warps"], b_["w"], reverse=True)
         print(f"  best {bk}: {b_['ms']:.3f} ms, ratio {b_['ratio']:.2f}", flush=True)
-    del J, b, out, base_out
-    torch.cuda.empty_cache()
     write_json(args.out, R)
 
 
@@ -328,13 +327,11 @@ def sweep_lstm(B, H, T, args):
                 ms = bench(lambda: fused_diag_lstm_step(h, xp, cell.weight_hh, bnd, out=out, lookback_w=w), args.reps)
             r = row(ms, 32 * T * M, args)
             r.update(w=w, ok=ok, short_check_err=err)
-            del xp, h, out
         except Exception as e:  # noqa: BLE001
             r = {"w": w, "ok": False, "error": repr(e)[:400]}
         res["configs"][f"W{w}"] = r
         print(f"  W{w}: " + (f"{r['ms']:8.3f} ms  ratio {r['ratio']:.2f}  ok={r['ok']}" if "ms" in r else str(r)),
               flush=True)
-    torch.cuda.empty_cache()
     write_json(args.out, R)
 
 

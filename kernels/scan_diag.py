@@ -30,7 +30,7 @@ TILES = {
 @triton.jit
 def _scan_diag_kernel(J, Bv, H0, Out, AggA, AggC, Incl, Flags, Counter, Carry,
                       T, N, n_lb, CH,
-                      TT: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, MODE: tl.constexpr,
+                      TT: tl.constexpr, BN: tl.constexpr, N_TILES: tl.constexpr, MODE: tl.constexpr,
                       REVERSE: tl.constexpr, HAS_H0: tl.constexpr, LB_W: tl.constexpr):
     c, lb = ticket(Counter, n_lb, MODE)
     lanes = lb * BN + tl.arange(0, BN)
@@ -44,7 +44,7 @@ def _scan_diag_kernel(J, Bv, H0, Out, AggA, AggC, Incl, Flags, Counter, Carry,
             h = tl.load(H0 + lanes, mask=lmask & ((tl.zeros_like(lanes) + c) == 0), other=0.0).to(tl.float32)
     Ra = tl.full([BN], 1.0, tl.float32)
     Rc = tl.zeros([BN], tl.float32)
-    for k in range(TILES):
+    for k in range(N_TILES):
         i = c * CH + k * TT + rows
         valid = i < T
         if REVERSE:
@@ -129,7 +129,7 @@ def scan_diag(J: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = Non
         agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=dev)
         _scan_diag_kernel[(n_chunks * n_lb,)](
             J2, b2, h0v, o2, agg[0], agg[1], agg[2], flags, counter, agg[0],
-            T, N, n_lb, block_t, TT=block_t, BN=block_n, TILES=1, MODE=0,
+            T, N, n_lb, block_t, TT=block_t, BN=block_n, N_TILES=1, MODE=0,
             REVERSE=reverse, HAS_H0=has_h0, LB_W=lb_w, num_warps=num_warps)
     elif mode == "3pass":
         tiles = max(1, triton.cdiv(T, block_t * (chunks or 512)))
@@ -137,7 +137,7 @@ def scan_diag(J: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = Non
         n_chunks = triton.cdiv(T, CH)
         agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=dev)
         grid = (n_chunks * n_lb,)
-        common = dict(TT=block_t, BN=block_n, TILES=tiles, REVERSE=reverse, HAS_H0=has_h0, LB_W=1,
+        common = dict(TT=block_t, BN=block_n, N_TILES=tiles, REVERSE=reverse, HAS_H0=has_h0, LB_W=1,
                       num_warps=num_warps)
         _scan_diag_kernel[grid](J2, b2, h0v, o2, agg[0], agg[1], agg[2], agg[0], agg[0], agg[2],
                                 T, N, n_lb, CH, MODE=1, **common)
