@@ -15,6 +15,39 @@ tiles are chained across programs either
   of the summaries, ``MODE=2`` rescan each chunk from its carry).
 
 Flags: 0 nothing yet, 1 aggregate (map) published, 2 inclusive state published.
+
+Look-back window ``W`` (constexpr of every single-pass kernel, host argument
+``lookback_w``):
+
+* ``W == 1`` (the original scheme): one int32 flag per (tile, lane block); a
+  waiting program reads its predecessors' flags one at a time, so it walks back
+  one tile per L2 round trip.  With a single chain of tiles (narrow problems:
+  one lane block) the inclusive-state frontier then advances about one tile per
+  round trip, far below the bandwidth the tiles could be streamed at.
+* ``W in {2, 4, 8, 16, 32}`` (windowed, as CUB's look-back inspects a warp's
+  worth of predecessors at once): the flags of W consecutive tiles are packed as
+  2-bit fields of one word (int32 words for W <= 16, int64 for W = 32; field
+  k of word w = tile w*W + k, bit 0 = aggregate published, bit 1 = inclusive
+  state published), set with release ``atomic_or``.  One acquire read of a word
+  returns the state of up to W predecessors at once; it is a *scalar* atomic, so
+  every thread of the program sees the same value (a vector of W flags loaded by
+  several threads could disagree between replicated threads and make them take
+  different branches), and acquiring the word synchronises with every publisher
+  whose bit it contains (the ORs form a release sequence).  The program then
+  composes, in time order, the published aggregates above the nearest published
+  inclusive state (or above the nearest unpublished tile, where it re-polls), so
+  the frontier moves up to W tiles per round trip.  Workspace:
+  :func:`lookback_buffers`.
+
+In both schemes a program waits only on tiles with smaller tickets, i.e. programs
+that have already started and that never wait on later ones: no deadlock, whatever
+the number of co-resident programs.  Memory order: data (aggregate / inclusive
+state) is stored, a ``debug_barrier`` orders all the program's threads' stores before
+the one thread's release of the flag; the reader's acquire of the flag is followed
+by a ``debug_barrier`` before its threads' (volatile, L1-bypassing) loads of the data.
+
+Tile shape, warps and window per lane count come from each kernel module's
+``TILES`` table (:func:`pick_tiles`; explicit arguments override it).
 """
 import triton
 import triton.language as tl
@@ -63,19 +96,71 @@ def ticket(Counter, n_lb, MODE: tl.constexpr):
 
 
 @triton.jit
-def lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first, Aa, Ca):
+def publish(Flags, c, lb, n_lb, STATE: tl.constexpr, W: tl.constexpr):
+    """Release flag ``STATE`` (1 aggregate, 2 inclusive state) of tile ``c`` of lane block ``lb``.
+    The caller has stored the data and run a ``debug_barrier`` (all its threads' stores precede the
+    release)."""
+    if W == 1:
+        tl.atomic_xchg(Flags + c * n_lb + lb, STATE, sem="release")
+    else:
+        one = tl.full([], 1, Flags.dtype.element_ty)
+        bit = one << (2 * (c % W) + (STATE - 1)).to(Flags.dtype.element_ty)
+        tl.atomic_or(Flags + (c // W) * n_lb + lb, bit, sem="release")
+
+
+@triton.jit
+def poll_window(Flags, hi, lb, n_lb, W: tl.constexpr):
+    """One acquire read of the flag word holding predecessor ``hi`` (>= 0): the tiles
+    ``j = wb .. wb + W - 1`` (``wb = hi // W * W``), of which ``j <= hi`` are considered.
+
+    Returns scalars ``(lo, done, next_hi)``: ``lo`` the nearest (highest) tile ``<= hi`` of
+    the word that has its inclusive state (flag 2) or nothing yet (flag 0), -1 if all have
+    flag 1; the flag-1 tiles ``lo < j <= hi`` are to be composed, then ``done`` = 1 if ``lo``
+    has flag 2 (its inclusive state ends the look-back), else look on from ``next_hi``: ``lo``
+    when it has flag 0 (re-poll it), ``wb - 1`` when every tile had flag 1."""
+    w = hi // W
+    v = tl.atomic_add(Flags + w * n_lb + lb, 0, sem="acquire")  # scalar: one value for all threads
+    k = tl.arange(0, W)
+    s = (v >> (2 * k).to(v.dtype)) & 3
+    wb = w * W
+    j = wb + k
+    valid = j <= hi
+    j2 = tl.max(tl.where(valid & (s >= 2), j, -1), 0)
+    j0 = tl.max(tl.where(valid & (s == 0), j, -1), 0)
+    lo = tl.maximum(j0, j2)
+    done = (j2 > j0).to(tl.int32)
+    next_hi = tl.where(lo >= 0, lo, wb - 1)
+    return lo, done, next_hi
+
+
+@triton.jit
+def lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first, Aa, Ca, W: tl.constexpr):
     """Store this chunk's summary (Aa, Ca) (every chunk, so the caller can compose a shard
     summary from them; published with flag 1 for chunks > 0), find its incoming state
     (``h_first`` for chunk 0: the scan's start), publish its outgoing state.
-    Summaries/states are (n_chunks, N) float32.  Returns h_in (BN,)."""
+    Summaries/states are (n_chunks, N) float32; ``Flags`` from :func:`lookback_buffers` for
+    this ``W``.  Returns h_in (BN,)."""
     base = c.to(tl.int64) * N + lanes
     tl.store(AggA + base, Aa, mask=lmask)  # every chunk, 0 included: the shard summary reads them all
     tl.store(AggC + base, Ca, mask=lmask)
     if c > 0:
         tl.debug_barrier()
-        tl.atomic_xchg(Flags + c * n_lb + lb, 1, sem="release")
-    acc_a = tl.full(Aa.shape, 1.0, tl.float32)
-    acc_c = tl.zeros(Aa.shape, tl.float32)
+        publish(Flags, c, lb, n_lb, 1, W)
+    if W == 1:
+        h_in = _walk_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first)
+    else:
+        h_in = _window_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first, W)
+    tl.store(Incl + base, Aa * h_in + Ca, mask=lmask)
+    tl.debug_barrier()
+    publish(Flags, c, lb, n_lb, 2, W)
+    return h_in
+
+
+@triton.jit
+def _walk_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first):
+    """W = 1: predecessors one at a time (one int32 flag each)."""
+    acc_a = tl.full(h_first.shape, 1.0, tl.float32)
+    acc_c = tl.zeros(h_first.shape, tl.float32)
     h_in = h_first
     done = (c == 0).to(tl.int32)
     j = c - 1
@@ -94,15 +179,43 @@ def lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first
         acc_a = tl.where(is1, acc_a * ia, acc_a)
         j = tl.where(f == 1, j - 1, j)
         done = (f == 2).to(tl.int32)
-    tl.store(Incl + base, Aa * h_in + Ca, mask=lmask)
-    tl.debug_barrier()
-    tl.atomic_xchg(Flags + c * n_lb + lb, 2, sem="release")
     return h_in
 
 
 @triton.jit
+def _window_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h_first, W: tl.constexpr):
+    """W > 1: windows of up to W predecessors per acquire read (see the module docstring).
+    The accumulator holds the maps later in time; the window's flag-1 tiles are folded under
+    it from the latest to the earliest (acc <- acc o (a_j, c_j), an order-preserving
+    sequential composition, unrolled over the W rows with masked row loads: identity for the
+    rows not taken), then the flag-2 tile's inclusive state, if any, gives h_in = acc(h)."""
+    acc_a = tl.full(h_first.shape, 1.0, tl.float32)
+    acc_c = tl.zeros(h_first.shape, tl.float32)
+    done = (c == 0).to(tl.int32)
+    hi = c - 1
+    while done == 0:
+        lo, dn, next_hi = poll_window(Flags, hi, lb, n_lb, W)
+        tl.debug_barrier()
+        wb = hi // W * W
+        for k in tl.static_range(W - 1, -1, -1):
+            j = wb + k
+            take = lmask & ((tl.zeros_like(lanes) + j) > lo) & ((tl.zeros_like(lanes) + j) <= hi)
+            off = j.to(tl.int64) * N + lanes
+            a = tl.load(AggA + off, mask=take, other=1.0, volatile=True)
+            b = tl.load(AggC + off, mask=take, other=0.0, volatile=True)
+            acc_c = acc_a * b + acc_c
+            acc_a = acc_a * a
+        hv = tl.load(Incl + lo.to(tl.int64) * N + lanes, mask=lmask & ((tl.zeros_like(lanes) + dn) == 1),
+                     other=0.0, volatile=True)
+        acc_c = tl.where((tl.zeros_like(lanes) + dn) == 1, acc_a * hv + acc_c, acc_c)
+        hi = next_hi
+        done = dn
+    return tl.where((tl.zeros_like(lanes) + c) == 0, h_first, acc_c)
+
+
+@triton.jit
 def lookback_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1,
-                    a00, a01, a10, a11, c0, c1):
+                    a00, a01, a10, a11, c0, c1, W: tl.constexpr):
     """As :func:`lookback_diag` for 2x2 maps.  ``Agg`` is (n_chunks, 6, M), ``Incl``
     (n_chunks, 2, M).  Returns the incoming state (h0, h1)."""
     base6 = c.to(tl.int64) * 6 * M + lanes
@@ -115,9 +228,23 @@ def lookback_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1,
     tl.store(Agg + base6 + 5 * M, c1, mask=lmask)
     if c > 0:
         tl.debug_barrier()
-        tl.atomic_xchg(Flags + c * n_lb + lb, 1, sem="release")
-    one = tl.full(a00.shape, 1.0, tl.float32)
-    zero = tl.zeros(a00.shape, tl.float32)
+        publish(Flags, c, lb, n_lb, 1, W)
+    if W == 1:
+        h0, h1 = _walk_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1)
+    else:
+        h0, h1 = _window_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1, W)
+    tl.store(Incl + base2, a00 * h0 + a01 * h1 + c0, mask=lmask)
+    tl.store(Incl + base2 + M, a10 * h0 + a11 * h1 + c1, mask=lmask)
+    tl.debug_barrier()
+    publish(Flags, c, lb, n_lb, 2, W)
+    return h0, h1
+
+
+@triton.jit
+def _walk_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1):
+    """W = 1 look-back of 2x2 maps: predecessors one at a time."""
+    one = tl.full(g0.shape, 1.0, tl.float32)
+    zero = tl.zeros(g0.shape, tl.float32)
     p00, p01, p10, p11, q0, q1 = one, zero, zero, one, zero, zero
     h0, h1 = g0, g1
     done = (c == 0).to(tl.int32)
@@ -152,11 +279,75 @@ def lookback_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1,
         q1 = tl.where(is1, n1, q1)
         j = tl.where(f == 1, j - 1, j)
         done = (f == 2).to(tl.int32)
-    tl.store(Incl + base2, a00 * h0 + a01 * h1 + c0, mask=lmask)
-    tl.store(Incl + base2 + M, a10 * h0 + a11 * h1 + c1, mask=lmask)
-    tl.debug_barrier()
-    tl.atomic_xchg(Flags + c * n_lb + lb, 2, sem="release")
     return h0, h1
+
+
+@triton.jit
+def _window_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, g0, g1, W: tl.constexpr):
+    """W > 1 look-back of 2x2 maps, as :func:`_window_diag`."""
+    one = tl.full(g0.shape, 1.0, tl.float32)
+    zero = tl.zeros(g0.shape, tl.float32)
+    p00, p01, p10, p11, q0, q1 = one, zero, zero, one, zero, zero
+    done = (c == 0).to(tl.int32)
+    hi = c - 1
+    while done == 0:
+        lo, dn, next_hi = poll_window(Flags, hi, lb, n_lb, W)
+        tl.debug_barrier()
+        wb = hi // W * W
+        for k in tl.static_range(W - 1, -1, -1):
+            j = wb + k
+            take = lmask & ((tl.zeros_like(lanes) + j) > lo) & ((tl.zeros_like(lanes) + j) <= hi)
+            o6 = j.to(tl.int64) * (6 * M) + lanes
+            e00 = tl.load(Agg + o6, mask=take, other=1.0, volatile=True)
+            e01 = tl.load(Agg + o6 + M, mask=take, other=0.0, volatile=True)
+            e10 = tl.load(Agg + o6 + 2 * M, mask=take, other=0.0, volatile=True)
+            e11 = tl.load(Agg + o6 + 3 * M, mask=take, other=1.0, volatile=True)
+            f0 = tl.load(Agg + o6 + 4 * M, mask=take, other=0.0, volatile=True)
+            f1 = tl.load(Agg + o6 + 5 * M, mask=take, other=0.0, volatile=True)
+            # acc <- acc o (E, f)
+            p00, p01, p10, p11, q0, q1 = comb_block2(e00, e01, e10, e11, f0, f1, p00, p01, p10, p11, q0, q1)
+        fin = (tl.zeros_like(lanes) + dn) == 1
+        o2 = lo.to(tl.int64) * (2 * M) + lanes
+        v0 = tl.load(Incl + o2, mask=lmask & fin, other=0.0, volatile=True)
+        v1 = tl.load(Incl + o2 + M, mask=lmask & fin, other=0.0, volatile=True)
+        q0 = tl.where(fin, p00 * v0 + p01 * v1 + q0, q0)
+        q1 = tl.where(fin, p10 * v0 + p11 * v1 + q1, q1)
+        hi = next_hi
+        done = dn
+    first = (tl.zeros_like(lanes) + c) == 0
+    return tl.where(first, g0, q0), tl.where(first, g1, q1)
+
+
+def lookback_buffers(n_chunks: int, n_lb: int, w: int, device):
+    """Zeroed flags and ticket counter for the single-pass look-back with window ``w``:
+    ``(flags, counter)``; flags are one int32 per (tile, lane block) for ``w == 1``, else
+    packed words of ``w`` tiles (int32 for w <= 16, int64 for w == 32), one allocation."""
+    import torch
+
+    if w == 1:
+        ws = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=device)
+        return ws[1:], ws[:1]
+    if w not in (2, 4, 8, 16, 32):
+        raise ValueError(f"lookback_w must be 1, 2, 4, 8, 16 or 32; got {w}")
+    words = triton.cdiv(n_chunks, w) * n_lb
+    ws = torch.zeros(words + 1, dtype=torch.int64 if w == 32 else torch.int32, device=device)
+    counter = ws[:1] if w < 32 else ws[:1].view(torch.int32)[:1]
+    return ws[1:], counter
+
+
+def pick_tiles(table, n_lanes: int, block_t=None, block_n=None, num_warps=None, lookback_w=None):
+    """``(TT, BN, num_warps, W)`` for ``n_lanes`` lanes from a kernel's tuning ``table``
+    ``{16: cfg, 64: cfg, 256: cfg, 1024: cfg, "wide": cfg}`` (cfg a dict with keys tt, bn,
+    warps, w; the first key >= n_lanes applies, "wide" beyond).  Arguments that are not None
+    override the table.  When neither block_t nor block_n is given and the lanes are fewer
+    than the entry's BN, :func:`narrow_tiles` trims BN to the lanes present (keeping TT * BN)."""
+    key = next((k for k in sorted(k for k in table if k != "wide") if n_lanes <= k), "wide")
+    cfg = table[key]
+    tt, bn = cfg["tt"], cfg["bn"]
+    if block_t is None and block_n is None:
+        tt, bn = narrow_tiles(n_lanes, tt, bn)
+    return (tt if block_t is None else block_t, bn if block_n is None else block_n,
+            cfg["warps"] if num_warps is None else num_warps, cfg["w"] if lookback_w is None else lookback_w)
 
 
 def narrow_tiles(n_lanes: int, block_t: int, block_n: int, max_t: int = 1024):

@@ -13,13 +13,26 @@ registers.  Optionally the pass also returns its summary ``J_{T-1} ... J_0``
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import comb_diag, last_row, lookback_diag, sigmoid, tanh, ticket, narrow_tiles
+from ._common import comb_diag, last_row, lookback_buffers, lookback_diag, pick_tiles, sigmoid, tanh, ticket
 
-DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 (benchmarks/)
+DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 at N = 1024 (benchmarks/)
+# Tile variant (DiagGRU and the quasi-Newton dense GRU): tile shape, warps and look-back window
+# per lane count N = B * D (first key >= N; "wide" beyond).  Initial guesses (the old defaults,
+# narrowed to the lanes present), to be replaced by benchmarks/sweep_narrow.py's output.
+TILES = {
+    16: dict(tt=256, bn=16, warps=4, w=16),
+    64: dict(tt=64, bn=64, warps=4, w=16),
+    256: dict(tt=16, bn=256, warps=4, w=16),
+    1024: dict(tt=16, bn=256, warps=4, w=16),
+    "wide": dict(tt=DEFAULT_TT, bn=DEFAULT_BN, warps=DEFAULT_WARPS, w=1),
+}
+SEQ_TT, SEQ_BN, SEQ_WARPS = DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS  # lane-sequential variant (not narrowed)
 
 
 @triton.jit
@@ -36,7 +49,7 @@ def _gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn):
 
 @triton.jit
 def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Flags, Counter,
-                               T, D, N, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr):
+                               T, D, N, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr, LB_W: tl.constexpr):
     """Lane-sequential variant: each thread owns lanes and walks the TT steps of its tile in
     order (no cross-warp scan, few registers).  Pass 1 reduces the tile to its summary map and
     the residual; the look-back gives the incoming state; pass 2 re-reads the tile (L2-resident)
@@ -87,7 +100,7 @@ def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl
     tl.store(Res + c * n_lb + lb, tl.max(rel, 0))
     tl.store(Res + NP + c * n_lb + lb, tl.max(fmx, 0))
     st0 = tl.load(St + lanes, mask=lmask, other=0.0).to(tl.float32)
-    h = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, st0, A, C)
+    h = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, st0, A, C, LB_W)
     hp = hp0
     for k in range(TT):
         t = t0 + k
@@ -105,7 +118,8 @@ def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl
 
 @triton.jit
 def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Flags, Counter,
-                           T, D, N, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr, DENSE_HH: tl.constexpr = False):
+                           T, D, N, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr, LB_W: tl.constexpr,
+                           DENSE_HH: tl.constexpr = False):
     c, lb = ticket(Counter, n_lb, 0)
     lanes = lb * BN + tl.arange(0, BN)
     lmask = lanes < N
@@ -156,37 +170,40 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
     A, C = tl.associative_scan((jd, bb), 0, comb_diag)
     st0 = tl.load(St + lanes, mask=lmask, other=0.0).to(tl.float32)
     h_in = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, st0,
-                         last_row(A, rows, TT), last_row(C, rows, TT))
+                         last_row(A, rows, TT), last_row(C, rows, TT), LB_W)
     out = A * h_in[None, :] + C
     tl.store(Out + off, out.to(Out.dtype.element_ty), mask=m)
 
 
 def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
-                         block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS,
-                         *, start=None, want_summary: bool = False):
+                         block_t: Optional[int] = None, block_n: Optional[int] = None,
+                         num_warps: Optional[int] = None, *, start=None, want_summary: bool = False,
+                         lookback_w: Optional[int] = None):
     """One quasi-Newton iteration (diagonal Jacobian) of the *dense* :class:`seqpar.cells.GRU`.
 
     The recurrent pre-activations ``W_hh h_prev + b_hh`` (T, B, 3D) come from one
     GEMM (``h_prev = [boundary, h[:-1]]``); gates, the diagonal of J, b, the residual
     and the scan (from ``start``) are fused as for DiagGRU.  ``weight_hh`` (3D, D).
     Returns ``(h_new, stats)`` or ``(h_new, stats, phi)`` like
-    :func:`fused_diag_gru_step`.  Reference: ``GRU.step`` / ``GRU.jacobian(.., diag)``.
+    :func:`fused_diag_gru_step` (same tile / look-back arguments).  Reference: ``GRU.step`` /
+    ``GRU.jacobian(.., diag)``.
     """
     T, B, D = h.shape
     if T == 0:
         return fused_diag_gru_step(h, xp, weight_hh.new_zeros(3 * D), None, boundary, out,
-                                   start=start, want_summary=want_summary)
+                                   start=start, want_summary=want_summary)  # T == 0: no launch
     W = weight_hh.detach().to(h.dtype)
     h_prev = torch.cat([boundary.to(h.dtype).unsqueeze(0), h[:-1]], 0)
     hh = torch.nn.functional.linear(h_prev, W, None if bias_hh is None else bias_hh.detach().to(h.dtype))
     wdiag = torch.cat([W[g * D:(g + 1) * D].diagonal() for g in range(3)])
     return _launch(h, xp, wdiag, hh, boundary, start, out, block_t, block_n, num_warps, dense_hh=True,
-                   want_summary=want_summary)
+                   want_summary=want_summary, lookback_w=lookback_w)
 
 
 def fused_diag_gru_step(h, xp, weight_hh, bias_hh, boundary, out=None,
-                        block_t: int = DEFAULT_TT, block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS,
-                        variant: str = "tile", *, start=None, want_summary: bool = False):
+                        block_t: Optional[int] = None, block_n: Optional[int] = None,
+                        num_warps: Optional[int] = None, variant: str = "tile", *, start=None,
+                        want_summary: bool = False, lookback_w: Optional[int] = None):
     """One Newton iteration.  ``h`` (T, B, D), ``xp`` (T, B, 3D), ``weight_hh`` (3D,),
     ``bias_hh`` (3D,) or None, ``boundary`` (B, D): the h_prev of step 0 (linearisation
     point), ``start`` (B, D) or None (= ``boundary``): the scan's incoming state.
@@ -194,15 +211,21 @@ def fused_diag_gru_step(h, xp, weight_hh, bias_hh, boundary, out=None,
     Returns ``(h_new (T, B, D), stats)``, with ``want_summary`` ``(h_new, stats, phi)``:
     ``stats`` float32 ``[max over t, b, i of |h - f| / max(1, |f|), max|f|]`` (NaN/Inf
     reported as inf); ``phi`` float32 (B, D), the product ``J_{T-1} ... J_0`` of the
-    pass's (diagonal) Jacobians (ones for T == 0)."""
+    pass's (diagonal) Jacobians (ones for T == 0).
+
+    ``block_t`` x ``block_n`` is the tile (time steps x lanes) one program scans, ``lookback_w``
+    the look-back window (1: one predecessor per round trip; 2..32: windowed, see
+    :mod:`seqpar.kernels._common`); None = from ``TILES`` for N = B * D (tile variant) or the
+    ``SEQ_*`` defaults (``variant="seq"``)."""
     w = weight_hh.detach().to(torch.float32).contiguous()
     bh = (torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32)).contiguous()
     if variant == "seq":
-        return _launch_seq(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, want_summary)
+        return _launch_seq(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, want_summary,
+                           lookback_w)
     if variant != "tile":
         raise ValueError(f"variant must be 'tile' or 'seq'; got {variant!r}")
     return _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, dense_hh=False,
-                   want_summary=want_summary)
+                   want_summary=want_summary, lookback_w=lookback_w)
 
 
 def _finish(out, part, agg_a, B, D, T, want_summary, device):
@@ -216,7 +239,8 @@ def _finish(out, part, agg_a, B, D, T, want_summary, device):
     return out, stats, agg_a.prod(0).reshape(B, D)
 
 
-def _launch_seq(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, want_summary=False):
+def _launch_seq(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, want_summary=False,
+                lookback_w=None):
     T, B, D = h.shape
     N = B * D
     h, xp = h.contiguous(), xp.contiguous()
@@ -225,20 +249,25 @@ def _launch_seq(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps,
         return _finish(out, None, None, B, D, T, want_summary, h.device)
     boundary = boundary.contiguous()
     start = boundary if start is None else start.contiguous()
+    block_t = SEQ_TT if block_t is None else block_t
+    block_n = SEQ_BN if block_n is None else block_n
+    num_warps = SEQ_WARPS if num_warps is None else num_warps
+    lb_w = pick_tiles(TILES, N)[3] if lookback_w is None else lookback_w
     n_lb = triton.cdiv(N, block_n)
     n_chunks = triton.cdiv(T, block_t)
     n_prog = n_chunks * n_lb
-    flags = torch.zeros(n_prog + 1, dtype=torch.int32, device=h.device)
+    flags, counter = lookback_buffers(n_chunks, n_lb, lb_w, h.device)
     agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=h.device)
     part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
     _fused_diag_gru_seq_kernel[(n_prog,)](
         h, xp, w.to(torch.float32).contiguous(), bh.contiguous(), boundary, start, out, part,
-        agg[0], agg[1], agg[2], flags[1:], flags[:1], T, D, N, n_lb, n_prog, TT=block_t, BN=block_n,
+        agg[0], agg[1], agg[2], flags, counter, T, D, N, n_lb, n_prog, TT=block_t, BN=block_n, LB_W=lb_w,
         num_warps=num_warps)
     return _finish(out, part, agg[0], B, D, T, want_summary, h.device)
 
 
-def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, dense_hh, want_summary=False):
+def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, dense_hh, want_summary=False,
+            lookback_w=None):
     T, B, D = h.shape
     N = B * D
     h = h.contiguous()
@@ -250,14 +279,14 @@ def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, den
     bh = bh.contiguous()
     boundary = boundary.contiguous()
     start = boundary if start is None else start.contiguous()
-    block_t, block_n = narrow_tiles(N, block_t, block_n)
+    block_t, block_n, num_warps, lb_w = pick_tiles(TILES, N, block_t, block_n, num_warps, lookback_w)
     n_lb = triton.cdiv(N, block_n)
     n_chunks = triton.cdiv(T, block_t)
-    flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=h.device)
+    flags, counter = lookback_buffers(n_chunks, n_lb, lb_w, h.device)
     agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=h.device)
     n_prog = n_chunks * n_lb
     part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
     _fused_diag_gru_kernel[(n_prog,)](
-        h, xp, w, bh, boundary, start, out, part, agg[0], agg[1], agg[2], flags[1:], flags[:1],
-        T, D, N, n_lb, n_prog, TT=block_t, BN=block_n, DENSE_HH=dense_hh, num_warps=num_warps)
+        h, xp, w, bh, boundary, start, out, part, agg[0], agg[1], agg[2], flags, counter,
+        T, D, N, n_lb, n_prog, TT=block_t, BN=block_n, LB_W=lb_w, DENSE_HH=dense_hh, num_warps=num_warps)
     return _finish(out, part, agg[0], B, D, T, want_summary, h.device)

@@ -10,18 +10,29 @@ registers.  Optionally the pass also returns its summary ``J_{T-1} ... J_0`` per
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import comb_block2, last_row, lookback_block2, sigmoid, tanh, ticket, narrow_tiles
+from ._common import comb_block2, last_row, lookback_block2, lookback_buffers, pick_tiles, sigmoid, tanh, ticket
 
-DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 32, 1  # best of a sweep on H100 (benchmarks/)
+DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 32, 1  # best of a sweep on H100 at M = 512 (benchmarks/)
+# Tile shape, warps and look-back window per unit count M = B * H (first key >= M; "wide"
+# beyond): initial guesses (old defaults narrowed), not yet swept.
+TILES = {
+    16: dict(tt=32, bn=16, warps=1, w=16),
+    64: dict(tt=16, bn=32, warps=1, w=16),
+    256: dict(tt=16, bn=32, warps=1, w=16),
+    1024: dict(tt=16, bn=32, warps=1, w=16),
+    "wide": dict(tt=DEFAULT_TT, bn=DEFAULT_BN, warps=DEFAULT_WARPS, w=1),
+}
 
 
 @triton.jit
 def _fused_diag_lstm_kernel(H, XP, W, Bnd, St, Out, Res, Agg, Incl, Flags, Counter,
-                            T, Hs, M, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr):
+                            T, Hs, M, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr, LB_W: tl.constexpr):
     c, lb = ticket(Counter, n_lb, 0)
     lanes = lb * BN + tl.arange(0, BN)  # lane = (batch, unit)
     lmask = lanes < M
@@ -80,16 +91,16 @@ def _fused_diag_lstm_kernel(H, XP, W, Bnd, St, Out, Res, Agg, Incl, Flags, Count
     st1 = tl.load(St + 2 * lanes + 1, mask=lmask, other=0.0).to(tl.float32)
     s0, s1 = lookback_block2(Flags, Agg, Incl, c, lb, n_lb, M, lanes, lmask, st0, st1,
                              last_row(A00, rows, TT), last_row(A01, rows, TT), last_row(A10, rows, TT),
-                             last_row(A11, rows, TT), last_row(C0, rows, TT), last_row(C1, rows, TT))
+                             last_row(A11, rows, TT), last_row(C0, rows, TT), last_row(C1, rows, TT), LB_W)
     o0 = A00 * s0[None, :] + A01 * s1[None, :] + C0
     o1 = A10 * s0[None, :] + A11 * s1[None, :] + C1
     tl.store(Out + so, o0.to(Out.dtype.element_ty), mask=m)
     tl.store(Out + so + 1, o1.to(Out.dtype.element_ty), mask=m)
 
 
-def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: int = DEFAULT_TT,
-                         block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS, *,
-                         start=None, want_summary: bool = False):
+def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: Optional[int] = None,
+                         block_n: Optional[int] = None, num_warps: Optional[int] = None, *,
+                         start=None, want_summary: bool = False, lookback_w: Optional[int] = None):
     """``h`` (T, B, 2H) interleaved [h, c], ``xp`` (T, B, 4H), ``weight_hh`` (4H,),
     ``boundary`` (B, 2H): the h_prev of step 0, ``start`` (B, 2H) or None (= ``boundary``):
     the scan's incoming state.
@@ -97,7 +108,8 @@ def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: int = DE
     Returns ``(h_new, stats)``, with ``want_summary`` ``(h_new, stats, phi)``: ``stats``
     float32 ``[max over t, b, i of |h - f| / max(1, |f|), max|f|]`` (NaN/Inf reported as
     inf); ``phi`` float32 (B, H, 2, 2), per unit the product ``J_{T-1} ... J_0`` of the 2 x 2
-    blocks acting on ``[h_u, c_u]`` (identity for T == 0)."""
+    blocks acting on ``[h_u, c_u]`` (identity for T == 0).  Tile (``block_t`` steps x ``block_n``
+    units), warps and look-back window ``lookback_w``: None = from ``TILES`` for M = B * H."""
     T, B, D = h.shape
     Hs = D // 2
     M = B * Hs
@@ -113,17 +125,17 @@ def fused_diag_lstm_step(h, xp, weight_hh, boundary, out=None, block_t: int = DE
     w = weight_hh.detach().to(torch.float32).contiguous()
     boundary = boundary.contiguous()
     start = boundary if start is None else start.contiguous()
-    block_t, block_n = narrow_tiles(M, block_t, block_n)
+    block_t, block_n, num_warps, lb_w = pick_tiles(TILES, M, block_t, block_n, num_warps, lookback_w)
     n_lb = triton.cdiv(M, block_n)
     n_chunks = triton.cdiv(T, block_t)
-    flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=h.device)
+    flags, counter = lookback_buffers(n_chunks, n_lb, lb_w, h.device)
     agg = torch.empty(n_chunks, 6, M, dtype=torch.float32, device=h.device)
     incl = torch.empty(n_chunks, 2, M, dtype=torch.float32, device=h.device)
     n_prog = n_chunks * n_lb
     part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
     _fused_diag_lstm_kernel[(n_prog,)](
-        h, xp, w, boundary, start, out, part, agg, incl, flags[1:], flags[:1],
-        T, Hs, M, n_lb, n_prog, TT=block_t, BN=block_n, num_warps=num_warps)
+        h, xp, w, boundary, start, out, part, agg, incl, flags, counter,
+        T, Hs, M, n_lb, n_prog, TT=block_t, BN=block_n, LB_W=lb_w, num_warps=num_warps)
     stats = part.amax(1)
     if not want_summary:
         return out, stats

@@ -13,16 +13,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import comb_diag, last_row, lookback_diag, ticket, narrow_tiles
+from ._common import comb_diag, last_row, lookback_buffers, lookback_diag, pick_tiles, ticket
 
-DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 64, 64, 2  # best of a sweep on H100 (benchmarks/)
+DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 64, 64, 2  # best of a sweep on H100 at N = 1024 (benchmarks/)
+# Tile shape, warps and look-back window per lane count N (first key >= N; "wide" beyond):
+# initial guesses (the old defaults, narrowed), to be replaced by benchmarks/sweep_narrow.py's output.
+TILES = {
+    16: dict(tt=256, bn=16, warps=2, w=16),
+    64: dict(tt=64, bn=64, warps=2, w=16),
+    256: dict(tt=64, bn=64, warps=2, w=16),
+    1024: dict(tt=64, bn=64, warps=2, w=16),
+    "wide": dict(tt=DEFAULT_TT, bn=DEFAULT_BN, warps=DEFAULT_WARPS, w=1),
+}
 
 
 @triton.jit
 def _scan_diag_kernel(J, Bv, H0, Out, AggA, AggC, Incl, Flags, Counter, Carry,
                       T, N, n_lb, CH,
-                      TT: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, MODE: tl.constexpr,
-                      REVERSE: tl.constexpr, HAS_H0: tl.constexpr):
+                      TT: tl.constexpr, BN: tl.constexpr, N_TILES: tl.constexpr, MODE: tl.constexpr,
+                      REVERSE: tl.constexpr, HAS_H0: tl.constexpr, LB_W: tl.constexpr):
     c, lb = ticket(Counter, n_lb, MODE)
     lanes = lb * BN + tl.arange(0, BN)
     lmask = lanes < N
@@ -35,7 +44,7 @@ def _scan_diag_kernel(J, Bv, H0, Out, AggA, AggC, Incl, Flags, Counter, Carry,
             h = tl.load(H0 + lanes, mask=lmask & ((tl.zeros_like(lanes) + c) == 0), other=0.0).to(tl.float32)
     Ra = tl.full([BN], 1.0, tl.float32)
     Rc = tl.zeros([BN], tl.float32)
-    for k in range(TILES):
+    for k in range(N_TILES):
         i = c * CH + k * TT + rows
         valid = i < T
         if REVERSE:
@@ -54,7 +63,7 @@ def _scan_diag_kernel(J, Bv, H0, Out, AggA, AggC, Incl, Flags, Counter, Carry,
             A, C = tl.associative_scan((j, b), 0, comb_diag)
             if MODE == 0:
                 h = lookback_diag(Flags, AggA, AggC, Incl, c, lb, n_lb, N, lanes, lmask, h,
-                                  last_row(A, rows, TT), last_row(C, rows, TT))
+                                  last_row(A, rows, TT), last_row(C, rows, TT), LB_W)
             out = A * h[None, :] + C
             tl.store(Out + off, out.to(Out.dtype.element_ty), mask=m)
             h = last_row(out, rows, TT)
@@ -83,15 +92,10 @@ def _summary_scan_diag_kernel(AggA, AggC, H0, Carry, N, n_chunks, BN: tl.constex
         pk += N
 
 
-def lookback_workspace(n_chunks: int, n_lb: int, width: int, device):
-    """Flags (n_chunks * n_lb,) int32 zeroed, a ticket counter, and float32 summary buffers."""
-    flags = torch.zeros(n_chunks * n_lb + 1, dtype=torch.int32, device=device)
-    return flags[1:], flags[:1], width
-
-
 def scan_diag(J: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = None, *, reverse: bool = False,
-              out: Optional[torch.Tensor] = None, mode: str = "lookback", block_t: int = DEFAULT_TT,
-              block_n: int = DEFAULT_BN, num_warps: int = DEFAULT_WARPS, chunks: Optional[int] = None):
+              out: Optional[torch.Tensor] = None, mode: str = "lookback", block_t: Optional[int] = None,
+              block_n: Optional[int] = None, num_warps: Optional[int] = None, chunks: Optional[int] = None,
+              lookback_w: Optional[int] = None):
     """States of the diagonal affine recurrence.
 
     Args:
@@ -99,6 +103,9 @@ def scan_diag(J: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = Non
         h0: (*L) initial state (h_{-1}, or h_T when ``reverse``); zeros if None.
         mode: "lookback" (single pass) or "3pass" (reduce, scan of summaries, rescan).
         chunks: 3pass only: number of time chunks (default about 4 per SM-ish, 512).
+        block_t, block_n, num_warps, lookback_w: tile (TT time steps x BN lanes), warps and
+            look-back window (1 = one predecessor at a time; 2..32 = windowed, see
+            :mod:`seqpar.kernels._common`); None = from ``TILES`` for this N.
     Returns:
         states (T, *L) in b's dtype (or written into ``out``).
     """
@@ -113,24 +120,25 @@ def scan_diag(J: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = Non
     o2 = out.view(T, N) if out.is_contiguous() else torch.empty(T, N, dtype=out.dtype, device=out.device)
     has_h0 = h0 is not None
     h0v = h0.reshape(N).contiguous() if has_h0 else b2
-    block_t, block_n = narrow_tiles(N, block_t, block_n)
+    block_t, block_n, num_warps, lb_w = pick_tiles(TILES, N, block_t, block_n, num_warps, lookback_w)
     n_lb = triton.cdiv(N, block_n)
     dev = b.device
     if mode == "lookback":
         n_chunks = triton.cdiv(T, block_t)
-        flags, counter, _ = lookback_workspace(n_chunks, n_lb, N, dev)
+        flags, counter = lookback_buffers(n_chunks, n_lb, lb_w, dev)
         agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=dev)
         _scan_diag_kernel[(n_chunks * n_lb,)](
             J2, b2, h0v, o2, agg[0], agg[1], agg[2], flags, counter, agg[0],
-            T, N, n_lb, block_t, TT=block_t, BN=block_n, TILES=1, MODE=0,
-            REVERSE=reverse, HAS_H0=has_h0, num_warps=num_warps)
+            T, N, n_lb, block_t, TT=block_t, BN=block_n, N_TILES=1, MODE=0,
+            REVERSE=reverse, HAS_H0=has_h0, LB_W=lb_w, num_warps=num_warps)
     elif mode == "3pass":
         tiles = max(1, triton.cdiv(T, block_t * (chunks or 512)))
         CH = tiles * block_t
         n_chunks = triton.cdiv(T, CH)
         agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=dev)
         grid = (n_chunks * n_lb,)
-        common = dict(TT=block_t, BN=block_n, TILES=tiles, REVERSE=reverse, HAS_H0=has_h0, num_warps=num_warps)
+        common = dict(TT=block_t, BN=block_n, N_TILES=tiles, REVERSE=reverse, HAS_H0=has_h0, LB_W=1,
+                      num_warps=num_warps)
         _scan_diag_kernel[grid](J2, b2, h0v, o2, agg[0], agg[1], agg[2], agg[0], agg[0], agg[2],
                                 T, N, n_lb, CH, MODE=1, **common)
         _summary_scan_diag_kernel[(n_lb,)](agg[0], agg[1], h0v, agg[2], N, n_chunks, BN=block_n, HAS_H0=has_h0)
