@@ -25,11 +25,11 @@ DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 at
 # Tile variant (DiagGRU and the quasi-Newton dense GRU): tile shape, warps and look-back window
 # per lane count N = B * D (first key >= N; "wide" beyond).  Initial guesses (the old defaults,
 # narrowed to the lanes present), to be replaced by benchmarks/sweep_narrow.py's output.
-TILES = {
-    16: dict(tt=256, bn=16, warps=4, w=16),
-    64: dict(tt=64, bn=64, warps=4, w=16),
-    256: dict(tt=16, bn=256, warps=4, w=16),
-    1024: dict(tt=16, bn=256, warps=4, w=16),
+TILES = {  # benchmarks/sweep_narrow.py, run 24 (H200, B=16, T=2^20): ms per iteration, x minimum bytes
+    16: dict(tt=256, bn=16, warps=4, w=16),   # 0.517 ms, 6.54x (W=1: 0.556 ms)
+    64: dict(tt=16, bn=64, warps=4, w=16),    # 1.890 ms, 5.98x (old tile, W=1: 2.852 ms)
+    256: dict(tt=16, bn=256, warps=4, w=16),  # 3.759 ms, 2.97x (W=1: 4.780 ms)
+    1024: dict(tt=16, bn=64, warps=4, w=8),   # 12.462 ms, 2.46x (old tile, W=1: 13.375 ms)
     "wide": dict(tt=DEFAULT_TT, bn=DEFAULT_BN, warps=DEFAULT_WARPS, w=1),
 }
 SEQ_TT, SEQ_BN, SEQ_WARPS = DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS  # lane-sequential variant (not narrowed)

@@ -18,11 +18,11 @@ from ._common import comb_diag, last_row, lookback_buffers, lookback_diag, pick_
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 64, 64, 2  # best of a sweep on H100 at N = 1024 (benchmarks/)
 # Tile shape, warps and look-back window per lane count N (first key >= N; "wide" beyond):
 # initial guesses (the old defaults, narrowed), to be replaced by benchmarks/sweep_narrow.py's output.
-TILES = {
-    16: dict(tt=256, bn=16, warps=2, w=16),
-    64: dict(tt=64, bn=64, warps=2, w=16),
-    256: dict(tt=64, bn=64, warps=2, w=16),
-    1024: dict(tt=64, bn=64, warps=2, w=16),
+TILES = {  # benchmarks/sweep_narrow.py, run 24 (H200, T=2^20): ms per scan, x minimum bytes
+    16: dict(tt=256, bn=16, warps=2, w=8),    # 0.200 ms, 4.21x (W=1: 0.249 ms)
+    64: dict(tt=64, bn=64, warps=4, w=8),     # 0.564 ms, 2.97x (W=1, 2 warps: 0.704 ms)
+    256: dict(tt=64, bn=64, warps=2, w=16),   # 1.410 ms, 1.86x (W=1: 1.805 ms)
+    1024: dict(tt=32, bn=64, warps=2, w=8),   # 4.487 ms, 1.48x (W=1: 4.573 ms)
     "wide": dict(tt=DEFAULT_TT, bn=DEFAULT_BN, warps=DEFAULT_WARPS, w=1),
 }
 
