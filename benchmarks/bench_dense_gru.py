@@ -175,6 +175,7 @@ def sweep(a, Ts, dims, dev, env):
 
 
 def main(argv=None):
+    default_precision = cells.DENSE_KERNEL_PRECISION
     p = build_parser()
     a = p.parse_args(argv)
     if a.quick:
@@ -277,7 +278,7 @@ def main(argv=None):
                         row["oom"] = True
                         per_step[name] = float("inf")
                     finally:
-                        cells.DENSE_KERNEL_PRECISION = "ieee"
+                        cells.DENSE_KERNEL_PRECISION = default_precision
                         if dev.type == "cuda":
                             torch.cuda.empty_cache()
                 rows.append(row)
