@@ -554,7 +554,7 @@ def build_parser():
                    help="skip a solver predicted above this per call; a warm-up above it is the only timed call")
     p.add_argument("--max-total-s", type=float, default=480.0, help="launch no new work after this many seconds")
     p.add_argument("--compile-allow-s", type=float, default=90.0, help="JAX compile time allowed per request")
-    p.add_argument("--dense-max-d", type=int, default=16, help="exact dense Newton (seqpar) only up to this D")
+    p.add_argument("--dense-max-d", type=int, default=64, help="exact dense Newton (seqpar) only up to this D")
     p.add_argument("--init", choices=["flax", "torch"], default="flax")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seqpar-fallback", default="none", choices=["none", "sequential"])
