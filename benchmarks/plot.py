@@ -154,13 +154,42 @@ def plot_odeint(data, out):
     plt.close(fig)
 
 
+def plot_vs_deer(data, out):
+    """Solve time against state size D at each T: seqpar dense / diag, DEER, lax.scan, cuDNN (B=16);
+    a later run's rows (vs_deer_d64_*.json, merged by main) fill the dense D=64 points."""
+    rows = [r for r in data["rows"] if r.get("B") == 16]
+    Ts = sorted({r["T"] for r in rows})
+    fig, axes = plt.subplots(1, len(Ts), figsize=(6 * len(Ts), 4.5), squeeze=False)
+    for ax, T in zip(axes[0], Ts):
+        series = defaultdict(dict)
+        for r in rows:
+            if r["T"] != T:
+                continue
+            if r.get("seqpar_ms"):
+                series[f"seqpar {r['jacobian']}"][r["D"]] = r["seqpar_ms"]
+            for key, name in (("deer_ms", "DEER"), ("sequential_ms", "JAX lax.scan"), ("cudnn_ms", "cuDNN nn.GRU")):
+                if r.get(key):
+                    series[name][r["D"]] = r[key]
+        for name, pts in sorted(series.items()):
+            ds = sorted(pts)
+            ax.plot(ds, [pts[d] for d in ds], "o-", label=name)
+        ax.set_xscale("log", base=2), ax.set_yscale("log"), ax.grid(True, alpha=0.3), ax.legend(fontsize=8)
+        ax.set_xlabel("state size D"), ax.set_ylabel("ms per solve")
+        ax.set_title(f"GRU B=16, T={T:,} (missing DEER points: out of memory)")
+    fig.suptitle(subtitle(data["env"]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args()
     for name, fn, png in [("peers.json", plot_peers, "speedup_vs_T.png"), ("training.json", plot_training, "training.png"),
                           ("convergence.json", plot_convergence, "convergence.png"),
-                          ("scaling.json", plot_scaling, "scaling.png"), ("odeint.json", plot_odeint, "odeint.png")]:
+                          ("scaling.json", plot_scaling, "scaling.png"), ("odeint.json", plot_odeint, "odeint.png"),
+                          ("vs_deer.json", plot_vs_deer, "vs_deer.png")]:
         data = load(a.results, name)
         if name == "peers.json" and data:  # later runs at some shapes (peers_*.json) replace those rows
             for extra in sorted(f for f in os.listdir(a.results) if f.startswith("peers_") and f.endswith(".json")):
@@ -168,6 +197,13 @@ def main():
                 keys = {(r["D"], r["T"], r["B"], r["cell"], r["jacobian"]) for r in newer}
                 data["rows"] = [r for r in data["rows"] if (r["D"], r["T"], r["B"], r["cell"], r["jacobian"]) not in keys]
                 data["rows"] += newer
+        if name == "vs_deer.json" and data:  # later runs (vs_deer_d64_*.json) fill the rows they measured
+            for extra in sorted(f for f in os.listdir(a.results) if f.startswith("vs_deer_d64_") and f.endswith(".json")):
+                for r in load(a.results, extra)["rows"]:
+                    for row in data["rows"]:
+                        if (row["D"], row["T"], row["B"], row["jacobian"]) == (r["D"], r["T"], r["B"], r["jacobian"]) \
+                                and r.get("seqpar_ms") and not row.get("seqpar_ms"):
+                            row["seqpar_ms"] = r["seqpar_ms"]
         if data and data.get("rows"):
             fn(data, os.path.join(a.results, png))
             print(f"wrote {os.path.join(a.results, png)}")
