@@ -6,7 +6,6 @@ Float32 accumulation; storage float32 / bfloat16 / float16 (output in b's dtype)
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
