@@ -33,6 +33,14 @@ def subtitle(env):
     return f"{env.get('device')} · torch {env.get('torch')} · triton {env.get('triton')} · {env.get('date', '')[:10]}"
 
 
+def save(fig, env, out):
+    """Every figure's ending: the environment subtitle, tight layout, PNG at 120 dpi, closed."""
+    fig.suptitle(subtitle(env), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def plot_peers(data, out):
     rows = data["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -50,10 +58,7 @@ def plot_peers(data, out):
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("speedup (×)")
     axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(subtitle(data["env"]), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, data["env"], out)
 
 
 def plot_training(data, out):
@@ -73,10 +78,7 @@ def plot_training(data, out):
         ax.set_xlabel("T"), ax.set_ylabel("forward + backward (s)")
         ax.set_title(f"training step, D={D} (dashed: cuDNN extrapolated)")
         ax.grid(True, which="both", alpha=0.3), ax.legend(fontsize=8)
-    fig.suptitle(subtitle(data["env"]), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, data["env"], out)
 
 
 def plot_convergence(data, out):
@@ -95,10 +97,7 @@ def plot_convergence(data, out):
     ax.set_xlabel("T"), ax.set_ylabel("Newton iterations")
     ax.set_title("iterations to converge (red x: Newton failed, exact fallback used)")
     ax.grid(True, alpha=0.3), ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(subtitle(data["env"]), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, data["env"], out)
 
 
 def plot_scaling(data, out):
@@ -125,10 +124,7 @@ def plot_scaling(data, out):
     ax2.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax2.set_ylabel("speed-up (weak: 1-GPU time / P-GPU time)"), ax2.grid(True, axis="y", alpha=0.3)
     ax2.set_title("scaling"), ax2.legend()
-    fig.suptitle(subtitle(data["env"]), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, data["env"], out)
 
 
 def plot_odeint(data, out):
@@ -148,10 +144,7 @@ def plot_odeint(data, out):
         ax.set_xscale("log"), ax.set_yscale("log"), ax.grid(True, alpha=0.3), ax.legend(fontsize=8)
         ax.set_xlabel("grid steps T (rk4)"), ax.set_ylabel("seconds")
         ax.set_title(f"neural ODE D=16 B=16: {'forward' if kind == 'fwd' else 'training step'} (hollow: extrapolated)")
-    fig.suptitle(subtitle(data["env"]), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, data["env"], out)
 
 
 def plot_vs_deer(data, out):
@@ -176,10 +169,7 @@ def plot_vs_deer(data, out):
         ax.set_xscale("log", base=2), ax.set_yscale("log"), ax.grid(True, alpha=0.3), ax.legend(fontsize=8)
         ax.set_xlabel("state size D"), ax.set_ylabel("ms per solve")
         ax.set_title(f"GRU B=16, T={T:,} (missing DEER points: out of memory)")
-    fig.suptitle(subtitle(data["env"]), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, data["env"], out)
 
 
 def main():

@@ -191,15 +191,22 @@ def best_of(res):
     return min(good)[1] if good else None
 
 
-def sweep_gru(B, D, T, args, extra_shapes=(), only=None):
-    """``only``: a list of (tt, bn, warps, w) to time (user shapes); else the full sweep."""
-    N = B * D
-    name = f"gru_B{B}_D{D}_T{T}"
-    print(f"== {name} (N={N})", flush=True)
-    res = R.setdefault("gru", {}).setdefault(name, {"B": B, "D": D, "T": T, "N": N, "configs": {}})
+def open_section(kind, name, shape, args, **meta):
+    """Print the section header and return its results dict ``R[kind][name]`` (meta + configs);
+    past the time budget it is marked ``skipped`` and the caller returns it untouched."""
+    print(f"== {name}{shape}", flush=True)
+    res = R.setdefault(kind, {}).setdefault(name, {**meta, "configs": {}})
     if elapsed() > args.budget:
         res["skipped"] = "budget"
         print("  skipped (budget)", flush=True)
+    return res
+
+
+def sweep_gru(B, D, T, args, extra_shapes=(), only=None):
+    """``only``: a list of (tt, bn, warps, w) to time (user shapes); else the full sweep."""
+    N = B * D
+    res = open_section("gru", f"gru_B{B}_D{D}_T{T}", f" (N={N})", args, B=B, D=D, T=T, N=N)
+    if "skipped" in res:
         return res
     cell, h, xp, bnd = gru_inputs(T, B, D, seed=N)
     out = torch.empty_like(h)
@@ -227,11 +234,8 @@ def sweep_gru(B, D, T, args, extra_shapes=(), only=None):
 # ------------------------------------------------------------------ scan_diag
 def sweep_scan(N, T, args, extra_shapes=()):
     name = f"scan_N{N}_T{T}"
-    print(f"== {name}", flush=True)
-    res = R.setdefault("scan_diag", {}).setdefault(name, {"N": N, "T": T, "configs": {}})
-    if elapsed() > args.budget:
-        res["skipped"] = "budget"
-        print("  skipped (budget)", flush=True)
+    res = open_section("scan_diag", name, "", args, N=N, T=T)
+    if "skipped" in res:
         return res
     torch.manual_seed(N)
     J = torch.rand(T, N, device=DEV) * 0.5 + 0.45
@@ -295,12 +299,8 @@ def sweep_scan(N, T, args, extra_shapes=()):
 # ------------------------------------------------------------------ DiagLSTM
 def sweep_lstm(B, H, T, args):
     M = B * H
-    name = f"lstm_B{B}_H{H}_T{T}"
-    print(f"== {name} (M={M})", flush=True)
-    res = R.setdefault("lstm", {}).setdefault(name, {"B": B, "H": H, "T": T, "M": M, "configs": {}})
-    if elapsed() > args.budget:
-        res["skipped"] = "budget"
-        print("  skipped (budget)", flush=True)
+    res = open_section("lstm", f"lstm_B{B}_H{H}_T{T}", f" (M={M})", args, B=B, H=H, T=T, M=M)
+    if "skipped" in res:
         return res
     torch.manual_seed(M)
     cell = DiagLSTM(8, H).to(DEV)
