@@ -23,8 +23,7 @@ from ._common import comb_diag, last_row, lookback_buffers, lookback_diag, pick_
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 at N = 1024 (benchmarks/)
 # Tile variant (DiagGRU and the quasi-Newton dense GRU): tile shape, warps and look-back window
-# per lane count N = B * D (first key >= N; "wide" beyond).  Initial guesses (the old defaults,
-# narrowed to the lanes present), to be replaced by benchmarks/sweep_narrow.py's output.
+# per lane count N = B * D (first key >= N; "wide" beyond), measured by benchmarks/sweep_narrow.py.
 TILES = {  # benchmarks/sweep_narrow.py, run 24 (H200, B=16, T=2^20): ms per iteration, x minimum bytes
     16: dict(tt=256, bn=16, warps=4, w=16),   # 0.517 ms, 6.54x (W=1: 0.556 ms)
     64: dict(tt=16, bn=64, warps=4, w=16),    # 1.890 ms, 5.98x (old tile, W=1: 2.852 ms)

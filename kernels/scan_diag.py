@@ -16,7 +16,7 @@ from ._common import comb_diag, last_row, lookback_buffers, lookback_diag, pick_
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 64, 64, 2  # best of a sweep on H100 at N = 1024 (benchmarks/)
 # Tile shape, warps and look-back window per lane count N (first key >= N; "wide" beyond):
-# initial guesses (the old defaults, narrowed), to be replaced by benchmarks/sweep_narrow.py's output.
+# measured by benchmarks/sweep_narrow.py.
 TILES = {  # benchmarks/sweep_narrow.py, run 24 (H200, T=2^20): ms per scan, x minimum bytes
     16: dict(tt=256, bn=16, warps=2, w=8),    # 0.200 ms, 4.21x (W=1: 0.249 ms)
     64: dict(tt=64, bn=64, warps=4, w=8),     # 0.564 ms, 2.97x (W=1, 2 warps: 0.704 ms)
