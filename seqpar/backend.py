@@ -88,14 +88,22 @@ def scan_function(backend: str) -> Callable:
 def fused_stepper(cell, structure: Structure, xp: torch.Tensor, backend: str) -> Optional[Callable]:
     """The cell's fused Newton iteration (see :meth:`seqpar.cells.Cell.fused_newton_step`) when the
     kernels can run it: triton backend, a kernel dtype; else None (the torch reference runs)."""
-    if backend != "triton" or xp.dtype not in KERNEL_DTYPES or not _kernel_matches(cell):
+    if backend != "triton" or xp.dtype not in KERNEL_DTYPES or not _kernel_matches(cell, "fused_newton_step"):
         return None
     return cell.fused_newton_step(structure, xp)
 
 
-def _kernel_matches(cell) -> bool:
+def pipelined_stepper(cell, structure: Structure, xp: torch.Tensor, backend: str):
+    """The cell's pipelined Newton kernel (see :meth:`seqpar.cells.Cell.pipelined_newton` and
+    :mod:`seqpar.pipeline`) when the kernels can run it, else None."""
+    if backend != "triton" or xp.dtype not in KERNEL_DTYPES or not _kernel_matches(cell, "pipelined_newton"):
+        return None
+    return cell.pipelined_newton(structure, xp)
+
+
+def _kernel_matches(cell, method: str) -> bool:
     """False if a subclass redefines ``step`` or ``jacobian`` below the class that provides the
-    kernel: the kernel would compute the parent's function, not this cell's."""
+    kernel ``method``: the kernel would compute the parent's function, not this cell's."""
     mro = type(cell).__mro__
-    owner = next(i for i, k in enumerate(mro) if "fused_newton_step" in vars(k))
+    owner = next(i for i, k in enumerate(mro) if method in vars(k))
     return not any("step" in vars(k) or "jacobian" in vars(k) for k in mro[:owner])

@@ -82,6 +82,13 @@ class Cell(nn.Module):
         """
         return None
 
+    def pipelined_newton(self, structure: Structure, xp: torch.Tensor):
+        """The cell's pipelined Newton kernel for linearisation ``structure`` (a
+        :class:`seqpar.pipeline.Pipeline`), or None.  Preferred over
+        :meth:`fused_newton_step` where both exist: no look-back inside a pass (see
+        :mod:`seqpar.pipeline`).  Same conditions of use as :meth:`fused_newton_step`."""
+        return None
+
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, structure={self.structure.describe()}"
 
@@ -334,6 +341,12 @@ class GRU(_TorchWeightsCell):
         return lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(
             h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
 
+    def pipelined_newton(self, structure, xp):
+        # one unit: W_hh (3, 1) is its own diagonal, the 1 x 1 Jacobian is exact under any structure
+        if self.hidden_size != 1 or structure.kind == "block":
+            return None
+        return _diag_gru_pipeline(xp, self.weight_hh.reshape(3), self.bias_hh, 1)
+
 
 class LSTM(_TorchWeightsCell):
     """torch.nn.LSTM's cell.  State is ``[h, c]`` concatenated: D = 2 * hidden_size."""
@@ -435,6 +448,25 @@ class DiagGRU(_TorchWeightsCell):
         w, b = self.weight_hh, self.bias_hh
         return lambda h, bnd, start, out=None, want_summary=False: fused_diag_gru_step(
             h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
+
+    def pipelined_newton(self, structure, xp):
+        if structure.kind != "diag":
+            return None
+        return _diag_gru_pipeline(xp, self.weight_hh, self.bias_hh, self.hidden_size)
+
+
+def _diag_gru_pipeline(xp, weight_hh, bias_hh, hidden_size: int):
+    """The pipelined DiagGRU kernel bound to ``xp`` (T, B, 3H) and the recurrent weights (3H,)."""
+    from .kernels import pipelined_diag_gru as k
+    from .kernels.scan_diag import scan_diag
+    from .pipeline import Pipeline
+
+    cfg = k.run_config(xp.shape[0], xp.shape[1] * hidden_size)
+    return Pipeline(
+        first=lambda h, bnd: k.first_pass(h, xp, weight_hh, bias_hh, bnd, cfg),
+        step=lambda h, bnd, incl, start, out=None: k.pipelined_step(h, xp, weight_hh, bias_hh, bnd, incl, start,
+                                                                    out, cfg),
+        scan=lambda a, c, start: scan_diag(a, c, start.reshape(-1)))
 
 
 class DiagLSTM(_TorchWeightsCell):

@@ -39,6 +39,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .comm import Communicator
+from .pipeline import pipelined_iterations
 from .scan import chunked_scan
 from .shards import ShardLayout, gather_boundary
 from .structure import Structure
@@ -51,6 +52,7 @@ JACOBIAN_MEMORY_BUDGET_CUDA = 2 * 2**30
 CORRECTION_FIRST = 256                # steps of the first correction chunk (doubles each chunk)
 CORRECTION_CAP_FRACTION = 8           # correct at most n / 8 steps (and at least CORRECTION_MIN_CAP), else rerun
 CORRECTION_MIN_CAP = 8192
+PIPELINED = True                      # use a cell's pipelined kernel (seqpar.pipeline) where it has one
 
 
 @dataclass
@@ -256,6 +258,7 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     boundary (B, D))`` where ``boundary`` is the state before the shard's first
     step (h0 on rank 0).
     """
+    from .backend import pipelined_stepper
     from .fallback import handle_non_convergence
 
     t_start = time.perf_counter()
@@ -267,49 +270,14 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     h = initial_guess.to(h0.dtype).clone() if initial_guess is not None else h0.new_zeros(n, B, D)
     layout = ShardLayout.exchange(comm, n, h0.device)
     boundary = gather_boundary(comm, h, h0)  # the initial iterate's state before this shard
-    local = LocalPass(cell, xp, opts, chunk)
     info = SolveInfo(converged=False, iterations=0, residual=math.nan, jacobian=st.describe(), tol=opts.tol,
                      world_size=P, seq_len=layout.total)
-    nA = math.prod(st.jac_shape((B,), D))
-    spare: Optional[torch.Tensor] = None
-    best, since_best, it = math.inf, 0, 0
-    while True:
-        start = boundary  # rank 0: h0, exact; others: a guess, corrected after the exchange
-        out, res_local, phi = local(h, boundary, start, out=spare, want_summary=P > 1) if n else \
-            (h, h0.new_zeros(1), st.identity((B,), D, h0.dtype, h0.device) if P > 1 else None)
-        if P > 1:
-            c = (out[-1] - st.matvec(phi, start)) if n else h0.new_zeros(B, D)
-            t_x = time.perf_counter()
-            gathered = comm.all_gather(torch.cat([phi.reshape(-1), c.reshape(-1), res_local.reshape(1)]))
-            info.exchange_s += time.perf_counter() - t_x
-            all_res = gathered[:, -1]
-        else:
-            all_res = res_local
-        res = float(all_res.max())  # one host sync per iteration; max propagates NaN
-        info.residuals.append(res)
-        if opts.callback is not None:
-            opts.callback(it, res)
-        if res <= opts.tol:
-            info.converged = True
-            break
-        if not math.isfinite(res):
-            break
-        if res < 0.5 * best:
-            best, since_best = res, 0
-        else:
-            since_best += 1
-        if it >= opts.max_iter or since_best >= opts.patience:
-            break
-        if P > 1:
-            gA = gathered[:, :nA].reshape(P, *st.jac_shape((B,), D))
-            gc = gathered[:, nA:nA + B * D].reshape(P, B, D)
-            beta = incoming_state(gA, gc, h0, rank, st)
-            local.correct(h, boundary, out, start, beta, info)
-            boundary = beta
-        if n:
-            h, spare = out, h
-        it += 1
-    del spare
+    stopping = _Stopping(opts, info)
+    pipe = pipelined_stepper(cell, st, xp, opts.backend) if PIPELINED else None
+    if pipe is not None:
+        h, boundary, it = pipelined_iterations(pipe, h, boundary, h0, comm, stopping, incoming_state, info)
+    else:
+        h, boundary, it = _iterations(LocalPass(cell, xp, opts, chunk), h, boundary, h0, st, comm, stopping, info)
     info.iterations = it
     info.residual = info.residuals[-1]
     if info.converged and P > 1:
@@ -327,3 +295,63 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
         h, boundary = handle_non_convergence(cell, xp, h0, h, boundary, opts, comm, layout, info)
     info.wall_time_s = time.perf_counter() - t_start
     return h, info, boundary
+
+
+def _iterations(local: "LocalPass", h, boundary, h0, st: Structure, comm: Communicator, stopping: "_Stopping",
+                info: SolveInfo):
+    """The reference loop (any cell): local pass from the guessed incoming state, exchange, correction.
+    Returns ``(h, boundary, iterations)``."""
+    n, B, D = h.shape
+    P, rank = comm.world_size, comm.rank
+    nA = math.prod(st.jac_shape((B,), D))
+    spare: Optional[torch.Tensor] = None
+    it = 0
+    while True:
+        start = boundary  # rank 0: h0, exact; others: a guess, corrected after the exchange
+        out, res_local, phi = local(h, boundary, start, out=spare, want_summary=P > 1) if n else \
+            (h, h0.new_zeros(1), st.identity((B,), D, h0.dtype, h0.device) if P > 1 else None)
+        if P > 1:
+            c = (out[-1] - st.matvec(phi, start)) if n else h0.new_zeros(B, D)
+            t_x = time.perf_counter()
+            gathered = comm.all_gather(torch.cat([phi.reshape(-1), c.reshape(-1), res_local.reshape(1)]))
+            info.exchange_s += time.perf_counter() - t_x
+            all_res = gathered[:, -1]
+        else:
+            all_res = res_local
+        if stopping.record(it, float(all_res.max())):  # one host sync per iteration; max propagates NaN
+            break
+        if P > 1:
+            gA = gathered[:, :nA].reshape(P, *st.jac_shape((B,), D))
+            gc = gathered[:, nA:nA + B * D].reshape(P, B, D)
+            beta = incoming_state(gA, gc, h0, rank, st)
+            local.correct(h, boundary, out, start, beta, info)
+            boundary = beta
+        if n:
+            h, spare = out, h
+        it += 1
+    return h, boundary, it
+
+
+class _Stopping:
+    """When to stop iterating, from the residual of each iterate: converged (``<= tol``), not
+    finite, ``max_iter`` iterations, or ``patience`` iterations without halving the best residual."""
+
+    def __init__(self, opts: NewtonOptions, info: SolveInfo):
+        self.opts, self.info = opts, info
+        self.best, self.since_best = math.inf, 0
+
+    def record(self, it: int, res: float) -> bool:
+        """Log the residual of iterate ``it``; True to stop (``info.converged`` set if it converged)."""
+        self.info.residuals.append(res)
+        if self.opts.callback is not None:
+            self.opts.callback(it, res)
+        if res <= self.opts.tol:
+            self.info.converged = True
+            return True
+        if not math.isfinite(res):
+            return True
+        if res < 0.5 * self.best:
+            self.best, self.since_best = res, 0
+        else:
+            self.since_best += 1
+        return it >= self.opts.max_iter or self.since_best >= self.opts.patience

@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""The pipelined DiagGRU Newton pass against its minimum bytes and the look-back pass; short solves.
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_pipeline.py --out $OUT/pipeline.json [--sweep] [--budget 420]
+
+One GPU, one run.  Measures the device copy bandwidth (a 2 GiB device-to-device ``copy_``,
+read + write), then for lane counts N = B * D in {16, 64, 256, 1024} (B = 16, D = 1, 4, 16, 64)
+and T = 2^20 (``--steps``):
+
+* ``lookback_ms``: one iteration of the look-back kernel (``fused_diag_gru_step``, its table tile);
+* ``pipelined_ms``: one iteration of the pipelined path, i.e. ``pipelined_step`` plus the scan of
+  its run summaries (``scan_diag`` on (T / R, N)) that the next pass needs; with ``--sweep`` also
+  other run lengths / unroll factors / warps;
+* ``ratio``: ms over the minimum-bytes time (20 B per state: read h 4 + xp 12, write 4) at the
+  measured copy bandwidth; ``ratio_nominal`` at ``--nominal-gbps`` (4300);
+* a check: the pipelined new iterate equals the look-back kernel's (same start, max abs diff).
+
+Then full solves (``seqpar.solve``, GRU(1, 1) like DEER's benchmark and DiagGRU at D = 4 / 16 / 64,
+B = 16, T = 100k and 1M) with ``seqpar.newton.PIPELINED`` on and off: wall time with the device
+synchronised, iterations, residual; and a torch.profiler table of the 100k GRU(1, 1) solve
+(host time per op: what a short solve spends outside the kernels).
+
+Timings: CUDA events (kernels) or perf_counter around a synchronised call (solves), median of
+``--reps`` after two warm-up calls (the first compiles).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import common
+from common import env_info, write_json
+import seqpar
+import seqpar.newton as newton
+from seqpar.cells import GRU, DiagGRU
+from seqpar.kernels import pipelined_diag_gru as pk
+from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
+from seqpar.kernels.scan_diag import scan_diag
+
+WIDTHS = ((16, 1), (16, 4), (16, 16), (16, 64))
+SWEEP = [dict(run=r, unroll=u, num_warps=w) for r in (16, 32, 64) for u in (1, 4, 8) for w in (4, 8)]
+
+
+def event_ms(fn, reps):
+    """Median ms of ``reps`` calls (CUDA events) after two warm-up calls."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_gbps():
+    x = torch.empty(2**29, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    ms = event_ms(lambda: y.copy_(x), 10)
+    return 2 * x.numel() * 4 / ms / 1e6
+
+
+def problem(T, B, D, seed=0):
+    torch.manual_seed(seed)
+    cell = DiagGRU(1, D).cuda()
+    with torch.no_grad():
+        xp = cell.project_inputs(torch.randn(T, B, 1, device="cuda"))
+        h = 0.5 * torch.randn(T, B, D, device="cuda")
+    bnd = torch.zeros(B, D, device="cuda")
+    return cell, xp, h, bnd
+
+
+def iteration_rows(args, gbps):
+    rows = []
+    t_start = time.perf_counter()
+    for B, D in WIDTHS:
+        T, N = args.steps, B * D
+        cell, xp, h, bnd = problem(T, B, D)
+        w, b = cell.weight_hh, cell.bias_hh
+        min_ms = 20 * T * N / gbps / 1e6
+        out_lb = torch.empty_like(h)
+        row = {"B": B, "D": D, "N": N, "T": T, "min_bytes_ms": min_ms,
+               "min_bytes_ms_nominal": 20 * T * N / args.nominal_gbps / 1e6}
+        row["lookback_ms"] = event_ms(lambda: fused_diag_gru_step(h, xp, w, b, bnd, out=out_lb), args.reps)
+        ref, _ = fused_diag_gru_step(h, xp, w, b, bnd)
+        configs = [dict()] + (SWEEP if args.sweep else [])
+        row["configs"] = {}
+        for kw in configs:
+            if time.perf_counter() - t_start > args.budget:
+                row["skipped_for_budget"] = True
+                break
+            cfg = pk.run_config(T, N, run=kw.get("run"), unroll=kw.get("unroll"), num_warps=kw.get("num_warps"))
+            first = pk.first_pass(h, xp, w, b, bnd, cfg)
+            incl = scan_diag(first.sum_a, first.sum_c, bnd.reshape(-1))
+            out = torch.empty_like(h)
+
+            def one_iteration():
+                res = pk.pipelined_step(h, xp, w, b, bnd, incl, bnd, out=out, cfg=cfg)
+                scan_diag(res.sum_a, res.sum_c, bnd.reshape(-1))
+
+            name = "table" if not kw else f"r{cfg.r}_u{cfg.unroll}_w{cfg.warps}"
+            ms = event_ms(one_iteration, args.reps)
+            pass_ms = event_ms(lambda: pk.pipelined_step(h, xp, w, b, bnd, incl, bnd, out=out, cfg=cfg), args.reps)
+            new = pk.pipelined_step(h, xp, w, b, bnd, incl, bnd, cfg=cfg).out
+            row["configs"][name] = {"cfg": cfg._asdict(), "ms": ms, "pass_only_ms": pass_ms,
+                                    "ratio": ms / min_ms, "ratio_nominal": ms / row["min_bytes_ms_nominal"],
+                                    "max_abs_diff_vs_lookback": float((new - ref).abs().max())}
+            print(f"N={N} {name}: {ms:.3f} ms ({ms / min_ms:.2f}x min bytes; pass {pass_ms:.3f}); "
+                  f"look-back {row['lookback_ms']:.3f} ms", flush=True)
+        best = min(row["configs"].items(), key=lambda kv: kv[1]["ms"])
+        row["best"] = best[0]
+        row["pipelined_ms"] = row["configs"]["table"]["ms"]
+        row["ratio"] = row["pipelined_ms"] / min_ms
+        row["ratio_nominal"] = row["pipelined_ms"] / row["min_bytes_ms_nominal"]
+        row["lookback_ratio"] = row["lookback_ms"] / min_ms
+        rows.append(row)
+        del xp, h, out_lb, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+def solve_ms(cell, x, jacobian, reps):
+    info = None
+
+    def run():
+        nonlocal info
+        _, info = seqpar.solve(cell, x, jacobian=jacobian, return_info=True)
+
+    t = common.timed(run, repeats=reps, warmup=2)
+    return 1e3 * t["median_s"], info
+
+
+def solve_rows(args):
+    rows = []
+    cases = [("gru", 1, "dense"), ("diag-gru", 4, "diag"), ("diag-gru", 16, "diag"), ("diag-gru", 64, "diag")]
+    for T in (100_000, 1_000_000):
+        for kind, D, jac in cases:
+            torch.manual_seed(0)
+            cell = (GRU(1, D) if kind == "gru" else DiagGRU(1, D)).cuda()
+            x = torch.randn(T, 16, 1, device="cuda")
+            row = {"cell": kind, "D": D, "B": 16, "T": T, "jacobian": jac}
+            for flag in (True, False):
+                newton.PIPELINED = flag
+                ms, info = solve_ms(cell, x, jac, args.reps)
+                key = "pipelined" if flag else "lookback"
+                row[key + "_ms"] = ms
+                row[key + "_iterations"] = info.iterations
+                row[key + "_residual"] = info.residual
+                row[key + "_converged"] = info.converged
+            newton.PIPELINED = True
+            print(f"solve {kind} D={D} T={T}: pipelined {row['pipelined_ms']:.3f} ms "
+                  f"({row['pipelined_iterations']} it) vs look-back {row['lookback_ms']:.3f} ms", flush=True)
+            rows.append(row)
+    return rows
+
+
+def profile_short_solve():
+    torch.manual_seed(0)
+    cell = GRU(1, 1).cuda()
+    x = torch.randn(100_000, 16, 1, device="cuda")
+    for _ in range(3):
+        seqpar.solve(cell, x, jacobian="dense")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        seqpar.solve(cell, x, jacobian="dense")
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=common.out_path("pipeline.json"))
+    ap.add_argument("--steps", type=int, default=2**20)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the iteration sweep")
+    ap.add_argument("--nominal-gbps", type=float, default=4300.0)
+    ap.add_argument("--skip-solves", action="store_true")
+    args = ap.parse_args()
+    result = {"env": env_info(), "args": vars(args)}
+    result["copy_GBps"] = gbps = copy_gbps()
+    print(f"copy bandwidth {gbps:.0f} GB/s", flush=True)
+    result["iterations"] = iteration_rows(args, gbps)
+    write_json(args.out, result)
+    if not args.skip_solves:
+        result["solves"] = solve_rows(args)
+        write_json(args.out, result)
+        result["profile_gru1_100k"] = profile_short_solve()
+        print(result["profile_gru1_100k"], flush=True)
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Pipelined Newton pass of :class:`seqpar.cells.DiagGRU` (exact, diagonal Jacobian): no look-back.
+
+A Newton iteration needs the incoming state of every piece of the sequence,
+and that state depends on all earlier pieces.  The look-back kernels
+(:mod:`seqpar.kernels.fused_diag_gru`) resolve it inside the pass, as a chain
+of tiles; at narrow widths (B * D <= 256) that chain, not memory, bounds the
+pass.  Here the dependency is moved *between* passes instead:
+
+* The sequence is cut into **runs** of ``R`` consecutive steps of one lane;
+  each thread walks its runs in order, in registers (no cross-thread
+  communication inside the pass).
+* Pass k reads the iterate ``h^k`` and the projected inputs, re-derives the
+  linearised maps ``(J^k_t, b^k_t)`` at ``h^k_{t-1}`` and applies them from the
+  run's carry, writing ``h^{k+1}``.  With ``h^{k+1}`` in registers it evaluates
+  ``f(h^{k+1}_{t-1})``: the residual of ``h^{k+1}`` and the maps of the *next*
+  iteration, which it reduces to one summary ``(A, C)`` per run
+  (``x -> A x + C``, the composition of the run's maps).
+* Between passes a small scan of the run summaries
+  (:func:`seqpar.kernels.scan_diag.scan_diag` on (n_runs, N)) gives every run's
+  carry for the next pass.  On P ranks the shard's composed summary is what the
+  ranks exchange.
+
+So one pass reads ``h^k`` and the inputs once and writes ``h^{k+1}`` once: the
+minimum bytes of a Newton iteration, plus ``2 / R`` of a state for the summaries.
+A first, summary-only pass (``first_pass``) starts the pipeline from the
+initial guess.
+
+Shapes: ``h`` (T, B, D), ``xp`` (T, B, 3D), ``weight_hh`` (3D,), ``bias_hh``
+(3D,) or None, boundaries (B, D); summaries float32 (n_runs, B*D) with
+``n_runs = ceil(T / R)``.  Reference: :func:`pipelined_step_reference` (and
+``seqpar.newton``'s ``cell.step`` / ``cell.jacobian`` + ``affine_scan``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import sigmoid, tanh
+
+# Run length, lanes per program and warps by lane count N = B * D (first key >= N; "wide" beyond).
+# Runs of R steps: the summaries cost 2/R of a state per pass, and T * N / R threads must fill the GPU
+# (run_length() shortens R for short sequences).
+RUNS = {
+    16: dict(r=32, bn=16, s=16, warps=4),
+    64: dict(r=32, bn=64, s=4, warps=4),
+    256: dict(r=32, bn=128, s=2, warps=4),
+    1024: dict(r=32, bn=128, s=2, warps=4),
+    "wide": dict(r=32, bn=128, s=2, warps=4),
+}
+MIN_THREADS = 2**17  # shorten runs until T * N / R reaches this many walkers (or R reaches MIN_RUN)
+MIN_RUN = 4
+
+
+class RunConfig(NamedTuple):
+    r: int       # steps per run
+    bn: int      # lanes per program
+    s: int       # runs per program
+    warps: int
+    unroll: int  # steps whose loads are issued together
+
+
+@triton.jit
+def _gru_f_jdiag(hp, xr, xz, xn, wr, wz, wn, br, bz, bn):
+    """DiagGRU step f(hp) and d f / d hp (diagonal) from the projected inputs."""
+    hr = wr * hp + br
+    hz = wz * hp + bz
+    hn = wn * hp + bn
+    r = sigmoid(xr + hr)
+    z = sigmoid(xz + hz)
+    n = tanh(xn + r * hn)
+    f = n + z * (hp - n)
+    jd = (1 - z) * (1 - n * n) * (hn * r * (1 - r) * wr + r * wn) + z + (hp - n) * z * (1 - z) * wz
+    return f, jd
+
+
+@triton.jit
+def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, Incl, St, Out, SumA, SumC, Res,
+                               T, D, N, n_runs, NPROG,
+                               R: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
+                               FIRST: tl.constexpr):
+    """Program (pid_r, pid_n): runs ``pid_r * S + [0, S)`` x lanes ``pid_n * BN + [0, BN)``.
+
+    FIRST: summaries of the maps at ``H`` (linearised at H_{t-1}, ``Bnd`` before step 0) and the
+    residual of H.  Else: the new iterate from the carries (``Incl[r - 1]``, ``St`` for run 0)
+    into ``Out``, then the summaries / residual of the new iterate."""
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    lanes = pid_n * BN + tl.arange(0, BN)
+    lmask = lanes < N
+    runs = pid_r * S + tl.arange(0, S)
+    m0 = (runs < n_runs)[:, None] & lmask[None, :]
+    d = lanes % D
+    wr = tl.load(W + d, mask=lmask, other=0.0)[None, :]
+    wz = tl.load(W + D + d, mask=lmask, other=0.0)[None, :]
+    wn = tl.load(W + 2 * D + d, mask=lmask, other=0.0)[None, :]
+    br = tl.load(BH + d, mask=lmask, other=0.0)[None, :]
+    bz = tl.load(BH + D + d, mask=lmask, other=0.0)[None, :]
+    bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)[None, :]
+    xcol = ((lanes // D) * (3 * D) + d)[None, :]
+    t0 = runs.to(tl.int64) * R                     # first step of each run (S,)
+    first_run = (runs == 0)[:, None]
+    hk_prev = tl.load(H + (t0 - 1)[:, None] * N + lanes[None, :], mask=m0 & (t0 > 0)[:, None], other=0.0)
+    bnd = tl.load(Bnd + lanes, mask=lmask, other=0.0).to(tl.float32)[None, :]
+    hk_prev = tl.where(first_run, bnd, hk_prev.to(tl.float32))
+    if not FIRST:
+        hn_prev = tl.load(Incl + (runs.to(tl.int64) - 1)[:, None] * N + lanes[None, :],
+                          mask=m0 & (runs > 0)[:, None], other=0.0)
+        st = tl.load(St + lanes, mask=lmask, other=0.0).to(tl.float32)[None, :]
+        hn_prev = tl.where(first_run, st, hn_prev)
+    A = tl.full([S, BN], 1.0, tl.float32)
+    C = tl.zeros([S, BN], tl.float32)
+    rel = tl.zeros([S, BN], tl.float32)
+    fmx = tl.zeros([S, BN], tl.float32)
+    for k0 in range(0, R, U):
+        for u in tl.static_range(U):
+            t = t0 + (k0 + u)
+            m = m0 & (t < T)[:, None]
+            off = t[:, None] * N + lanes[None, :]
+            xo = t[:, None] * (3 * N) + xcol
+            hk = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
+            xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
+            xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
+            xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+            if FIRST:
+                hc = hk
+                hp = hk_prev
+            else:
+                f, jd = _gru_f_jdiag(hk_prev, xr, xz, xn, wr, wz, wn, br, bz, bn)
+                hc = jd * hn_prev + (f - jd * hk_prev)
+                hc = hc.to(Out.dtype.element_ty)
+                tl.store(Out + off, hc, mask=m)
+                hc = hc.to(tl.float32)  # what the next pass reads back
+                hp = hn_prev
+                hn_prev = tl.where(m, hc, hn_prev)
+            f2, j2 = _gru_f_jdiag(hp, xr, xz, xn, wr, wz, wn, br, bz, bn)
+            j2 = tl.where(m, j2, 1.0)
+            A = j2 * A
+            C = j2 * C + tl.where(m, f2 - j2 * hp, 0.0)
+            fab = tl.where(m, tl.abs(f2), 0.0)
+            r = tl.abs(hc - f2) / tl.maximum(fab, 1.0)
+            r = tl.where(m, tl.where(r == r, r, float("inf")), 0.0)  # NaN -> inf: reported as divergence
+            rel = tl.maximum(rel, r)
+            fmx = tl.maximum(fmx, tl.where(fab == fab, fab, float("inf")))
+            hk_prev = hk
+    so = runs.to(tl.int64)[:, None] * N + lanes[None, :]
+    tl.store(SumA + so, A, mask=m0)
+    tl.store(SumC + so, C, mask=m0)
+    pid = pid_r * tl.num_programs(1) + pid_n
+    tl.store(Res + pid, tl.max(tl.max(rel, 1), 0))
+    tl.store(Res + NPROG + pid, tl.max(tl.max(fmx, 1), 0))
+
+
+def run_config(T: int, N: int, run: Optional[int] = None, block_n: Optional[int] = None,
+               runs_per_program: Optional[int] = None, num_warps: Optional[int] = None,
+               unroll: Optional[int] = None) -> RunConfig:
+    """The launch shape for T steps of N lanes: from ``RUNS`` (first key >= N), with the run
+    shortened (halved, down to ``MIN_RUN``) while fewer than ``MIN_THREADS`` walkers would run.
+    Arguments that are not None override the table."""
+    key = next((k for k in sorted(k for k in RUNS if k != "wide") if N <= k), "wide")
+    cfg = RUNS[key]
+    r = cfg["r"]
+    if run is None:
+        while r > MIN_RUN and triton.cdiv(T, r) * N < MIN_THREADS:
+            r //= 2
+    else:
+        r = run
+    if r < 1:
+        raise ValueError(f"run must be >= 1; got {r}")
+    bn = cfg["bn"] if block_n is None else block_n
+    while block_n is None and bn > 16 and bn // 2 >= N:
+        bn //= 2
+    s = cfg["s"] if runs_per_program is None else runs_per_program
+    if block_n is None and runs_per_program is None:
+        s = max(1, cfg["s"] * cfg["bn"] // bn)
+    u = unroll if unroll is not None else min(4, r)
+    if r % u:
+        u = 1
+    return RunConfig(r, bn, s, cfg["warps"] if num_warps is None else num_warps, u)
+
+
+class PassResult(NamedTuple):
+    """One pipelined pass: ``out`` the new iterate (None for the first pass), ``sum_a``/``sum_c``
+    the run summaries (n_runs, N) float32 of the maps linearised at it, ``stats`` float32
+    ``[max elementwise |h - f| / max(1, |f|), max |f|]`` of that iterate (NaN/Inf as inf)."""
+    out: Optional[torch.Tensor]
+    sum_a: torch.Tensor
+    sum_c: torch.Tensor
+    stats: torch.Tensor
+
+
+def _launch(first: bool, h, xp, weight_hh, bias_hh, boundary, incl, start, out, cfg: RunConfig):
+    T, B, D = h.shape
+    N = B * D
+    dev = h.device
+    n_runs = triton.cdiv(T, cfg.r) if T else 0
+    sums = torch.empty(2, n_runs, N, dtype=torch.float32, device=dev)
+    if T == 0:
+        return PassResult(None if first else (torch.empty_like(h) if out is None else out), sums[0], sums[1],
+                          torch.zeros(2, dtype=torch.float32, device=dev))
+    w = weight_hh.detach().to(torch.float32).contiguous()
+    bh = (torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32)).contiguous()
+    h, xp, boundary = h.contiguous(), xp.contiguous(), boundary.contiguous()
+    grid = (triton.cdiv(n_runs, cfg.s), triton.cdiv(N, cfg.bn))
+    n_prog = grid[0] * grid[1]
+    part = torch.empty(2, n_prog, dtype=torch.float32, device=dev)
+    if first:
+        out_arg, incl_arg, start_arg = h, sums[0], boundary
+    else:
+        out = torch.empty_like(h) if out is None else out
+        out_arg, incl_arg, start_arg = out, incl.contiguous(), start.contiguous()
+    _pipelined_diag_gru_kernel[grid](
+        h, xp, w, bh, boundary, incl_arg, start_arg, out_arg, sums[0], sums[1], part,
+        T, D, N, n_runs, n_prog, R=cfg.r, S=cfg.s, BN=cfg.bn, U=cfg.unroll, FIRST=first,
+        num_warps=cfg.warps)
+    return PassResult(None if first else out, sums[0], sums[1], part.amax(1))
+
+
+def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = None) -> PassResult:
+    """Run summaries and residual of the iterate ``h`` (T, B, D) (maps linearised at ``h_{t-1}``,
+    ``boundary`` (B, D) before step 0).  ``out`` of the result is None."""
+    T, B, D = h.shape
+    return _launch(True, h, xp, weight_hh, bias_hh, boundary, None, None, None, cfg or run_config(T, B * D))
+
+
+def pipelined_step(h, xp, weight_hh, bias_hh, boundary, incl, start, out=None,
+                   cfg: Optional[RunConfig] = None) -> PassResult:
+    """One Newton iteration from the iterate ``h`` (T, B, D), whose maps (linearised at ``h_{t-1}``,
+    ``boundary`` (B, D) before step 0) were summarised per run by the previous pass, and
+    ``incl`` (n_runs, N): the inclusive scan of those summaries from ``start`` (B, D), the new
+    iterate's state before step 0 (so run r starts from ``incl[r - 1]``).  Writes the new iterate
+    into ``out`` and returns it with its own run summaries and residual."""
+    T, B, D = h.shape
+    return _launch(False, h, xp, weight_hh, bias_hh, boundary, incl, start, out, cfg or run_config(T, B * D))
+
+
+@torch.no_grad()
+def pipelined_step_reference(h, xp, weight_hh, bias_hh, boundary, start, run: int):
+    """Float64 reference of :func:`pipelined_step` (carries from a sequential scan of exact maps):
+    ``(out, sum_a, sum_c, residual)``; with ``start=None`` the first pass (``out`` None)."""
+    from seqpar.cells import DiagGRU
+    from seqpar.scan import affine_scan
+    from seqpar.structure import DIAG
+
+    T, B, D = h.shape
+    cell = DiagGRU(1, D, bias=bias_hh is not None).double()
+    with torch.no_grad():
+        cell.weight_hh.copy_(weight_hh.double())
+        if bias_hh is not None:
+            cell.bias_hh.copy_(bias_hh.double())
+    h, xp, boundary = h.double(), xp.double(), boundary.double()
+
+    def maps(states, before):
+        hp = torch.cat([before.unsqueeze(0), states[:-1]], 0)
+        f = cell.step(hp, xp)
+        J = cell.jacobian(hp, xp, DIAG)
+        return f, J, f - J * hp
+
+    out = None
+    if start is not None:
+        _, J, b = maps(h, boundary)
+        out = affine_scan(J, b, start.double(), DIAG)
+        h, boundary = out, start.double()
+    f, J, b = maps(h, boundary)
+    res = ((h - f).abs() / f.abs().clamp_min(1.0)).max() if T else torch.zeros((), dtype=torch.float64)
+    n_runs = -(-T // run)
+    sum_a = torch.ones(n_runs, B * D, dtype=torch.float64)
+    sum_c = torch.zeros(n_runs, B * D, dtype=torch.float64)
+    for r in range(n_runs):
+        for t in range(r * run, min(T, (r + 1) * run)):
+            sum_c[r] = J[t].reshape(-1) * sum_c[r] + b[t].reshape(-1)
+            sum_a[r] = J[t].reshape(-1) * sum_a[r]
+    return out, sum_a, sum_c, res

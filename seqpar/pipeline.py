@@ -1,0 +1,92 @@
+"""The pipelined Newton loop: carries between passes instead of a look-back inside them.
+
+For cells whose Jacobian is diagonal and that offer a pipelined kernel
+(:meth:`seqpar.cells.Cell.pipelined_newton`, e.g. :class:`~seqpar.cells.DiagGRU`),
+one Newton iteration is one pass over the shard plus a small scan:
+
+* the pass (:mod:`seqpar.kernels.pipelined_diag_gru`) reads the iterate
+  ``h^k`` and applies its maps from per-run carries, writing ``h^{k+1}``; with
+  ``h^{k+1}`` in registers it also returns the residual of ``h^{k+1}`` and the
+  per-run summaries ``(A, C)`` of the maps linearised at ``h^{k+1}``;
+* the summaries (n_runs, B*D) are scanned from the shard's incoming state
+  (:func:`seqpar.kernels.scan_diag.scan_diag`): the carries of the next pass.
+
+On P ranks each rank composes its run summaries into the shard summary
+``(Phi, c)`` and all-gathers it with its residual; the exact incoming state of
+every shard (``beta``) follows as in :func:`seqpar.newton.newton_solve`, and the
+carries are scanned from it.  No incoming-state correction pass is needed: the
+carries are exact before the pass that uses them.
+
+Same iterates as the reference loop (to rounding): ``h^{k+1}`` solves the
+recurrence linearised at ``h^k``, and the residual decides convergence of the
+iterate it belongs to.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from .structure import DIAG
+
+
+class Pipeline(NamedTuple):
+    """A cell's pipelined kernel bound to its inputs (see :mod:`seqpar.kernels.pipelined_diag_gru`).
+
+    ``first(h, boundary) -> PassResult`` summarises the maps at ``h`` (no new iterate);
+    ``step(h, boundary, incl, start, out=None) -> PassResult`` computes the next iterate.
+    ``scan(sum_a, sum_c, start) -> incl`` scans run summaries (n_runs, N) from ``start`` (B, D).
+    """
+
+    first: Callable
+    step: Callable
+    scan: Callable
+
+
+def shard_summary(sum_a: torch.Tensor, sum_c: torch.Tensor, scan: Callable, B: int, D: int):
+    """``(Phi, c)`` (B, D) each: the composition of all run summaries (the shard's map
+    ``x -> Phi x + c``; identity for an empty shard)."""
+    if sum_a.shape[0] == 0:
+        return sum_a.new_ones(B, D), sum_a.new_zeros(B, D)
+    c = scan(sum_a, sum_c, sum_a.new_zeros(B, D))[-1].reshape(B, D)
+    return sum_a.prod(0).reshape(B, D), c
+
+
+def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor, h0: torch.Tensor,
+                         comm, stopping, incoming_state, info) -> tuple:
+    """Newton iterations on this rank's shard ``h`` (n, B, D) with ``boundary`` (B, D) its state before
+    step 0, until ``stopping.record(it, residual)`` says stop.  ``incoming_state(gA, gc, h0, rank, DIAG)``
+    composes the gathered shard summaries; ``info`` (SolveInfo) gets the exchange time.  Returns ``(h, boundary, iterations)``: the last iterate and
+    its state before step 0."""
+    n, B, D = h.shape
+    P, rank = comm.world_size, comm.rank
+    dtype = h.dtype
+    cur = pipe.first(h, boundary)
+    spare: Optional[torch.Tensor] = None
+    it = 0
+    while True:
+        if P > 1:
+            phi, c = shard_summary(cur.sum_a, cur.sum_c, pipe.scan, B, D)
+            t_x = time.perf_counter()
+            gathered = comm.all_gather(torch.cat([phi.reshape(-1).to(dtype), c.reshape(-1).to(dtype),
+                                                  cur.stats[:1].to(dtype)]))
+            info.exchange_s += time.perf_counter() - t_x
+            all_res = gathered[:, -1]
+        else:
+            all_res = cur.stats[:1]
+        if stopping.record(it, float(all_res.max())):  # one host sync per iteration
+            break
+        if P > 1:
+            gA = gathered[:, :B * D].reshape(P, B, D)
+            gc = gathered[:, B * D:2 * B * D].reshape(P, B, D)
+            start = incoming_state(gA, gc, h0, rank, DIAG).to(dtype)
+        else:
+            start = h0
+        if n:
+            incl = pipe.scan(cur.sum_a, cur.sum_c, start.to(torch.float32))
+            cur = pipe.step(h, boundary, incl, start, out=spare)
+            h, spare = cur.out, h
+        boundary = start
+        it += 1
+    return h, boundary, it

@@ -1,0 +1,199 @@
+"""The pipelined Newton pass (kernels/pipelined_diag_gru.py) and loop (seqpar/pipeline.py).
+
+Kernel: ``first_pass`` / ``pipelined_step`` against the float64 reference
+``pipelined_step_reference`` (DiagGRU step / jacobian + a sequential scan) on odd
+shapes: T = 1, B = 1, runs that do not divide T, several unroll factors, no bias,
+bfloat16 storage, NaN iterates.  Loop: ``seqpar.solve`` on the pipelined path
+equals the reference loop (``seqpar.newton.PIPELINED = False``) and a float64
+sequential evaluation, with the same iterations and residual history.  CPU runs
+use TRITON_INTERPRET=1 on small shapes; ``-m gpu`` repeats the kernel check on
+T = 100k and a full solve at T = 1M on the device (TRITON_INTERPRET=0 there).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import seqpar  # noqa: E402
+import seqpar.newton as newton  # noqa: E402
+from seqpar.backend import pipelined_stepper  # noqa: E402
+from seqpar.cells import GRU, DiagGRU  # noqa: E402
+from seqpar.kernels import pipelined_diag_gru as pk  # noqa: E402
+from seqpar.kernels.scan_diag import scan_diag  # noqa: E402
+from seqpar.structure import DENSE, DIAG, Structure  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+cpu_only = pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
+
+
+def _problem(T, B, D, bias=True, seed=0, device="cpu", scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(T, B, D, generator=g) * scale).to(device)
+    xp = torch.randn(T, B, 3 * D, generator=g).to(device)
+    w = (torch.randn(3 * D, generator=g) * 0.7).to(device)
+    b = (torch.randn(3 * D, generator=g) * 0.2).to(device) if bias else None
+    bnd = (torch.randn(B, D, generator=g) * 0.5).to(device)
+    start = (torch.randn(B, D, generator=g) * 0.5).to(device)
+    return h, xp, w, b, bnd, start
+
+
+def _check_pass(T, B, D, run, unroll=None, bias=True, device="cpu", dtype=torch.float32, seed=0, atol=2e-6):
+    h, xp, w, b, bnd, start = _problem(T, B, D, bias, seed, device)
+    h, xp = h.to(dtype), xp.to(dtype)
+    cfg = pk.run_config(T, B * D, run=run, unroll=unroll)
+    first = pk.first_pass(h, xp, w, b, bnd, cfg)
+    assert first.out is None
+    _, ra, rc, rres = pk.pipelined_step_reference(h, xp, w, b, bnd, None, run)
+    assert first.sum_a.shape == (-(-T // run), B * D)
+    assert torch.allclose(first.sum_a.double().cpu(), ra, atol=atol, rtol=1e-5)
+    assert torch.allclose(first.sum_c.double().cpu(), rc, atol=atol, rtol=1e-5)
+    assert abs(float(first.stats[0]) - float(rres)) <= 1e-5 * max(1.0, float(rres))
+    incl = scan_diag(first.sum_a, first.sum_c, start.reshape(-1))
+    step = pk.pipelined_step(h, xp, w, b, bnd, incl, start, cfg=cfg)
+    ro, ra, rc, rres = pk.pipelined_step_reference(h, xp, w, b, bnd, start, run)
+    tol = atol if dtype == torch.float32 else 2e-2
+    assert step.out.dtype == dtype and step.out.shape == (T, B, D)
+    assert (step.out.double().cpu() - ro).abs().max().item() <= tol * max(1.0, ro.abs().max().item())
+    if dtype == torch.float32:
+        assert torch.allclose(step.sum_a.double().cpu(), ra, atol=atol, rtol=1e-5)
+        assert torch.allclose(step.sum_c.double().cpu(), rc, atol=atol, rtol=1e-5)
+        assert abs(float(step.stats[0]) - float(rres)) <= 1e-4 * max(1.0, float(rres)) + 1e-6
+
+
+@cpu_only
+@pytest.mark.parametrize("T,B,D,run,unroll", [
+    (1, 1, 1, 4, None), (37, 3, 5, 4, None), (37, 3, 5, 4, 1), (50, 1, 3, 16, 4), (64, 2, 16, 8, 8),
+    (23, 2, 2, 32, None), (9, 5, 7, 1, None), (40, 1, 33, 8, 2),
+])
+def test_pass_matches_float64_reference(T, B, D, run, unroll):
+    _check_pass(T, B, D, run, unroll, seed=T + D)
+
+
+@cpu_only
+def test_pass_without_bias_and_in_bfloat16():
+    _check_pass(29, 2, 3, 8, bias=False, seed=1)
+    _check_pass(29, 2, 3, 8, dtype=torch.bfloat16, seed=2)
+
+
+@cpu_only
+def test_nan_iterate_reports_inf_residual():
+    h, xp, w, b, bnd, start = _problem(20, 2, 3)
+    h[7, 1, 2] = float("nan")
+    first = pk.first_pass(h, xp, w, b, bnd, pk.run_config(20, 6, run=4))
+    assert float(first.stats[0]) == float("inf")
+
+
+@cpu_only
+def test_empty_sequence():
+    h, xp, w, b, bnd, start = _problem(0, 2, 3)
+    first = pk.first_pass(h, xp, w, b, bnd)
+    assert first.sum_a.shape == (0, 6) and float(first.stats.abs().sum()) == 0.0
+
+
+def test_run_config_shortens_runs_for_short_sequences_and_honours_overrides():
+    long = pk.run_config(2**20, 16)
+    short = pk.run_config(1000, 16)
+    assert short.r < long.r and short.r >= pk.MIN_RUN
+    assert pk.run_config(10**6, 1024, run=7).r == 7 and pk.run_config(10**6, 1024, run=7).unroll in (1, 7)
+    assert pk.run_config(10**6, 8).bn == 16
+    with pytest.raises(ValueError, match="run"):
+        pk.run_config(100, 16, run=0)
+
+
+def test_pipelined_path_is_chosen_only_where_exact():
+    xp = torch.zeros(4, 2, 3)
+    assert pipelined_stepper(DiagGRU(2, 1), DIAG, xp, "triton") is not None
+    assert pipelined_stepper(GRU(2, 1), DENSE, xp, "triton") is not None
+    assert pipelined_stepper(GRU(2, 1), DIAG, xp, "triton") is not None
+    assert pipelined_stepper(GRU(2, 3), DIAG, torch.zeros(4, 2, 9), "triton") is None  # quasi: no pipeline
+    assert pipelined_stepper(DiagGRU(2, 1), DIAG, xp, "torch") is None
+    assert pipelined_stepper(DiagGRU(2, 1), DIAG, xp.double(), "triton") is None
+
+    class Custom(DiagGRU):
+        def step(self, h_prev, xp):
+            return super().step(h_prev, xp) * 0.5
+
+    assert pipelined_stepper(Custom(2, 1), DIAG, xp, "triton") is None  # a redefined step is not the kernel's
+
+
+def _solve_both(cell, x, jacobian, h0=None):
+    out = {}
+    for pipelined in (True, False):
+        newton.PIPELINED = pipelined
+        try:
+            log = []
+            states, info = seqpar.solve(cell, x, h0, jacobian=jacobian, backend="triton", return_info=True,
+                                        callback=lambda it, r: log.append((it, r)))
+        finally:
+            newton.PIPELINED = True
+        out[pipelined] = (states, info, log)
+    return out
+
+
+@cpu_only
+@pytest.mark.parametrize("cell_kind,D,jacobian,T,B", [
+    ("diag", 5, "auto", 203, 3), ("diag", 1, "diag", 1, 1), ("gru", 1, "dense", 77, 4), ("gru", 1, "diag", 130, 1),
+])
+def test_solve_matches_reference_loop_and_sequential(cell_kind, D, jacobian, T, B):
+    torch.manual_seed(T + D)
+    cell = DiagGRU(3, D) if cell_kind == "diag" else GRU(3, D)
+    x = torch.randn(T, B, 3)
+    h0 = 0.3 * torch.randn(B, D)
+    got = _solve_both(cell, x, jacobian, h0)
+    (s1, i1, log1), (s0, i0, log0) = got[True], got[False]
+    assert i1.converged and i1.iterations == i0.iterations
+    assert [it for it, _ in log1] == [it for it, _ in log0]
+    for a, b in zip(i1.residuals, i0.residuals):
+        assert abs(a - b) <= 1e-3 * max(a, b) + 1e-6
+    c64 = type(cell)(3, D).double()
+    c64.load_state_dict(cell.state_dict())
+    with torch.no_grad():
+        ref = newton.sequential_states(c64, c64.project_inputs(x.double()), h0.double())
+    assert (s1.double() - ref).abs().max().item() < 2e-5
+    assert (s1 - s0).abs().max().item() < 2e-5
+
+
+@cpu_only
+def test_non_converged_is_not_reported_converged():
+    torch.manual_seed(0)
+    cell = DiagGRU(3, 2)
+    x = torch.randn(60, 2, 3)
+    states, info = seqpar.solve(cell, x, jacobian="diag", backend="triton", max_iter=1, fallback="none",
+                                return_info=True)
+    assert not info.converged and info.iterations == 1 and info.residual > info.tol
+    states, info = seqpar.solve(cell, x, jacobian="diag", backend="triton", max_iter=1, return_info=True)
+    assert info.converged and info.fallback  # repaired by the fallback, and said so
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("B,D", [(16, 1), (16, 4), (3, 7), (16, 64)])
+def test_gpu_pass_matches_reference(B, D):
+    T = 5003
+    _check_pass(T, B, D, pk.run_config(T, B * D).r, device="cuda", seed=D, atol=5e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+def test_gpu_solve_1m_steps_matches_cudnn_float64():
+    torch.manual_seed(0)
+    cell = GRU(1, 1).cuda()
+    x = torch.randn(10**6, 16, 1, device="cuda")
+    states, info = seqpar.solve(cell, x, jacobian="dense", return_info=True)
+    assert info.converged and info.fallback is None
+    ref_rnn = torch.nn.GRU(1, 1).cuda().double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(ref_rnn, name + "_l0").copy_(getattr(cell, name))
+    with torch.no_grad():
+        ref, _ = ref_rnn(x.double())
+    assert (states.double() - ref).abs().max().item() < 1e-4
+
+
+def test_structure_guard():
+    assert DiagGRU(2, 3).pipelined_newton(Structure("block", 2), torch.zeros(3, 1, 9)) is None
