@@ -121,8 +121,6 @@ def iteration_rows(args, gbps):
         row["ratio_nominal"] = row["pipelined_ms"] / row["min_bytes_ms_nominal"]
         row["lookback_ratio"] = row["lookback_ms"] / min_ms
         rows.append(row)
-        del xp, h, out_lb, ref
-        torch.cuda.empty_cache()
     return rows
 
 

@@ -265,7 +265,7 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     n = xp.shape[0]
     B, D = h0.shape
     st = opts.structure
-    P, rank = comm.world_size, comm.rank
+    P = comm.world_size
     chunk = opts.chunk_size or auto_chunk(st, B, D, h0.dtype, device=h0.device)
     h = initial_guess.to(h0.dtype).clone() if initial_guess is not None else h0.new_zeros(n, B, D)
     layout = ShardLayout.exchange(comm, n, h0.device)
