@@ -10,7 +10,7 @@ and T = 2^20 (``--steps``):
 * ``lookback_ms``: one iteration of the look-back kernel (``fused_diag_gru_step``, its table tile);
 * ``pipelined_ms``: one iteration of the pipelined path, i.e. ``pipelined_step`` plus the scan of
   its run summaries (``scan_diag`` on (T / R, N)) that the next pass needs; with ``--sweep`` also
-  other run lengths / unroll factors / warps;
+  other run lengths / prefetch depths / warps / runs per program;
 * ``ratio``: ms over the minimum-bytes time (20 B per state: read h 4 + xp 12, write 4) at the
   measured copy bandwidth; ``ratio_nominal`` at ``--nominal-gbps`` (4300);
 * a check: the pipelined new iterate equals the look-back kernel's (same start, max abs diff).
@@ -41,7 +41,8 @@ from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
 from seqpar.kernels.scan_diag import scan_diag
 
 WIDTHS = ((16, 1), (16, 4), (16, 16), (16, 64))
-SWEEP = [dict(run=r, unroll=u, num_warps=w) for r in (16, 32, 64) for u in (1, 4, 8) for w in (4, 8)]
+SWEEP = [dict(run=r, prefetch=p, num_warps=w, s=s) for r in (32, 64) for p in (0, 1, 2) for w in (4, 8)
+         for s in (None, 1)]
 
 
 def event_ms(fn, reps):
@@ -96,7 +97,9 @@ def iteration_rows(args, gbps):
             if time.perf_counter() - t_start > args.budget:
                 row["skipped_for_budget"] = True
                 break
-            cfg = pk.run_config(T, N, run=kw.get("run"), unroll=kw.get("unroll"), num_warps=kw.get("num_warps"))
+            cfg = pk.run_config(T, N, run=kw.get("run"), prefetch=kw.get("prefetch"), num_warps=kw.get("num_warps"))
+            if kw.get("s"):
+                cfg = cfg._replace(s=kw["s"])
             first = pk.first_pass(h, xp, w, b, bnd, cfg)
             incl = scan_diag(first.sum_a, first.sum_c, bnd.reshape(-1))
             out = torch.empty_like(h)
@@ -105,7 +108,7 @@ def iteration_rows(args, gbps):
                 res = pk.pipelined_step(h, xp, w, b, bnd, incl, bnd, out=out, cfg=cfg)
                 scan_diag(res.sum_a, res.sum_c, bnd.reshape(-1))
 
-            name = "table" if not kw else f"r{cfg.r}_u{cfg.unroll}_w{cfg.warps}"
+            name = "table" if not kw else f"r{cfg.r}_pf{cfg.prefetch}_w{cfg.warps}_s{cfg.s}"
             ms = event_ms(one_iteration, args.reps)
             pass_ms = event_ms(lambda: pk.pipelined_step(h, xp, w, b, bnd, incl, bnd, out=out, cfg=cfg), args.reps)
             new = pk.pipelined_step(h, xp, w, b, bnd, incl, bnd, cfg=cfg).out
@@ -173,6 +176,60 @@ def profile_short_solve():
     return prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
 
 
+HOST_PARTS = [  # (module, attribute): host time spent inside each during a solve (no device sync added)
+    ("seqpar.solver", "check_solve_args"), ("seqpar.solver", "check_cell_tensors_finite"),
+    ("seqpar.solver", "_check_first_steps"), ("seqpar.solver", "get_communicator"),
+    ("seqpar.autograd", "newton_solve"), ("seqpar.pipeline", "pipelined_iterations"),
+    ("seqpar.kernels.pipelined_diag_gru", "first_pass"), ("seqpar.kernels.pipelined_diag_gru", "pipelined_step"),
+    ("seqpar.kernels.scan_diag", "scan_diag"), ("seqpar.newton", "gather_boundary"),
+    ("seqpar.newton", "ShardLayout"), ("seqpar.backend", "pipelined_stepper"),
+]
+
+
+def host_breakdown(T=100_000, reps=20):
+    """Host milliseconds per solve inside each of ``HOST_PARTS`` (GRU(1, 1), B = 16, no_grad and grad),
+    and the solve's wall time; the difference is the rest (autograd Function, info, casts)."""
+    import importlib
+
+    totals, orig = {}, {}
+    for mod, name in HOST_PARTS:
+        m = importlib.import_module(mod)
+        f = getattr(m, name)
+        orig[(mod, name)] = f
+
+        def wrapped(*a, _f=f, _k=f"{mod}.{name}", **kw):
+            t0 = time.perf_counter()
+            try:
+                return _f(*a, **kw)
+            finally:
+                totals[_k] = totals.get(_k, 0.0) + time.perf_counter() - t0
+
+        setattr(m, name, wrapped)
+    torch.manual_seed(0)
+    cell = GRU(1, 1).cuda()
+    x = torch.randn(T, 16, 1, device="cuda")
+    out = {}
+    try:
+        for mode in ("no_grad", "grad"):
+            ctx = torch.no_grad() if mode == "no_grad" else torch.enable_grad()
+            with ctx:
+                for _ in range(3):
+                    seqpar.solve(cell, x, jacobian="dense")
+                torch.cuda.synchronize()
+                totals.clear()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    seqpar.solve(cell, x, jacobian="dense")
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) / reps
+            out[mode] = {"solve_ms": 1e3 * wall, **{k: 1e3 * v / reps for k, v in totals.items()}}
+            print(mode, {k: round(v, 3) for k, v in out[mode].items()}, flush=True)
+    finally:
+        for (mod, name), f in orig.items():
+            setattr(importlib.import_module(mod), name, f)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=common.out_path("pipeline.json"))
@@ -182,8 +239,13 @@ def main():
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the iteration sweep")
     ap.add_argument("--nominal-gbps", type=float, default=4300.0)
     ap.add_argument("--skip-solves", action="store_true")
+    ap.add_argument("--host-only", action="store_true", help="only the host-time breakdown of a short solve")
     args = ap.parse_args()
     result = {"env": env_info(), "args": vars(args)}
+    if args.host_only:
+        result["host_gru1_100k"] = host_breakdown()
+        write_json(args.out, result)
+        return
     result["copy_GBps"] = gbps = copy_gbps()
     print(f"copy bandwidth {gbps:.0f} GB/s", flush=True)
     result["iterations"] = iteration_rows(args, gbps)
@@ -191,8 +253,9 @@ def main():
     if not args.skip_solves:
         result["solves"] = solve_rows(args)
         write_json(args.out, result)
+        result["host_gru1_100k"] = host_breakdown()
+        write_json(args.out, result)
         result["profile_gru1_100k"] = profile_short_solve()
-        print(result["profile_gru1_100k"], flush=True)
     write_json(args.out, result)
 
 

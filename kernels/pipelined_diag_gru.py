@@ -43,12 +43,12 @@ from ._common import sigmoid, tanh
 # Run length, lanes per program and warps by lane count N = B * D (first key >= N; "wide" beyond).
 # Runs of R steps: the summaries cost 2/R of a state per pass, and T * N / R threads must fill the GPU
 # (run_length() shortens R for short sequences).
-RUNS = {
-    16: dict(r=32, bn=16, s=16, warps=4),
-    64: dict(r=32, bn=64, s=4, warps=4),
-    256: dict(r=32, bn=128, s=2, warps=4),
-    1024: dict(r=32, bn=128, s=2, warps=4),
-    "wide": dict(r=32, bn=128, s=2, warps=4),
+RUNS = {  # benchmarks/bench_pipeline.py --sweep, run 28 (H200, B=16, T=2^20; without prefetch)
+    16: dict(r=64, bn=16, s=16, warps=4, pf=1),    # 2.86x min bytes (look-back kernel: 6.4x)
+    64: dict(r=32, bn=64, s=4, warps=8, pf=1),     # 1.85x (6.5x)
+    256: dict(r=64, bn=128, s=2, warps=4, pf=1),   # 1.47x (2.9x)
+    1024: dict(r=64, bn=128, s=2, warps=4, pf=1),  # 1.34x (2.4x)
+    "wide": dict(r=64, bn=128, s=2, warps=4, pf=1),
 }
 MIN_THREADS = 2**17  # shorten runs until T * N / R reaches this many walkers (or R reaches MIN_RUN)
 MIN_RUN = 4
@@ -59,7 +59,7 @@ class RunConfig(NamedTuple):
     bn: int      # lanes per program
     s: int       # runs per program
     warps: int
-    unroll: int  # steps whose loads are issued together
+    prefetch: int  # steps whose loads are in flight ahead of the one computed (0, 1 or 2)
 
 
 @triton.jit
@@ -77,9 +77,22 @@ def _gru_f_jdiag(hp, xr, xz, xn, wr, wz, wn, br, bz, bn):
 
 
 @triton.jit
+def _load_step(H, XP, t0, k, R: tl.constexpr, T, N, D, lanes, xcol, m0):
+    """h and the three projected gate inputs of step ``k`` of every run (zeros past the run / T)."""
+    t = t0 + k
+    m = m0 & ((t < T) & (k < R))[:, None]
+    xo = t[:, None] * (3 * N) + xcol
+    hk = tl.load(H + t[:, None] * N + lanes[None, :], mask=m, other=0.0).to(tl.float32)
+    xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
+    xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
+    xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+    return hk, xr, xz, xn
+
+
+@triton.jit
 def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, Incl, St, Out, SumA, SumC, Res,
                                T, D, N, n_runs, NPROG,
-                               R: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
+                               R: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr,
                                FIRST: tl.constexpr):
     """Program (pid_r, pid_n): runs ``pid_r * S + [0, S)`` x lanes ``pid_n * BN + [0, BN)``.
 
@@ -114,37 +127,44 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, Incl, St, Out, SumA, SumC, Res
     C = tl.zeros([S, BN], tl.float32)
     rel = tl.zeros([S, BN], tl.float32)
     fmx = tl.zeros([S, BN], tl.float32)
-    for k0 in range(0, R, U):
-        for u in tl.static_range(U):
-            t = t0 + (k0 + u)
-            m = m0 & (t < T)[:, None]
-            off = t[:, None] * N + lanes[None, :]
-            xo = t[:, None] * (3 * N) + xcol
-            hk = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
-            xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
-            xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
-            xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
-            if FIRST:
-                hc = hk
-                hp = hk_prev
-            else:
-                f, jd = _gru_f_jdiag(hk_prev, xr, xz, xn, wr, wz, wn, br, bz, bn)
-                hc = jd * hn_prev + (f - jd * hk_prev)
-                hc = hc.to(Out.dtype.element_ty)
-                tl.store(Out + off, hc, mask=m)
-                hc = hc.to(tl.float32)  # what the next pass reads back
-                hp = hn_prev
-                hn_prev = tl.where(m, hc, hn_prev)
-            f2, j2 = _gru_f_jdiag(hp, xr, xz, xn, wr, wz, wn, br, bz, bn)
-            j2 = tl.where(m, j2, 1.0)
-            A = j2 * A
-            C = j2 * C + tl.where(m, f2 - j2 * hp, 0.0)
-            fab = tl.where(m, tl.abs(f2), 0.0)
-            r = tl.abs(hc - f2) / tl.maximum(fab, 1.0)
-            r = tl.where(m, tl.where(r == r, r, float("inf")), 0.0)  # NaN -> inf: reported as divergence
-            rel = tl.maximum(rel, r)
-            fmx = tl.maximum(fmx, tl.where(fab == fab, fab, float("inf")))
-            hk_prev = hk
+    # software prefetch: the loads of the next PF steps are in flight while a step is computed
+    # (the store to Out between steps would otherwise keep the compiler from hoisting them)
+    ha, ra, za, na = _load_step(H, XP, t0, 0, R, T, N, D, lanes, xcol, m0)
+    if PF == 2:
+        hb, rb, zb, nb = _load_step(H, XP, t0, 1, R, T, N, D, lanes, xcol, m0)
+    for k in range(R):
+        t = t0 + k
+        m = m0 & (t < T)[:, None]
+        off = t[:, None] * N + lanes[None, :]
+        hk, xr, xz, xn = ha, ra, za, na
+        if PF == 2:
+            ha, ra, za, na = hb, rb, zb, nb
+            hb, rb, zb, nb = _load_step(H, XP, t0, k + 2, R, T, N, D, lanes, xcol, m0)
+        elif PF == 1:
+            ha, ra, za, na = _load_step(H, XP, t0, k + 1, R, T, N, D, lanes, xcol, m0)
+        else:
+            hk, xr, xz, xn = _load_step(H, XP, t0, k, R, T, N, D, lanes, xcol, m0)
+        if FIRST:
+            hc = hk
+            hp = hk_prev
+        else:
+            f, jd = _gru_f_jdiag(hk_prev, xr, xz, xn, wr, wz, wn, br, bz, bn)
+            hc = jd * hn_prev + (f - jd * hk_prev)
+            hc = hc.to(Out.dtype.element_ty)
+            tl.store(Out + off, hc, mask=m)
+            hc = hc.to(tl.float32)  # what the next pass reads back
+            hp = hn_prev
+            hn_prev = tl.where(m, hc, hn_prev)
+        f2, j2 = _gru_f_jdiag(hp, xr, xz, xn, wr, wz, wn, br, bz, bn)
+        j2 = tl.where(m, j2, 1.0)
+        A = j2 * A
+        C = j2 * C + tl.where(m, f2 - j2 * hp, 0.0)
+        fab = tl.where(m, tl.abs(f2), 0.0)
+        r = tl.abs(hc - f2) / tl.maximum(fab, 1.0)
+        r = tl.where(m, tl.where(r == r, r, float("inf")), 0.0)  # NaN -> inf: reported as divergence
+        rel = tl.maximum(rel, r)
+        fmx = tl.maximum(fmx, tl.where(fab == fab, fab, float("inf")))
+        hk_prev = hk
     so = runs.to(tl.int64)[:, None] * N + lanes[None, :]
     tl.store(SumA + so, A, mask=m0)
     tl.store(SumC + so, C, mask=m0)
@@ -155,7 +175,7 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, Incl, St, Out, SumA, SumC, Res
 
 def run_config(T: int, N: int, run: Optional[int] = None, block_n: Optional[int] = None,
                runs_per_program: Optional[int] = None, num_warps: Optional[int] = None,
-               unroll: Optional[int] = None) -> RunConfig:
+               prefetch: Optional[int] = None) -> RunConfig:
     """The launch shape for T steps of N lanes: from ``RUNS`` (first key >= N), with the run
     shortened (halved, down to ``MIN_RUN``) while fewer than ``MIN_THREADS`` walkers would run.
     Arguments that are not None override the table."""
@@ -175,10 +195,10 @@ def run_config(T: int, N: int, run: Optional[int] = None, block_n: Optional[int]
     s = cfg["s"] if runs_per_program is None else runs_per_program
     if block_n is None and runs_per_program is None:
         s = max(1, cfg["s"] * cfg["bn"] // bn)
-    u = unroll if unroll is not None else min(4, r)
-    if r % u:
-        u = 1
-    return RunConfig(r, bn, s, cfg["warps"] if num_warps is None else num_warps, u)
+    pf = cfg["pf"] if prefetch is None else prefetch
+    if pf not in (0, 1, 2):
+        raise ValueError(f"prefetch must be 0, 1 or 2; got {pf}")
+    return RunConfig(r, bn, s, cfg["warps"] if num_warps is None else num_warps, pf)
 
 
 class PassResult(NamedTuple):
@@ -213,7 +233,7 @@ def _launch(first: bool, h, xp, weight_hh, bias_hh, boundary, incl, start, out, 
         out_arg, incl_arg, start_arg = out, incl.contiguous(), start.contiguous()
     _pipelined_diag_gru_kernel[grid](
         h, xp, w, bh, boundary, incl_arg, start_arg, out_arg, sums[0], sums[1], part,
-        T, D, N, n_runs, n_prog, R=cfg.r, S=cfg.s, BN=cfg.bn, U=cfg.unroll, FIRST=first,
+        T, D, N, n_runs, n_prog, R=cfg.r, S=cfg.s, BN=cfg.bn, PF=cfg.prefetch, FIRST=first,
         num_warps=cfg.warps)
     return PassResult(None if first else out, sums[0], sums[1], part.amax(1))
 
@@ -244,6 +264,9 @@ def pipelined_step_reference(h, xp, weight_hh, bias_hh, boundary, start, run: in
     from seqpar.scan import affine_scan
     from seqpar.structure import DIAG
 
+    h, xp, weight_hh, boundary = h.cpu(), xp.cpu(), weight_hh.cpu(), boundary.cpu()
+    bias_hh = None if bias_hh is None else bias_hh.cpu()
+    start = None if start is None else start.cpu()
     T, B, D = h.shape
     cell = DiagGRU(1, D, bias=bias_hh is not None).double()
     with torch.no_grad():

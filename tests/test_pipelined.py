@@ -42,10 +42,10 @@ def _problem(T, B, D, bias=True, seed=0, device="cpu", scale=0.5):
     return h, xp, w, b, bnd, start
 
 
-def _check_pass(T, B, D, run, unroll=None, bias=True, device="cpu", dtype=torch.float32, seed=0, atol=2e-6):
+def _check_pass(T, B, D, run, prefetch=None, bias=True, device="cpu", dtype=torch.float32, seed=0, atol=2e-6):
     h, xp, w, b, bnd, start = _problem(T, B, D, bias, seed, device)
     h, xp = h.to(dtype), xp.to(dtype)
-    cfg = pk.run_config(T, B * D, run=run, unroll=unroll)
+    cfg = pk.run_config(T, B * D, run=run, prefetch=prefetch)
     first = pk.first_pass(h, xp, w, b, bnd, cfg)
     assert first.out is None
     _, ra, rc, rres = pk.pipelined_step_reference(h, xp, w, b, bnd, None, run)
@@ -66,12 +66,12 @@ def _check_pass(T, B, D, run, unroll=None, bias=True, device="cpu", dtype=torch.
 
 
 @cpu_only
-@pytest.mark.parametrize("T,B,D,run,unroll", [
-    (1, 1, 1, 4, None), (37, 3, 5, 4, None), (37, 3, 5, 4, 1), (50, 1, 3, 16, 4), (64, 2, 16, 8, 8),
-    (23, 2, 2, 32, None), (9, 5, 7, 1, None), (40, 1, 33, 8, 2),
+@pytest.mark.parametrize("T,B,D,run,prefetch", [
+    (1, 1, 1, 4, None), (37, 3, 5, 4, None), (37, 3, 5, 4, 0), (50, 1, 3, 16, 2), (64, 2, 16, 8, 1),
+    (23, 2, 2, 32, None), (9, 5, 7, 1, 2), (40, 1, 33, 8, 0),
 ])
-def test_pass_matches_float64_reference(T, B, D, run, unroll):
-    _check_pass(T, B, D, run, unroll, seed=T + D)
+def test_pass_matches_float64_reference(T, B, D, run, prefetch):
+    _check_pass(T, B, D, run, prefetch, seed=T + D)
 
 
 @cpu_only
@@ -99,10 +99,12 @@ def test_run_config_shortens_runs_for_short_sequences_and_honours_overrides():
     long = pk.run_config(2**20, 16)
     short = pk.run_config(1000, 16)
     assert short.r < long.r and short.r >= pk.MIN_RUN
-    assert pk.run_config(10**6, 1024, run=7).r == 7 and pk.run_config(10**6, 1024, run=7).unroll in (1, 7)
+    assert pk.run_config(10**6, 1024, run=7).r == 7 and pk.run_config(10**6, 1024, prefetch=2).prefetch == 2
     assert pk.run_config(10**6, 8).bn == 16
     with pytest.raises(ValueError, match="run"):
         pk.run_config(100, 16, run=0)
+    with pytest.raises(ValueError, match="prefetch"):
+        pk.run_config(100, 16, prefetch=3)
 
 
 def test_pipelined_path_is_chosen_only_where_exact():
