@@ -179,7 +179,7 @@ def profile_short_solve():
 HOST_PARTS = [  # (module, attribute): host time spent inside each during a solve (no device sync added)
     ("seqpar.solver", "check_solve_args"), ("seqpar.solver", "check_cell_tensors_finite"),
     ("seqpar.solver", "_check_first_steps"), ("seqpar.solver", "get_communicator"),
-    ("seqpar.autograd", "newton_solve"), ("seqpar.pipeline", "pipelined_iterations"),
+    ("seqpar.autograd", "newton_solve"), ("seqpar.newton", "pipelined_iterations"),
     ("seqpar.kernels.pipelined_diag_gru", "first_pass"), ("seqpar.kernels.pipelined_diag_gru", "pipelined_step"),
     ("seqpar.kernels.scan_diag", "scan_diag"), ("seqpar.newton", "gather_boundary"),
     ("seqpar.newton", "ShardLayout"), ("seqpar.backend", "pipelined_stepper"),
