@@ -43,11 +43,11 @@ from ._common import sigmoid, tanh
 # Run length, lanes per program and warps by lane count N = B * D (first key >= N; "wide" beyond).
 # Runs of R steps: the summaries cost 2/R of a state per pass, and T * N / R threads must fill the GPU
 # (run_length() shortens R for short sequences).
-RUNS = {  # benchmarks/bench_pipeline.py --sweep, run 28 (H200, B=16, T=2^20; without prefetch)
-    16: dict(r=64, bn=16, s=16, warps=4, pf=1),    # 2.86x min bytes (look-back kernel: 6.4x)
-    64: dict(r=32, bn=64, s=4, warps=8, pf=1),     # 1.85x (6.5x)
-    256: dict(r=64, bn=128, s=2, warps=4, pf=1),   # 1.47x (2.9x)
-    1024: dict(r=64, bn=128, s=2, warps=4, pf=1),  # 1.34x (2.4x)
+RUNS = {  # benchmarks/bench_pipeline.py --sweep, run 29 (H200, B=16, T=2^20): one iteration, x minimum bytes
+    16: dict(r=64, bn=16, s=16, warps=4, pf=0),    # 2.85x (look-back kernel: 7.4x)
+    64: dict(r=32, bn=64, s=4, warps=4, pf=2),     # 1.85x (5.8x)
+    256: dict(r=64, bn=128, s=2, warps=4, pf=1),   # 1.36x (2.9x)
+    1024: dict(r=64, bn=128, s=2, warps=4, pf=1),  # 1.28x (2.4x)
     "wide": dict(r=64, bn=128, s=2, warps=4, pf=1),
 }
 MIN_THREADS = 2**17  # shorten runs until T * N / R reaches this many walkers (or R reaches MIN_RUN)
@@ -211,6 +211,14 @@ class PassResult(NamedTuple):
     stats: torch.Tensor
 
 
+def prepare_weights(weight_hh, bias_hh):
+    """``(w, b)``: the recurrent weights (3D,) and bias (zeros if None) as the kernel reads them
+    (float32, contiguous, detached).  Done once per solve, not per pass."""
+    w = weight_hh.detach().to(torch.float32).contiguous()
+    b = torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32).contiguous()
+    return w, b
+
+
 def _launch(first: bool, h, xp, weight_hh, bias_hh, boundary, incl, start, out, cfg: RunConfig):
     T, B, D = h.shape
     N = B * D
@@ -220,8 +228,7 @@ def _launch(first: bool, h, xp, weight_hh, bias_hh, boundary, incl, start, out, 
     if T == 0:
         return PassResult(None if first else (torch.empty_like(h) if out is None else out), sums[0], sums[1],
                           torch.zeros(2, dtype=torch.float32, device=dev))
-    w = weight_hh.detach().to(torch.float32).contiguous()
-    bh = (torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32)).contiguous()
+    w, bh = prepare_weights(weight_hh, bias_hh)
     h, xp, boundary = h.contiguous(), xp.contiguous(), boundary.contiguous()
     grid = (triton.cdiv(n_runs, cfg.s), triton.cdiv(N, cfg.bn))
     n_prog = grid[0] * grid[1]

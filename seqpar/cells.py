@@ -462,6 +462,7 @@ def _diag_gru_pipeline(xp, weight_hh, bias_hh, hidden_size: int):
     from .pipeline import Pipeline
 
     cfg = k.run_config(xp.shape[0], xp.shape[1] * hidden_size)
+    weight_hh, bias_hh = k.prepare_weights(weight_hh, bias_hh)
     return Pipeline(
         first=lambda h, bnd: k.first_pass(h, xp, weight_hh, bias_hh, bnd, cfg),
         step=lambda h, bnd, incl, start, out=None: k.pipelined_step(h, xp, weight_hh, bias_hh, bnd, incl, start,

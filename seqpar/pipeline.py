@@ -74,7 +74,7 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
             info.exchange_s += time.perf_counter() - t_x
             all_res = gathered[:, -1]
         else:
-            all_res = cur.stats[:1]
+            all_res = cur.stats[0]
         if stopping.record(it, float(all_res.max())):  # one host sync per iteration
             break
         if P > 1:

@@ -11,7 +11,7 @@ from .autograd import SolveFunction
 from .distributed import get_communicator
 from .backend import resolve_backend
 from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, min_tol
-from .validation import (METHODS, check_cell_tensors_finite, check_declared_structure, check_options,
+from .validation import (METHODS, check_cell_tensors_finite, trusted_step, check_declared_structure, check_options,
                          check_solve_args, check_step_output, compute_dtype, is_exact, resolve_jacobian)
 
 DEFAULT_MAX_ITER_NEWTON = 50
@@ -143,7 +143,7 @@ FIRST_STEPS_CHECKED = 4
 def _check_first_steps(cell, inputs, h0, method):
     """Once per solve, on at most ``FIRST_STEPS_CHECKED`` steps: the step function's output
     shape / dtype, and (Newton) the declared Jacobian structure of AD-differentiated cells."""
-    if inputs.shape[0] == 0:
+    if inputs.shape[0] == 0 or trusted_step(cell):  # built-in cells: nothing to probe (saves ~10 launches)
         return
     cdt = compute_dtype(inputs.dtype)
     with torch.no_grad():

@@ -54,17 +54,34 @@ def check_options(tol, max_iter, chunk_size, callback):
 
 
 def check_cell_tensors_finite(cell):
-    """NaN/Inf in any parameter or floating buffer of the cell (one host sync)."""
+    """NaN/Inf in any parameter or floating buffer of the cell (one host sync).
+
+    A passing check is remembered with each tensor's storage and version counter (bumped by
+    every in-place change, e.g. an optimizer step), so repeated solves with unchanged weights
+    (inference, benchmarks) skip the sync; any change re-checks."""
     named = [(f"parameter {n!r}", p) for n, p in cell.named_parameters()]
     named += [(f"buffer {n!r}", b) for n, b in cell.named_buffers() if b.is_floating_point()]
     named = [(n, t) for n, t in named if t.numel() and t.device.type != "meta"]
     if not named:
+        return
+    key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.shape) for _, t in named)
+    if cell.__dict__.get("_seqpar_finite_key") == key:
         return
     with torch.no_grad():
         ok = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
     if not bool(ok.all()):
         bad = [n for (n, _), v in zip(named, ok.tolist()) if not v]
         raise ValueError(f"cell {', '.join(bad)} contains NaN or Inf")
+    cell.__dict__["_seqpar_finite_key"] = key
+
+
+def trusted_step(cell) -> bool:
+    """Whether ``cell.step`` is one of seqpar's own (built-in cells, not wrapping a user function):
+    its output shape / dtype need no probe."""
+    from .cells import _UserFunctionCell
+
+    owner = next(k for k in type(cell).__mro__ if "step" in vars(k))
+    return owner.__module__ == "seqpar.cells" and not issubclass(owner, _UserFunctionCell)
 
 
 def check_step_output(cell, h_prev, xp_t):
