@@ -5,7 +5,8 @@
 
 One GPU, one run.  Measures the device copy bandwidth (a 2 GiB device-to-device ``copy_``,
 read + write), then for lane counts N = B * D in {16, 64, 256, 1024} (B = 16, D = 1, 4, 16, 64)
-and T = 2^20 (``--steps``):
+and T = 2^20 (``--steps``), then the narrow ``LONG`` shapes (B = 16, D = 1 / 4; B = 1, D = 64 / 256) at
+T = 10 * 2^20 (``--long-steps``):
 
 * ``lookback_ms``: one iteration of the look-back kernel (``fused_diag_gru_step``, its table tile);
 * ``pipelined_ms``: one iteration of the pipelined path, i.e. ``pipelined_step`` plus the scan of
@@ -41,6 +42,7 @@ from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
 from seqpar.kernels.scan_diag import scan_diag
 
 WIDTHS = ((16, 1), (16, 4), (16, 16), (16, 64))
+LONG = ((16, 1), (16, 4), (1, 64), (1, 256))  # narrow lanes at --long-steps (the B = 1, T = 10M rows)
 SWEEP = [dict(run=r, prefetch=p, num_warps=w, s=s) for r in (32, 64) for p in (0, 1, 2) for w in (4, 8)
          for s in (None, 1)]
 
@@ -81,8 +83,9 @@ def problem(T, B, D, seed=0):
 def iteration_rows(args, gbps):
     rows = []
     t_start = time.perf_counter()
-    for B, D in WIDTHS:
-        T, N = args.steps, B * D
+    shapes = [(B, D, args.steps) for B, D in WIDTHS] + [(B, D, args.long_steps) for B, D in LONG if args.long_steps]
+    for B, D, T in shapes:
+        N = B * D
         cell, xp, h, bnd = problem(T, B, D)
         w, b = cell.weight_hh, cell.bias_hh
         min_ms = 20 * T * N / gbps / 1e6
@@ -265,6 +268,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=common.out_path("pipeline.json"))
     ap.add_argument("--steps", type=int, default=2**20)
+    ap.add_argument("--long-steps", type=int, default=10 * 2**20, help="T of the LONG rows (0: none)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the iteration sweep")
