@@ -52,7 +52,11 @@ JACOBIAN_MEMORY_BUDGET_CUDA = 2 * 2**30
 CORRECTION_FIRST = 256                # steps of the first correction chunk (doubles each chunk)
 CORRECTION_CAP_FRACTION = 8           # correct at most n / 8 steps (and at least CORRECTION_MIN_CAP), else rerun
 CORRECTION_MIN_CAP = 8192
-PIPELINED = True                      # use a cell's pipelined kernel (seqpar.pipeline) where it has one
+PIPELINED = True                      # use a cell's pipelined kernel (seqpar.pipeline) where it has one ...
+# ... for sequences of at least this many states (T * B * D of the whole sequence, the same on every rank):
+# below it the look-back kernel's single launch per iteration wins (host-bound; run 31, H200: GRU(1, 1), B=16:
+# T=100k 0.96 ms look-back vs 1.08 ms pipelined; DiagGRU D=4, T=100k: 1.51 vs 1.22 ms)
+PIPELINE_MIN_ELEMENTS = 2**22
 
 
 @dataclass
@@ -273,7 +277,9 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     info = SolveInfo(converged=False, iterations=0, residual=math.nan, jacobian=st.describe(), tol=opts.tol,
                      world_size=P, seq_len=layout.total)
     stopping = _Stopping(opts, info)
-    pipe = pipelined_stepper(cell, st, xp, opts.backend) if PIPELINED else None
+    pipe = None
+    if PIPELINED and layout.total * B * D >= PIPELINE_MIN_ELEMENTS:
+        pipe = pipelined_stepper(cell, st, xp, opts.backend)
     if pipe is not None:
         h, boundary, it = pipelined_iterations(pipe, h, boundary, h0, comm, stopping, incoming_state, info)
     else:

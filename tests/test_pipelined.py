@@ -123,6 +123,20 @@ def test_pipelined_path_is_chosen_only_where_exact():
     assert pipelined_stepper(Custom(2, 1), DIAG, xp, "triton") is None  # a redefined step is not the kernel's
 
 
+@pytest.fixture(autouse=True)
+def _pipeline_on_tiny_sequences(monkeypatch):
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
+
+
+@cpu_only
+def test_short_sequences_keep_the_lookback_loop(monkeypatch):
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 10**9)
+    calls = []
+    monkeypatch.setattr(newton, "pipelined_iterations", lambda *a, **k: calls.append(1))
+    states, info = seqpar.solve(DiagGRU(2, 3), torch.randn(9, 2, 2), backend="triton", return_info=True)
+    assert not calls and info.converged
+
+
 def _solve_both(cell, x, jacobian, h0=None):
     out = {}
     for pipelined in (True, False):
@@ -183,11 +197,11 @@ def test_gpu_pass_matches_reference(B, D):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
 def test_gpu_solve_long_sequence_matches_float64_gru():
-    """GRU(1, 1) (DEER's benchmark cell) on T = 200k: the pipelined solve against torch.nn.GRU in float64
+    """GRU(1, 1) (DEER's benchmark cell) on T = 300k: the pipelined solve against torch.nn.GRU in float64
     (the native implementation: cuDNN has no float64 GRU for this length)."""
     torch.manual_seed(0)
     cell = GRU(1, 1).cuda()
-    x = torch.randn(200_000, 16, 1, device="cuda")
+    x = torch.randn(300_000, 16, 1, device="cuda")
     states, info = seqpar.solve(cell, x, jacobian="dense", return_info=True)
     assert info.converged and info.fallback is None
     ref_rnn = torch.nn.GRU(1, 1).cuda().double()

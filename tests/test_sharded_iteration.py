@@ -1,7 +1,8 @@
 """The multi-rank Newton iteration on the fused kernels (TRITON_INTERPRET=1 on CPU) and its corrections.
 
 Every rank runs the same fused pass as one rank, from a guessed incoming state,
-and corrects it after one all-gather.  These tests check, on 1, 2 and 3 gloo
+and corrects it after one all-gather (DiagGRU: the pipelined loop, which scans its
+carries from the exchanged incoming state instead).  These tests check, on 1, 2 and 3 gloo
 ranks with uneven, 1-step and empty shards, that states, input / h0 /
 parameter gradients, iteration counts and residual histories equal the
 single-process solve, on the kernels and on the torch path with the
@@ -37,9 +38,11 @@ def _problem(cell_name, T, dtype):
 
 
 def _run(cell_name, mode, lengths, rank, group, dtype, backend, patch_cap=False):
+    import seqpar.newton as nt
+
+    nt.PIPELINE_MIN_ELEMENTS = 0  # tiny sequences: DiagGRU takes the pipelined loop (seqpar/pipeline.py)
     if patch_cap:  # force the correction past its cap after two steps: the rerun path
         import seqpar.autograd as ag
-        import seqpar.newton as nt
 
         nt.CORRECTION_FIRST = nt.CORRECTION_MIN_CAP = 2
         ag.CORRECTION_FIRST = ag.CORRECTION_MIN_CAP = 2
