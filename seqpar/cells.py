@@ -342,10 +342,25 @@ class GRU(_TorchWeightsCell):
             h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
 
     def pipelined_newton(self, structure, xp):
-        # one unit: W_hh (3, 1) is its own diagonal, the 1 x 1 Jacobian is exact under any structure
-        if self.hidden_size != 1 or structure.kind == "block":
+        D = self.hidden_size
+        if D == 1:  # W_hh (3, 1) is its own diagonal: the 1 x 1 Jacobian is exact under any structure
+            return None if structure.kind == "block" else _diag_gru_pipeline(xp, self.weight_hh.reshape(3),
+                                                                             self.bias_hh, 1)
+        from .kernels import pipelined_dense_gru as k
+
+        if D > k.MAX_D or structure.kind == "block":
             return None
-        return _diag_gru_pipeline(xp, self.weight_hh.reshape(3), self.bias_hh, 1)
+        # small D: a walker holds a batch row's whole state and J; exact Newton (dense) or quasi (diag)
+        from .pipeline import Pipeline
+
+        exact = structure.kind == "dense"
+        cfg = k.run_config(xp.shape[0], xp.shape[1])
+        w, b = k.prepare_weights(self.weight_hh, self.bias_hh)
+        return Pipeline(
+            first=lambda h, bnd: k.first_pass(h, xp, w, b, bnd, exact, cfg),
+            step=lambda h, bnd, incl, start, out=None: k.pipelined_step(h, xp, w, b, bnd, incl, start, out,
+                                                                        exact, cfg),
+            structure=structure)
 
 
 class LSTM(_TorchWeightsCell):
@@ -458,8 +473,8 @@ class DiagGRU(_TorchWeightsCell):
 def _diag_gru_pipeline(xp, weight_hh, bias_hh, hidden_size: int):
     """The pipelined DiagGRU kernel bound to ``xp`` (T, B, 3H) and the recurrent weights (3H,)."""
     from .kernels import pipelined_diag_gru as k
-    from .kernels.scan_diag import scan_diag
     from .pipeline import Pipeline
+    from .structure import DIAG
 
     cfg = k.run_config(xp.shape[0], xp.shape[1] * hidden_size)
     weight_hh, bias_hh = k.prepare_weights(weight_hh, bias_hh)
@@ -467,7 +482,7 @@ def _diag_gru_pipeline(xp, weight_hh, bias_hh, hidden_size: int):
         first=lambda h, bnd: k.first_pass(h, xp, weight_hh, bias_hh, bnd, cfg),
         step=lambda h, bnd, incl, start, out=None: k.pipelined_step(h, xp, weight_hh, bias_hh, bnd, incl, start,
                                                                     out, cfg),
-        scan=lambda a, c, start: scan_diag(a, c, start.reshape(-1)))
+        structure=DIAG)
 
 
 class DiagLSTM(_TorchWeightsCell):

@@ -23,51 +23,66 @@ iterate it belongs to.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .structure import DIAG
+from .scan import jacobian_product
+from .structure import Structure
 
 
 class Pipeline(NamedTuple):
     """A cell's pipelined kernel bound to its inputs (see :mod:`seqpar.kernels.pipelined_diag_gru`).
 
     ``first(h, boundary) -> PassResult`` summarises the maps at ``h`` (no new iterate);
-    ``step(h, boundary, incl, start, out=None) -> PassResult`` computes the next iterate.
-    ``scan(sum_a, sum_c, start) -> incl`` scans run summaries (n_runs, N) from ``start`` (B, D).
+    ``step(h, boundary, incl, start, out=None) -> PassResult`` computes the next iterate, ``incl``
+    (n_runs, B, D) being the inclusive scan of the previous pass's run summaries from ``start``.
+    ``structure``: the run summaries' (DIAG: ``sum_a`` (n_runs, B*D or B, D); DENSE: (n_runs, B, D, D)).
     """
 
     first: Callable
     step: Callable
-    scan: Callable
+    structure: Structure
 
 
-def shard_summary(sum_a: torch.Tensor, sum_c: torch.Tensor, scan: Callable, B: int, D: int):
-    """``(Phi, c)`` (B, D) each: the composition of all run summaries (the shard's map
-    ``x -> Phi x + c``; identity for an empty shard)."""
+def scan_runs(sum_a: torch.Tensor, sum_c: torch.Tensor, start: torch.Tensor, st: Structure) -> torch.Tensor:
+    """Inclusive scan (n_runs, B, D) of the run summaries from ``start`` (B, D) (the Triton scans)."""
+    from .backend import kernel_scan
+
+    n = sum_a.shape[0]
+    B, D = start.shape
+    return kernel_scan(sum_a.reshape(n, *st.jac_shape((B,), D)), sum_c.reshape(n, B, D),
+                       start.to(torch.float32), st)
+
+
+def shard_summary(sum_a: torch.Tensor, sum_c: torch.Tensor, st: Structure, B: int, D: int):
+    """``(Phi, c)``: the composition of all run summaries (the shard's map ``x -> Phi x + c``;
+    identity for an empty shard), Phi in ``st``'s storage with leading dim B, c (B, D)."""
     if sum_a.shape[0] == 0:
-        return sum_a.new_ones(B, D), sum_a.new_zeros(B, D)
-    c = scan(sum_a, sum_c, sum_a.new_zeros(B, D))[-1].reshape(B, D)
-    return sum_a.prod(0).reshape(B, D), c
+        return st.identity((B,), D, sum_a.dtype, sum_a.device), sum_a.new_zeros(B, D)
+    c = scan_runs(sum_a, sum_c, sum_a.new_zeros(B, D), st)[-1]
+    return jacobian_product(sum_a.reshape(sum_a.shape[0], *st.jac_shape((B,), D)), st), c
 
 
 def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor, h0: torch.Tensor,
                          comm, stopping, incoming_state, info) -> tuple:
     """Newton iterations on this rank's shard ``h`` (n, B, D) with ``boundary`` (B, D) its state before
-    step 0, until ``stopping.record(it, residual)`` says stop.  ``incoming_state(gA, gc, h0, rank, DIAG)``
+    step 0, until ``stopping.record(it, residual)`` says stop.  ``incoming_state(gA, gc, h0, rank, structure)``
     composes the gathered shard summaries; ``info`` (SolveInfo) gets the exchange time.  Returns ``(h, boundary, iterations)``: the last iterate and
     its state before step 0."""
     n, B, D = h.shape
     P, rank = comm.world_size, comm.rank
+    st = pipe.structure
+    nA = math.prod(st.jac_shape((B,), D))
     dtype = h.dtype
     cur = pipe.first(h, boundary)
     spare: Optional[torch.Tensor] = None
     it = 0
     while True:
         if P > 1:
-            phi, c = shard_summary(cur.sum_a, cur.sum_c, pipe.scan, B, D)
+            phi, c = shard_summary(cur.sum_a, cur.sum_c, st, B, D)
             t_x = time.perf_counter()
             gathered = comm.all_gather(torch.cat([phi.reshape(-1).to(dtype), c.reshape(-1).to(dtype),
                                                   cur.stats[:1].to(dtype)]))
@@ -78,13 +93,13 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
         if stopping.record(it, float(all_res.max())):  # one host sync per iteration
             break
         if P > 1:
-            gA = gathered[:, :B * D].reshape(P, B, D)
-            gc = gathered[:, B * D:2 * B * D].reshape(P, B, D)
-            start = incoming_state(gA, gc, h0, rank, DIAG).to(dtype)
+            gA = gathered[:, :nA].reshape(P, *st.jac_shape((B,), D))
+            gc = gathered[:, nA:nA + B * D].reshape(P, B, D)
+            start = incoming_state(gA, gc, h0, rank, st).to(dtype)
         else:
             start = h0
         if n:
-            incl = pipe.scan(cur.sum_a, cur.sum_c, start.to(torch.float32))
+            incl = scan_runs(cur.sum_a, cur.sum_c, start, st)
             cur = pipe.step(h, boundary, incl, start, out=spare)
             h, spare = cur.out, h
         boundary = start

@@ -112,7 +112,9 @@ def test_pipelined_path_is_chosen_only_where_exact():
     assert pipelined_stepper(DiagGRU(2, 1), DIAG, xp, "triton") is not None
     assert pipelined_stepper(GRU(2, 1), DENSE, xp, "triton") is not None
     assert pipelined_stepper(GRU(2, 1), DIAG, xp, "triton") is not None
-    assert pipelined_stepper(GRU(2, 3), DIAG, torch.zeros(4, 2, 9), "triton") is None  # quasi: no pipeline
+    assert pipelined_stepper(GRU(2, 3), DIAG, torch.zeros(4, 2, 9), "triton").structure == DIAG  # quasi
+    assert pipelined_stepper(GRU(2, 3), DENSE, torch.zeros(4, 2, 9), "triton").structure == DENSE  # exact
+    assert pipelined_stepper(GRU(2, 9), DENSE, torch.zeros(4, 2, 27), "triton") is None  # D > MAX_D
     assert pipelined_stepper(DiagGRU(2, 1), DIAG, xp, "torch") is None
     assert pipelined_stepper(DiagGRU(2, 1), DIAG, xp.double(), "triton") is None
 
@@ -154,6 +156,7 @@ def _solve_both(cell, x, jacobian, h0=None):
 @cpu_only
 @pytest.mark.parametrize("cell_kind,D,jacobian,T,B", [
     ("diag", 5, "auto", 203, 3), ("diag", 1, "diag", 1, 1), ("gru", 1, "dense", 77, 4), ("gru", 1, "diag", 130, 1),
+    ("gru", 4, "dense", 150, 3), ("gru", 3, "diag", 97, 2), ("gru", 2, "dense", 1, 1),
 ])
 def test_solve_matches_reference_loop_and_sequential(cell_kind, D, jacobian, T, B):
     torch.manual_seed(T + D)
@@ -210,6 +213,59 @@ def test_gpu_solve_long_sequence_matches_float64_gru():
             getattr(ref_rnn, name + "_l0").copy_(getattr(cell, name))
         ref, _ = ref_rnn(x.double())
     assert (states.double() - ref).abs().max().item() < 1e-4
+
+
+def _check_dense_pass(T, B, D, run, exact, bias=True, device="cpu", seed=0, atol=3e-6):
+    from seqpar.kernels import pipelined_dense_gru as pd
+    from seqpar.pipeline import scan_runs
+
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(T, B, D, generator=g) * 0.5).to(device)
+    xp = torch.randn(T, B, 3 * D, generator=g).to(device)
+    w = (torch.randn(3 * D, D, generator=g) * 0.5).to(device)
+    b = (torch.randn(3 * D, generator=g) * 0.2).to(device) if bias else None
+    bnd, start = (torch.randn(2, B, D, generator=g) * 0.5).to(device)
+    cfg = pd.run_config(T, B, run=run)
+    first = pd.first_pass(h, xp, w, b, bnd, exact, cfg)
+    _, ra, rc, rres = pd.pipelined_step_reference(h, xp, w, b, bnd, None, run, exact)
+    assert torch.allclose(first.sum_a.double().cpu(), ra, atol=atol, rtol=1e-5)
+    assert torch.allclose(first.sum_c.double().cpu(), rc, atol=atol, rtol=1e-5)
+    assert abs(float(first.stats[0]) - float(rres)) <= 1e-5 * max(1.0, float(rres))
+    incl = scan_runs(first.sum_a, first.sum_c, start, DENSE if exact else DIAG)
+    step = pd.pipelined_step(h, xp, w, b, bnd, incl, start, exact=exact, cfg=cfg)
+    ro, ra, rc, rres = pd.pipelined_step_reference(h, xp, w, b, bnd, start, run, exact)
+    assert (step.out.double().cpu() - ro).abs().max().item() <= atol * max(1.0, ro.abs().max().item())
+    assert torch.allclose(step.sum_a.double().cpu(), ra, atol=atol, rtol=1e-5)
+    assert torch.allclose(step.sum_c.double().cpu(), rc, atol=atol, rtol=1e-5)
+    assert abs(float(step.stats[0]) - float(rres)) <= 1e-4 * max(1.0, float(rres)) + 1e-6
+
+
+@cpu_only
+@pytest.mark.parametrize("T,B,D,run,exact", [
+    (37, 3, 4, 8, True), (1, 1, 2, 4, True), (20, 2, 3, 4, False), (33, 2, 5, 8, True), (19, 1, 8, 32, True),
+    (26, 3, 7, 3, False),
+])
+def test_dense_pass_matches_float64_reference(T, B, D, run, exact):
+    _check_dense_pass(T, B, D, run, exact, seed=T + D)
+
+
+@cpu_only
+def test_dense_pass_without_bias_and_bad_sizes():
+    from seqpar.kernels import pipelined_dense_gru as pd
+
+    _check_dense_pass(15, 2, 3, 4, True, bias=False)
+    with pytest.raises(ValueError, match="D="):
+        pd.first_pass(torch.zeros(4, 1, 9), torch.zeros(4, 1, 27), torch.zeros(27, 9), None, torch.zeros(1, 9))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("B,D,exact", [(16, 4, True), (3, 7, True), (16, 4, False), (16, 8, True)])
+def test_gpu_dense_pass_matches_reference(B, D, exact):
+    from seqpar.kernels import pipelined_dense_gru as pd
+
+    T = 3001
+    _check_dense_pass(T, B, D, pd.run_config(T, B).r, exact, device="cuda", seed=D, atol=5e-6)
 
 
 def test_structure_guard():
