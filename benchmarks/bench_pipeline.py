@@ -16,9 +16,9 @@ T = 10 * 2^20 (``--long-steps``):
   measured copy bandwidth; ``ratio_nominal`` at ``--nominal-gbps`` (4300);
 * a check: the pipelined new iterate equals the look-back kernel's (same start, max abs diff).
 
-Then full solves (``seqpar.solve``, GRU(1, 1) like DEER's benchmark and DiagGRU at D = 4 / 16 / 64,
-B = 16, T = 100k and 1M) with ``seqpar.newton.PIPELINED`` on and off: wall time with the device
-synchronised, iterations, residual; and a torch.profiler table of the 100k GRU(1, 1) solve
+Then full forward solves under no_grad (``seqpar.solve``; GRU at D = 1 (DEER's cell), 4 (exact and quasi)
+and 8, DiagGRU at D = 4 / 16 / 64; B = 16, T = 100k and 1M) with ``seqpar.newton.PIPELINED`` on and off: wall
+time with the device synchronised, iterations, residual; and a torch.profiler table of the 100k GRU(1, 1) solve
 (host time per op: what a short solve spends outside the kernels).
 
 Timings: CUDA events (kernels) or perf_counter around a synchronised call (solves), median of
@@ -137,13 +137,15 @@ def solve_ms(cell, x, jacobian, reps):
         nonlocal info
         _, info = seqpar.solve(cell, x, jacobian=jacobian, return_info=True)
 
-    t = common.timed(run, repeats=reps, warmup=2)
+    with torch.no_grad():  # forward only, as DEER's benchmark
+        t = common.timed(run, repeats=reps, warmup=2)
     return 1e3 * t["median_s"], info
 
 
 def solve_rows(args):
     rows = []
-    cases = [("gru", 1, "dense"), ("diag-gru", 4, "diag"), ("diag-gru", 16, "diag"), ("diag-gru", 64, "diag")]
+    cases = [("gru", 1, "dense"), ("gru", 4, "dense"), ("gru", 4, "diag"), ("gru", 8, "dense"),
+             ("diag-gru", 4, "diag"), ("diag-gru", 16, "diag"), ("diag-gru", 64, "diag")]
     for T in (100_000, 1_000_000):
         for kind, D, jac in cases:
             torch.manual_seed(0)
@@ -159,7 +161,7 @@ def solve_rows(args):
                 row[key + "_residual"] = info.residual
                 row[key + "_converged"] = info.converged
             newton.PIPELINED = True
-            print(f"solve {kind} D={D} T={T}: pipelined {row['pipelined_ms']:.3f} ms "
+            print(f"solve {kind} D={D} {jac} T={T}: pipelined {row['pipelined_ms']:.3f} ms "
                   f"({row['pipelined_iterations']} it) vs look-back {row['lookback_ms']:.3f} ms", flush=True)
             rows.append(row)
     return rows
@@ -275,16 +277,18 @@ def main():
     ap.add_argument("--nominal-gbps", type=float, default=4300.0)
     ap.add_argument("--skip-solves", action="store_true")
     ap.add_argument("--host-only", action="store_true", help="only the host-time breakdown of a short solve")
+    ap.add_argument("--solves-only", action="store_true", help="only the full solves")
     args = ap.parse_args()
     result = {"env": env_info(), "args": vars(args)}
     if args.host_only:
         result["host_gru1_100k"] = host_breakdown()
         write_json(args.out, result)
         return
-    result["copy_GBps"] = gbps = copy_gbps()
-    print(f"copy bandwidth {gbps:.0f} GB/s", flush=True)
-    result["iterations"] = iteration_rows(args, gbps)
-    write_json(args.out, result)
+    if not args.solves_only:
+        result["copy_GBps"] = gbps = copy_gbps()
+        print(f"copy bandwidth {gbps:.0f} GB/s", flush=True)
+        result["iterations"] = iteration_rows(args, gbps)
+        write_json(args.out, result)
     if not args.skip_solves:
         result["solves"] = solve_rows(args)
         write_json(args.out, result)
