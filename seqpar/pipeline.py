@@ -48,11 +48,15 @@ class Pipeline(NamedTuple):
 
 
 def scan_runs(sum_a: torch.Tensor, sum_c: torch.Tensor, start: torch.Tensor, st: Structure) -> torch.Tensor:
-    """Inclusive scan (n_runs, B, D) of the run summaries from ``start`` (B, D) (the Triton scans)."""
+    """Inclusive scan (n_runs, B, D) of the run summaries from ``start`` (B, D) (the Triton scans; small
+    dense D: :func:`seqpar.kernels.pipelined_dense_gru.scan_maps`)."""
     from .backend import kernel_scan
+    from .kernels import pipelined_dense_gru
 
     n = sum_a.shape[0]
     B, D = start.shape
+    if st.kind == "dense" and 2 <= D <= pipelined_dense_gru.MAX_D:
+        return pipelined_dense_gru.scan_maps(sum_a, sum_c, start)
     return kernel_scan(sum_a.reshape(n, *st.jac_shape((B,), D)), sum_c.reshape(n, B, D),
                        start.to(torch.float32), st)
 

@@ -258,6 +258,35 @@ def test_dense_pass_without_bias_and_bad_sizes():
         pd.first_pass(torch.zeros(4, 1, 9), torch.zeros(4, 1, 27), torch.zeros(27, 9), None, torch.zeros(1, 9))
 
 
+@cpu_only
+@pytest.mark.parametrize("n,B,D,chunk", [(100, 3, 4, 8), (1, 1, 2, 32), (37, 5, 3, 4), (64, 2, 8, 32), (33, 1, 5, 1)])
+def test_dense_map_scan_matches_float64(n, B, D, chunk):
+    from seqpar.kernels.pipelined_dense_gru import scan_maps
+    from seqpar.scan import affine_scan
+
+    g = torch.Generator().manual_seed(n + D)
+    A = torch.randn(n, B, D, D, generator=g) / D ** 0.5 * 0.9
+    C = torch.randn(n, B, D, generator=g)
+    start = torch.randn(B, D, generator=g)
+    got = scan_maps(A, C, start, chunk)
+    ref = affine_scan(A.double().unsqueeze(2), C.double(), start.double(), DENSE)
+    assert (got.double() - ref).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+def test_gpu_dense_map_scan():
+    from seqpar.kernels.pipelined_dense_gru import scan_maps
+    from seqpar.scan import affine_scan
+
+    g = torch.Generator().manual_seed(0)
+    A = (torch.randn(40_001, 16, 4, 4, generator=g) / 2 * 0.9).cuda()
+    C = torch.randn(40_001, 16, 4, generator=g).cuda()
+    start = torch.randn(16, 4, generator=g).cuda()
+    ref = affine_scan(A.double().unsqueeze(2), C.double(), start.double(), DENSE)
+    assert (scan_maps(A, C, start).double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
 @pytest.mark.parametrize("B,D,exact", [(16, 4, True), (3, 7, True), (16, 4, False), (16, 8, True)])
