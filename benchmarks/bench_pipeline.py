@@ -27,13 +27,12 @@ Timings: CUDA events (kernels) or perf_counter around a synchronised call (solve
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 import common
-from common import env_info, write_json
+from common import env_info, event_ms, write_json
 import seqpar
 import seqpar.newton as newton
 from seqpar.cells import GRU, DiagGRU
@@ -45,22 +44,6 @@ WIDTHS = ((16, 1), (16, 4), (16, 16), (16, 64))
 LONG = ((16, 1), (16, 4), (1, 64), (1, 256))  # narrow lanes at --long-steps (the issue's B = 1, T = 10M rows)
 SWEEP = [dict(run=r, prefetch=p, num_warps=w, s=s) for r in (32, 64) for p in (0, 1, 2) for w in (4, 8)
          for s in (None, 1)]
-
-
-def event_ms(fn, reps):
-    """Median ms of ``reps`` calls (CUDA events) after two warm-up calls."""
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def copy_gbps():

@@ -65,6 +65,23 @@ def timed(fn: Callable, repeats: int = 5, warmup: int = 1) -> Dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 
+def event_ms(fn: Callable, reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``reps`` calls of ``fn`` timed with CUDA events, after ``warmup`` calls
+    (the first compiles)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
 def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path, "w") as f:

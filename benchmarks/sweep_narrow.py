@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
@@ -83,16 +82,7 @@ def bench(fn, reps):
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return common.event_ms(fn, reps, warmup=0)
 
 
 def copy_bandwidth():

@@ -86,6 +86,18 @@ def tanh(x):
 
 
 @triton.jit
+def gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn):
+    """GRU step f and the diagonal of df/dh_prev from the gate pre-activations
+    (input parts xr/xz/xn, recurrent parts hr/hz/hn; w* the diagonal recurrent weights)."""
+    r = sigmoid(xr + hr)
+    z = sigmoid(xz + hz)
+    n = tanh(xn + r * hn)
+    f = n + z * (hp - n)
+    jd = (1 - z) * (1 - n * n) * (hn * r * (1 - r) * wr + r * wn) + z + (hp - n) * z * (1 - z) * wz
+    return f, jd
+
+
+@triton.jit
 def ticket(Counter, n_lb, MODE: tl.constexpr):
     """(chunk, lane block) of this program; in MODE 0 in order of program start."""
     if MODE == 0:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import comb_diag, last_row, lookback_buffers, lookback_diag, pick_tiles, sigmoid, tanh, ticket
+from ._common import comb_diag, gru_f_jdiag, last_row, lookback_buffers, lookback_diag, pick_tiles, ticket
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 at N = 1024 (benchmarks/)
 # Tile variant (DiagGRU and the quasi-Newton dense GRU): tile shape, warps and look-back window
@@ -32,18 +32,6 @@ TILES = {  # benchmarks/sweep_narrow.py, run 24 (H200, B=16, T=2^20): ms per ite
     "wide": dict(tt=DEFAULT_TT, bn=DEFAULT_BN, warps=DEFAULT_WARPS, w=1),
 }
 SEQ_TT, SEQ_BN, SEQ_WARPS = DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS  # lane-sequential variant (not narrowed)
-
-
-@triton.jit
-def _gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn):
-    """GRU step f and the diagonal of df/dh_prev from the gate pre-activations
-    (input parts xr/xz/xn, recurrent parts hr/hz/hn; w* the diagonal recurrent weights)."""
-    r = sigmoid(xr + hr)
-    z = sigmoid(xz + hz)
-    n = tanh(xn + r * hn)
-    f = n + z * (hp - n)
-    jd = (1 - z) * (1 - n * n) * (hn * r * (1 - r) * wr + r * wn) + z + (hp - n) * z * (1 - z) * wz
-    return f, jd
 
 
 @triton.jit
@@ -84,7 +72,7 @@ def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl
         xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
         xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
         xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
-        f, jd = _gru_f_jdiag(hp, xr, xz, xn, wr * hp + br, wz * hp + bz, wn * hp + bn, wr, wz, wn)
+        f, jd = gru_f_jdiag(hp, xr, xz, xn, wr * hp + br, wz * hp + bz, wn * hp + bn, wr, wz, wn)
         bb = tl.where(m, f - jd * hp, 0.0)
         jd = tl.where(m, jd, 1.0)
         A = jd * A
@@ -109,7 +97,7 @@ def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl
         xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
         xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
         xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
-        f, jd = _gru_f_jdiag(hp, xr, xz, xn, wr * hp + br, wz * hp + bz, wn * hp + bn, wr, wz, wn)
+        f, jd = gru_f_jdiag(hp, xr, xz, xn, wr * hp + br, wz * hp + bz, wn * hp + bn, wr, wz, wn)
         h = tl.where(m, jd * h + (f - jd * hp), h)
         tl.store(Out + t64 * N + lanes, h.to(Out.dtype.element_ty), mask=m)
         hp = tl.load(H + t64 * N + lanes, mask=m, other=0.0).to(tl.float32)
@@ -154,7 +142,7 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
         hr = wr * hp + br
         hz = wz * hp + bz
         hn = wn * hp + bn
-    f, jd = _gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn)
+    f, jd = gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn)
     bb = f - jd * hp
     jd = tl.where(m, jd, 1.0)
     bb = tl.where(m, bb, 0.0)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import sigmoid, tanh
+from ._common import gru_f_jdiag
 
 # Run length, lanes per program and warps by lane count N = B * D (first key >= N; "wide" beyond).
 # Runs of R steps: the summaries cost 2/R of a state per pass, and T * N / R threads must fill the GPU
@@ -65,15 +65,7 @@ class RunConfig(NamedTuple):
 @triton.jit
 def _gru_f_jdiag(hp, xr, xz, xn, wr, wz, wn, br, bz, bn):
     """DiagGRU step f(hp) and d f / d hp (diagonal) from the projected inputs."""
-    hr = wr * hp + br
-    hz = wz * hp + bz
-    hn = wn * hp + bn
-    r = sigmoid(xr + hr)
-    z = sigmoid(xz + hz)
-    n = tanh(xn + r * hn)
-    f = n + z * (hp - n)
-    jd = (1 - z) * (1 - n * n) * (hn * r * (1 - r) * wr + r * wn) + z + (hp - n) * z * (1 - z) * wz
-    return f, jd
+    return gru_f_jdiag(hp, xr, xz, xn, wr * hp + br, wz * hp + bz, wn * hp + bn, wr, wz, wn)
 
 
 @triton.jit
@@ -173,6 +165,18 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, Incl, St, Out, SumA, SumC, Res
     tl.store(Res + NPROG + pid, tl.max(tl.max(fmx, 1), 0))
 
 
+def run_length(T: int, walkers_per_run: int, r: int, min_walkers: int, run: Optional[int] = None) -> int:
+    """``run`` if given (>= 1), else ``r`` halved (down to ``MIN_RUN``) while fewer than ``min_walkers``
+    walkers (``ceil(T / r) * walkers_per_run``) would run."""
+    if run is not None:
+        if run < 1:
+            raise ValueError(f"run must be >= 1; got {run}")
+        return run
+    while r > MIN_RUN and triton.cdiv(T, r) * walkers_per_run < min_walkers:
+        r //= 2
+    return r
+
+
 def run_config(T: int, N: int, run: Optional[int] = None, block_n: Optional[int] = None,
                runs_per_program: Optional[int] = None, num_warps: Optional[int] = None,
                prefetch: Optional[int] = None) -> RunConfig:
@@ -181,14 +185,7 @@ def run_config(T: int, N: int, run: Optional[int] = None, block_n: Optional[int]
     Arguments that are not None override the table."""
     key = next((k for k in sorted(k for k in RUNS if k != "wide") if N <= k), "wide")
     cfg = RUNS[key]
-    r = cfg["r"]
-    if run is None:
-        while r > MIN_RUN and triton.cdiv(T, r) * N < MIN_THREADS:
-            r //= 2
-    else:
-        r = run
-    if r < 1:
-        raise ValueError(f"run must be >= 1; got {r}")
+    r = run_length(T, N, cfg["r"], MIN_THREADS, run)
     bn = cfg["bn"] if block_n is None else block_n
     while block_n is None and bn > 16 and bn // 2 >= N:
         bn //= 2
