@@ -58,7 +58,9 @@ def check_cell_tensors_finite(cell):
 
     A passing check is remembered with each tensor's storage and version counter (bumped by
     every in-place change, e.g. an optimizer step), so repeated solves with unchanged weights
-    (inference, benchmarks) skip the sync; any change re-checks."""
+    (inference, benchmarks) skip the sync; any change re-checks.  Writes through ``tensor.data``
+    bypass version counters and are not seen until the next versioned change (a NaN written that way
+    still shows as a non-finite residual: the solve is then not reported converged)."""
     named = [(f"parameter {n!r}", p) for n, p in cell.named_parameters()]
     named += [(f"buffer {n!r}", b) for n, b in cell.named_buffers() if b.is_floating_point()]
     named = [(n, t) for n, t in named if t.numel() and t.device.type != "meta"]

@@ -320,6 +320,22 @@ def test_function_output_of_wrong_size_or_dtype(method):
         seqpar.solve(cell, x, method=method)
 
 
+def test_cell_finiteness_is_rechecked_after_an_in_place_change():
+    """The check is remembered per tensor version: an unchanged cell is not re-synced, but any in-place
+    change (optimizer step, assignment under no_grad, copy_) is seen on the next solve."""
+    cell, x, h = good()
+    seqpar.solve(cell, x, h)
+    seqpar.solve(cell, x, h)  # cached: same tensors, same versions
+    with torch.no_grad():
+        cell.weight_hh.mul_(1.0)
+        cell.weight_hh[0, 0] = math.nan
+    with pytest.raises(ValueError, match="cell parameter 'weight_hh' contains NaN or Inf"):
+        seqpar.solve(cell, x, h)
+    with torch.no_grad():
+        cell.weight_hh[0, 0] = 0.1
+    seqpar.solve(cell, x, h)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_nan_inf_in_cell_parameters(bad):
     cell, x, h = good()
