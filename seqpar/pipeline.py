@@ -39,7 +39,8 @@ class Pipeline(NamedTuple):
     ``first(h, boundary) -> PassResult`` summarises the maps at ``h`` (no new iterate);
     ``step(h, boundary, incl, start, out=None) -> PassResult`` computes the next iterate, ``incl``
     (n_runs, B, D) being the inclusive scan of the previous pass's run summaries from ``start``.
-    ``structure``: the run summaries' (DIAG: ``sum_a`` (n_runs, B*D or B, D); DENSE: (n_runs, B, D, D)).
+    ``structure``: that of the run summaries (DIAG: ``sum_a`` (n_runs, B*D) or (n_runs, B, D);
+    DENSE: (n_runs, B, D, D)).
     """
 
     first: Callable
@@ -73,8 +74,10 @@ def shard_summary(sum_a: torch.Tensor, sum_c: torch.Tensor, st: Structure, B: in
 def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor, h0: torch.Tensor,
                          comm, stopping, incoming_state, info) -> tuple:
     """Newton iterations on this rank's shard ``h`` (n, B, D) with ``boundary`` (B, D) its state before
-    step 0, until ``stopping.record(it, residual)`` says stop.  ``incoming_state(gA, gc, h0, rank, structure)``
-    composes the gathered shard summaries; ``info`` (SolveInfo) gets the exchange time.  Returns ``(h, boundary, iterations)``: the last iterate and
+    step 0, until ``stopping.record(it, residual)`` says stop.
+
+    ``incoming_state(gA, gc, h0, rank, structure)`` composes the gathered shard summaries; ``info``
+    (SolveInfo) gets the exchange time.  Returns ``(h, boundary, iterations)``: the last iterate and
     its state before step 0."""
     n, B, D = h.shape
     P, rank = comm.world_size, comm.rank
