@@ -19,7 +19,8 @@ T = 10 * 2^20 (``--long-steps``):
 Then full forward solves under no_grad (``seqpar.solve``; GRU at D = 1 (DEER's cell), 4 (exact and quasi)
 and 8, DiagGRU at D = 4 / 16 / 64; B = 16, T = 100k and 1M) with ``seqpar.newton.PIPELINED`` on and off: wall
 time with the device synchronised, iterations, residual; and a torch.profiler table of the 100k GRU(1, 1) solve
-(host time per op: what a short solve spends outside the kernels).
+(host time per op: what a short solve spends outside the kernels).  ``--memory-only``: the peak device
+memory of one forward solve above the inputs (T = 1M, B = 16), pipelined loop on and off.
 
 Timings: CUDA events (kernels) or perf_counter around a synchronised call (solves), median of
 ``--reps`` after two warm-up calls (the first compiles).
@@ -150,6 +151,32 @@ def solve_rows(args):
     return rows
 
 
+def memory_rows():
+    """Peak device memory of one forward solve (no_grad, after a warm-up), pipelined loop on and off."""
+    rows = []
+    for kind, D, jac in [("gru", 1, "dense"), ("gru", 4, "dense"), ("gru", 4, "diag"), ("gru", 8, "dense"),
+                         ("diag-gru", 64, "diag")]:
+        torch.manual_seed(0)
+        cell = (GRU(1, D) if kind == "gru" else DiagGRU(1, D)).cuda()
+        x = torch.randn(1_000_000, 16, 1, device="cuda")
+        row = {"cell": kind, "D": D, "B": 16, "T": 1_000_000, "jacobian": jac}
+        with torch.no_grad():
+            for flag in (False, True):
+                newton.PIPELINED = flag
+                seqpar.solve(cell, x, jacobian=jac)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                seqpar.solve(cell, x, jacobian=jac)
+                torch.cuda.synchronize()
+                row[("pipelined" if flag else "lookback") + "_peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        newton.PIPELINED = True
+        row["ratio"] = row["pipelined_peak_MB"] / row["lookback_peak_MB"]
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def profile_short_solve():
     torch.manual_seed(0)
     cell = GRU(1, 1).cuda()
@@ -261,8 +288,13 @@ def main():
     ap.add_argument("--skip-solves", action="store_true")
     ap.add_argument("--host-only", action="store_true", help="only the host-time breakdown of a short solve")
     ap.add_argument("--solves-only", action="store_true", help="only the full solves")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak memory of 1M-step solves")
     args = ap.parse_args()
     result = {"env": env_info(), "args": vars(args)}
+    if args.memory_only:
+        result["memory"] = memory_rows()
+        write_json(args.out, result)
+        return
     if args.host_only:
         result["host_gru1_100k"] = host_breakdown()
         write_json(args.out, result)
