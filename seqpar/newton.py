@@ -182,6 +182,36 @@ def incoming_state(gathered_A, gathered_c, h0, rank: int, structure: Structure):
     return h
 
 
+class SummaryExchange:
+    """The one all-gather per iteration of a multi-rank solve (P > 1): every rank's shard summary
+    ``(Phi, c)`` (``x -> Phi x + c``, Phi in ``st``'s storage with leading dim B) and residual; then the
+    exact incoming state of this rank's shard.  The time spent in the all-gather goes to
+    ``info.exchange_s``."""
+
+    def __init__(self, comm: Communicator, st: Structure, h0: torch.Tensor, info: "SolveInfo"):
+        self.comm, self.st, self.h0, self.info = comm, st, h0, info
+        B, D = h0.shape
+        self.nA = math.prod(st.jac_shape((B,), D))
+        self.gathered: Optional[torch.Tensor] = None
+
+    def gather(self, phi: torch.Tensor, c: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        """All-gather this rank's ``(Phi, c, residual)``; returns every rank's residual (P,)."""
+        dt = self.h0.dtype
+        t_x = time.perf_counter()
+        self.gathered = self.comm.all_gather(torch.cat([phi.reshape(-1).to(dt), c.reshape(-1).to(dt),
+                                                        res.reshape(1).to(dt)]))
+        self.info.exchange_s += time.perf_counter() - t_x
+        return self.gathered[:, -1]
+
+    def incoming(self) -> torch.Tensor:
+        """This rank's exact incoming state (B, D), from the last gathered summaries."""
+        B, D = self.h0.shape
+        P, nA = self.comm.world_size, self.nA
+        gA = self.gathered[:, :nA].reshape(P, *self.st.jac_shape((B,), D))
+        gc = self.gathered[:, nA:nA + B * D].reshape(P, B, D)
+        return incoming_state(gA, gc, self.h0, self.comm.rank, self.st)
+
+
 class LocalPass:
     """This rank's part of one Newton iteration, on the cell's fused kernel or the torch reference.
 
@@ -281,9 +311,11 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     if PIPELINED and layout.total * B * D >= PIPELINE_MIN_ELEMENTS:
         pipe = pipelined_stepper(cell, st, xp, opts.backend)
     if pipe is not None:
-        h, boundary, it = pipelined_iterations(pipe, h, boundary, h0, comm, stopping, incoming_state, info)
+        h, boundary, it = pipelined_iterations(pipe, h, boundary, h0, comm, stopping,
+                                               SummaryExchange(comm, pipe.structure, h0, info))
     else:
-        h, boundary, it = _iterations(LocalPass(cell, xp, opts, chunk), h, boundary, h0, st, comm, stopping, info)
+        h, boundary, it = _iterations(LocalPass(cell, xp, opts, chunk), h, boundary, h0, st, comm, stopping,
+                                      SummaryExchange(comm, st, h0, info), info)
     info.iterations = it
     info.residual = info.residuals[-1]
     if info.converged and P > 1:
@@ -304,12 +336,11 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
 
 
 def _iterations(local: "LocalPass", h, boundary, h0, st: Structure, comm: Communicator, stopping: "_Stopping",
-                info: SolveInfo):
+                exchange: SummaryExchange, info: SolveInfo):
     """The reference loop (any cell): local pass from the guessed incoming state, exchange, correction.
     Returns ``(h, boundary, iterations)``."""
     n, B, D = h.shape
-    P, rank = comm.world_size, comm.rank
-    nA = math.prod(st.jac_shape((B,), D))
+    P = comm.world_size
     spare: Optional[torch.Tensor] = None
     it = 0
     while True:
@@ -318,18 +349,13 @@ def _iterations(local: "LocalPass", h, boundary, h0, st: Structure, comm: Commun
             (h, h0.new_zeros(1), st.identity((B,), D, h0.dtype, h0.device) if P > 1 else None)
         if P > 1:
             c = (out[-1] - st.matvec(phi, start)) if n else h0.new_zeros(B, D)
-            t_x = time.perf_counter()
-            gathered = comm.all_gather(torch.cat([phi.reshape(-1), c.reshape(-1), res_local.reshape(1)]))
-            info.exchange_s += time.perf_counter() - t_x
-            all_res = gathered[:, -1]
+            all_res = exchange.gather(phi, c, res_local)
         else:
             all_res = res_local
         if stopping.record(it, float(all_res.max())):  # one host sync per iteration; max propagates NaN
             break
         if P > 1:
-            gA = gathered[:, :nA].reshape(P, *st.jac_shape((B,), D))
-            gc = gathered[:, nA:nA + B * D].reshape(P, B, D)
-            beta = incoming_state(gA, gc, h0, rank, st)
+            beta = exchange.incoming()
             local.correct(h, boundary, out, start, beta, info)
             boundary = beta
         if n:

@@ -1,15 +1,15 @@
 """The pipelined Newton loop: carries between passes instead of a look-back inside them.
 
-For cells whose Jacobian is diagonal and that offer a pipelined kernel
-(:meth:`seqpar.cells.Cell.pipelined_newton`, e.g. :class:`~seqpar.cells.DiagGRU`),
-one Newton iteration is one pass over the shard plus a small scan:
+For cells that offer a pipelined kernel (:meth:`seqpar.cells.Cell.pipelined_newton`:
+:class:`~seqpar.cells.DiagGRU`, and the GRU with D <= 8), one Newton iteration is one
+pass over the shard plus a small scan:
 
-* the pass (:mod:`seqpar.kernels.pipelined_diag_gru`) reads the iterate
-  ``h^k`` and applies its maps from per-run carries, writing ``h^{k+1}``; with
-  ``h^{k+1}`` in registers it also returns the residual of ``h^{k+1}`` and the
-  per-run summaries ``(A, C)`` of the maps linearised at ``h^{k+1}``;
-* the summaries (n_runs, B*D) are scanned from the shard's incoming state
-  (:func:`seqpar.kernels.scan_diag.scan_diag`): the carries of the next pass.
+* the pass (:mod:`seqpar.kernels.pipelined_diag_gru`, :mod:`seqpar.kernels.pipelined_dense_gru`)
+  reads the iterate ``h^k`` and applies its maps from per-run carries, writing
+  ``h^{k+1}``; with ``h^{k+1}`` in registers it also returns the residual of ``h^{k+1}``
+  and the per-run summaries ``(A, C)`` of the maps linearised at ``h^{k+1}``;
+* the summaries are scanned from the shard's incoming state (:func:`scan_runs`):
+  the carries of the next pass.
 
 On P ranks each rank composes its run summaries into the shard summary
 ``(Phi, c)`` and all-gathers it with its residual; the exact incoming state of
@@ -23,8 +23,6 @@ iterate it belongs to.
 """
 from __future__ import annotations
 
-import math
-import time
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -72,37 +70,29 @@ def shard_summary(sum_a: torch.Tensor, sum_c: torch.Tensor, st: Structure, B: in
 
 
 def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor, h0: torch.Tensor,
-                         comm, stopping, incoming_state, info) -> tuple:
+                         comm, stopping, exchange) -> tuple:
     """Newton iterations on this rank's shard ``h`` (n, B, D) with ``boundary`` (B, D) its state before
     step 0, until ``stopping.record(it, residual)`` says stop.
 
-    ``incoming_state(gA, gc, h0, rank, structure)`` composes the gathered shard summaries; ``info``
-    (SolveInfo) gets the exchange time.  Returns ``(h, boundary, iterations)``: the last iterate and
-    its state before step 0."""
+    ``exchange`` (:class:`seqpar.newton.SummaryExchange`, for ``pipe.structure``) all-gathers the shard
+    summaries when P > 1.  Returns ``(h, boundary, iterations)``: the last iterate and its state
+    before step 0."""
     n, B, D = h.shape
-    P, rank = comm.world_size, comm.rank
+    P = comm.world_size
     st = pipe.structure
-    nA = math.prod(st.jac_shape((B,), D))
     dtype = h.dtype
     cur = pipe.first(h, boundary)
     spare: Optional[torch.Tensor] = None
     it = 0
     while True:
         if P > 1:
-            phi, c = shard_summary(cur.sum_a, cur.sum_c, st, B, D)
-            t_x = time.perf_counter()
-            gathered = comm.all_gather(torch.cat([phi.reshape(-1).to(dtype), c.reshape(-1).to(dtype),
-                                                  cur.stats[:1].to(dtype)]))
-            info.exchange_s += time.perf_counter() - t_x
-            all_res = gathered[:, -1]
+            all_res = exchange.gather(*shard_summary(cur.sum_a, cur.sum_c, st, B, D), cur.stats[:1])
         else:
             all_res = cur.stats[0]
         if stopping.record(it, float(all_res.max())):  # one host sync per iteration
             break
         if P > 1:
-            gA = gathered[:, :nA].reshape(P, *st.jac_shape((B,), D))
-            gc = gathered[:, nA:nA + B * D].reshape(P, B, D)
-            start = incoming_state(gA, gc, h0, rank, st).to(dtype)
+            start = exchange.incoming().to(dtype)
         else:
             start = h0
         if n:
