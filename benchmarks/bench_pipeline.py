@@ -10,8 +10,8 @@ T = 10 * 2^20 (``--long-steps``):
 
 * ``lookback_ms``: one iteration of the look-back kernel (``fused_diag_gru_step``, its table tile);
 * ``pipelined_ms``: one iteration of the pipelined path, i.e. ``pipelined_step`` plus the scan of
-  its run summaries (``scan_diag`` on (T / R, N)) that the next pass needs; with ``--sweep`` also
-  other run lengths / prefetch depths / warps / runs per program;
+  its group totals (``scan_groups`` on (T / (R S), N)) that the next pass needs; with ``--sweep`` also
+  other run lengths / prefetch depths / warps / runs per program (group size) for N <= 256;
 * ``ratio``: ms over the minimum-bytes time (20 B per state: read h 4 + xp 12, write 4) at the
   measured copy bandwidth; ``ratio_nominal`` at ``--nominal-gbps`` (4300);
 * a check: the pipelined new iterate equals the look-back kernel's (same start, max abs diff).
@@ -39,12 +39,11 @@ import seqpar.newton as newton
 from seqpar.cells import GRU, DiagGRU
 from seqpar.kernels import pipelined_diag_gru as pk
 from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
-from seqpar.kernels.scan_diag import scan_diag
 
 WIDTHS = ((16, 1), (16, 4), (16, 16), (16, 64))
 LONG = ((16, 1), (16, 4), (1, 64), (1, 256))  # narrow lanes at --long-steps (the issue's B = 1, T = 10M rows)
-SWEEP = [dict(run=r, prefetch=p, num_warps=w, s=s) for r in (32, 64) for p in (0, 1, 2) for w in (4, 8)
-         for s in (None, 1)]
+SWEEP = [dict(run=r, prefetch=p, num_warps=4, s=s) for r in (16, 32, 64) for p in (0, 2) for s in (8, 16, 32)]
+SWEEP_MAX_N = 256
 
 
 def copy_gbps():
@@ -78,7 +77,7 @@ def iteration_rows(args, gbps):
                "min_bytes_ms_nominal": 20 * T * N / args.nominal_gbps / 1e6}
         row["lookback_ms"] = event_ms(lambda: fused_diag_gru_step(h, xp, w, b, bnd, out=out_lb), args.reps)
         ref, _ = fused_diag_gru_step(h, xp, w, b, bnd)
-        configs = [dict()] + (SWEEP if args.sweep else [])
+        configs = [dict()] + (SWEEP if args.sweep and N <= SWEEP_MAX_N else [])
         row["configs"] = {}
         for kw in configs:
             if time.perf_counter() - t_start > args.budget:
@@ -88,17 +87,18 @@ def iteration_rows(args, gbps):
             if kw.get("s"):
                 cfg = cfg._replace(s=kw["s"])
             first = pk.first_pass(h, xp, w, b, bnd, cfg)
-            incl = scan_diag(first.sum_a, first.sum_c, bnd.reshape(-1))
+            carry = pk.scan_groups(first, bnd)
             out = torch.empty_like(h)
 
             def one_iteration():
-                res = pk.pipelined_step(h, xp, w, b, bnd, incl, bnd, out=out, cfg=cfg)
-                scan_diag(res.sum_a, res.sum_c, bnd.reshape(-1))
+                res = pk.pipelined_step(h, xp, w, b, bnd, first, carry, bnd, out=out, cfg=cfg)
+                pk.scan_groups(res, bnd)
 
             name = "table" if not kw else f"r{cfg.r}_pf{cfg.prefetch}_w{cfg.warps}_s{cfg.s}"
             ms = event_ms(one_iteration, args.reps)
-            pass_ms = event_ms(lambda: pk.pipelined_step(h, xp, w, b, bnd, incl, bnd, out=out, cfg=cfg), args.reps)
-            new = pk.pipelined_step(h, xp, w, b, bnd, incl, bnd, cfg=cfg).out
+            pass_ms = event_ms(lambda: pk.pipelined_step(h, xp, w, b, bnd, first, carry, bnd, out=out, cfg=cfg),
+                               args.reps)
+            new = pk.pipelined_step(h, xp, w, b, bnd, first, carry, bnd, cfg=cfg).out
             row["configs"][name] = {"cfg": cfg._asdict(), "ms": ms, "pass_only_ms": pass_ms,
                                     "ratio": ms / min_ms, "ratio_nominal": ms / row["min_bytes_ms_nominal"],
                                     "max_abs_diff_vs_lookback": float((new - ref).abs().max())}
@@ -151,6 +151,72 @@ def solve_rows(args):
     return rows
 
 
+def dense_sweep_rows(args):
+    """Full GRU solves (B = 16, no_grad) on the small-D pipelined kernel over its run length ``RUN`` and the
+    walker floor ``MIN_WALKERS`` (below which runs are shortened): longer runs mean fewer summaries to scan."""
+    from seqpar.kernels import pipelined_dense_gru as pd
+
+    rows = []
+    saved = pd.RUN, pd.MIN_WALKERS
+    t_start = time.perf_counter()
+    try:
+        for T in (100_000, 1_000_000):
+            for D, jac in ((4, "dense"), (4, "diag"), (8, "dense")):
+                torch.manual_seed(0)
+                cell = GRU(1, D).cuda()
+                x = torch.randn(T, 16, 1, device="cuda")
+                for run in (8, 16, 32, 64):
+                    for floor in (2**14, 2**15, 2**16, 2**17):
+                        if time.perf_counter() - t_start > args.budget:
+                            return rows
+                        pd.RUN, pd.MIN_WALKERS = run, floor
+                        r = pd.run_config(T, 16).r
+                        if any(row["T"] == T and row["D"] == D and row["jacobian"] == jac and row["r"] == r
+                               for row in rows):
+                            continue  # the floor shortened the run to one already measured
+                        ms, info = solve_ms(cell, x, jac, args.reps)
+                        rows.append({"D": D, "B": 16, "T": T, "jacobian": jac, "RUN": run, "MIN_WALKERS": floor,
+                                     "r": r, "ms": ms, "iterations": info.iterations})
+                        print(f"dense sweep D={D} {jac} T={T} r={r}: {ms:.3f} ms", flush=True)
+    finally:
+        pd.RUN, pd.MIN_WALKERS = saved
+    return rows
+
+
+def summary_scan_rows(args):
+    """The scans of per-run summaries between passes: diagonal summaries (n, N) by the look-back
+    ``scan_diag`` and by ``scan_maps`` (1 x 1 maps), dense 4 x 4 summaries by ``scan_maps``; device time
+    (events) and host time per call."""
+    from seqpar.kernels import pipelined_dense_gru as pd
+    from seqpar.pipeline import scan_runs
+    from seqpar.structure import DIAG
+
+    rows = []
+    for n, N in ((12_500, 64), (31_250, 64), (3_125, 64), (16_384, 16)):
+        a = torch.rand(n, N, device="cuda") * 0.9
+        c = torch.randn(n, N, device="cuda")
+        start = torch.zeros(N // 16, 16, device="cuda").T.contiguous()  # (B=16, D=N/16)
+        calls = {"scan_diag": lambda: scan_runs(a, c.reshape(n, 16, -1), start, DIAG),
+                 "scan_maps_1x1": lambda: pd.scan_maps(a.reshape(n, N, 1, 1), c.reshape(n, N, 1),
+                                                       start.reshape(N, 1))}
+        if N == 64:
+            a4 = torch.rand(n, 16, 4, 4, device="cuda") * 0.45
+            c4 = torch.randn(n, 16, 4, device="cuda")
+            calls["scan_maps_4x4"] = lambda: pd.scan_maps(a4, c4, start)
+        for name, fn in calls.items():
+            dev_ms = event_ms(fn, args.reps)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            host_us = 1e6 * (time.perf_counter() - t0) / 20
+            torch.cuda.synchronize()
+            rows.append({"n": n, "N": N, "scan": name, "ms": dev_ms, "host_us": host_us})
+            print(f"summary scan n={n} N={N} {name}: {dev_ms * 1e3:.1f} us device, {host_us:.1f} us host",
+                  flush=True)
+    return rows
+
+
 def memory_rows():
     """Peak device memory of one forward solve (no_grad, after a warm-up), pipelined loop on and off."""
     rows = []
@@ -196,7 +262,8 @@ HOST_PARTS = [  # (module, attribute): host time spent inside each during a solv
     ("seqpar.solver", "_check_first_steps"), ("seqpar.solver", "get_communicator"),
     ("seqpar.autograd", "newton_solve"), ("seqpar.newton", "pipelined_iterations"),
     ("seqpar.kernels.pipelined_diag_gru", "first_pass"), ("seqpar.kernels.pipelined_diag_gru", "pipelined_step"),
-    ("seqpar.kernels.scan_diag", "scan_diag"), ("seqpar.newton", "gather_boundary"),
+    ("seqpar.kernels.scan_diag", "scan_diag"), ("seqpar.kernels.pipelined_diag_gru", "scan_groups"),
+    ("seqpar.newton", "gather_boundary"),
     ("seqpar.backend", "pipelined_stepper"), ("seqpar.autograd", "SolveFunction.forward"),
     ("seqpar.cells", "GRU.project_inputs"), ("seqpar.kernels.scan_diag", "lookback_buffers"),
     ("seqpar.pipeline", "Stopping"), ("seqpar.newton", "_Stopping.record"),
@@ -289,10 +356,18 @@ def main():
     ap.add_argument("--host-only", action="store_true", help="only the host-time breakdown of a short solve")
     ap.add_argument("--solves-only", action="store_true", help="only the full solves")
     ap.add_argument("--memory-only", action="store_true", help="only the peak memory of 1M-step solves")
+    ap.add_argument("--dense-only", action="store_true",
+                    help="only the summary scans and the small-D dense kernel's run-length sweep")
     args = ap.parse_args()
     result = {"env": env_info(), "args": vars(args)}
     if args.memory_only:
         result["memory"] = memory_rows()
+        write_json(args.out, result)
+        return
+    if args.dense_only:
+        result["summary_scans"] = summary_scan_rows(args)
+        write_json(args.out, result)
+        result["dense_sweep"] = dense_sweep_rows(args)
         write_json(args.out, result)
         return
     if args.host_only:

@@ -233,8 +233,13 @@ def _map_scan_source(D: int) -> str:
            "import triton", "import triton.language as tl", "", ""]
     walker = ["    wk = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    wm = wk < n_walk",
               "    ch = (wk // B).to(tl.int64)", "    b = wk % B"]  # walker = (chunk, batch row)
+    # each step's map is loaded one step ahead (the walk is latency-bound); masked rows load the identity
+    walker += ["    r = ch * L", "    m = wm & (r < n)", "    row = r * B + b"]
+    walker += ["    " + x for x in load_map("n", "A", "C", "row", "m")]
     step = ["    for k in range(L):", "        r = ch * L + k", "        m = wm & (r < n)", "        row = r * B + b"]
-    step += ["        " + x for x in load_map("", "A", "C", "row", "m")]
+    step += [f"        a_{i}_{j} = na_{i}_{j}" for i, j in idx] + [f"        c_{i} = nc_{i}" for i in range(D)]
+    step += ["        nm = wm & (r + 1 < n)"]
+    step += ["        " + x for x in load_map("n", "A", "C", "(row + B)", "nm")]
     # reduce
     out += ["@triton.jit", "def reduce(A, C, SA, SC, n, B, n_walk, L: tl.constexpr, BLOCK: tl.constexpr):"]
     out += walker + ["    zero = tl.zeros([BLOCK], tl.float32)"]

@@ -15,19 +15,25 @@ pass.  Here the dependency is moved *between* passes instead:
   ``f(h^{k+1}_{t-1})``: the residual of ``h^{k+1}`` and the maps of the *next*
   iteration, which it reduces to one summary ``(A, C)`` per run
   (``x -> A x + C``, the composition of the run's maps).
-* Between passes a small scan of the run summaries
-  (:func:`seqpar.kernels.scan_diag.scan_diag` on (n_runs, N)) gives every run's
-  carry for the next pass.  On P ranks the shard's composed summary is what the
-  ranks exchange.
+* A program walks a **group** of ``S`` consecutive runs (x ``BN`` lanes); at the end
+  of the pass it composes their summaries with an in-register associative scan
+  and stores each run's group prefix (the group's maps up to that run).
+* Between passes one small launch (:func:`scan_groups`) scans only the group
+  totals (n_runs / S rows) from the shard's incoming state: the group carries.
+  The next pass starts run s of a group from the group carry through the stored
+  prefix of run s - 1.  On P ranks the shard's composed map (:func:`compose`) is
+  what the ranks exchange.
 
 So one pass reads ``h^k`` and the inputs once and writes ``h^{k+1}`` once: the
-minimum bytes of a Newton iteration, plus ``2 / R`` of a state for the summaries.
+minimum bytes of a Newton iteration, plus ``4 / R`` of a state for the prefixes
+(written, then read by the next pass).
 A first, summary-only pass (``first_pass``) starts the pipeline from the
 initial guess.
 
 Shapes: ``h`` (T, B, D), ``xp`` (T, B, 3D), ``weight_hh`` (3D,), ``bias_hh``
-(3D,) or None, boundaries (B, D); summaries float32 (n_runs, B*D) with
-``n_runs = ceil(T / R)``.  Reference: :func:`pipelined_step_reference` (and
+(3D,) or None, boundaries (B, D); group prefixes float32 (n_runs, B*D) with
+``n_runs = ceil(T / R)``; carries (n_groups, B*D), ``n_groups = ceil(n_runs / S)``.
+Reference: :func:`pipelined_step_reference` (and
 ``seqpar.newton``'s ``cell.step`` / ``cell.jacobian`` + ``affine_scan``).
 """
 from __future__ import annotations
@@ -52,6 +58,7 @@ RUNS = {  # benchmarks/bench_pipeline.py --sweep, run 29 (H200, B=16, T=2^20): o
 }
 MIN_THREADS = 2**17  # shorten runs until T * N / R reaches this many walkers (or R reaches MIN_RUN)
 MIN_RUN = 4
+GROUP_SCAN_BN, GROUP_SCAN_CH = 32, 256  # scan_groups: lanes per program, group totals per associative scan
 
 
 class RunConfig(NamedTuple):
@@ -82,20 +89,29 @@ def _load_step(H, XP, t0, k, R: tl.constexpr, T, N, D, lanes, xcol, m0):
 
 
 @triton.jit
-def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, Incl, St, Out, SumA, SumC, Res,
+def _compose(a1, c1, a2, c2):
+    """``x -> a1 x + c1`` then ``x -> a2 x + c2`` (the earlier map first)."""
+    return a1 * a2, a2 * c1 + c2
+
+
+@triton.jit
+def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, SumA, SumC, Res,
                                T, D, N, n_runs, NPROG,
                                R: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr,
                                FIRST: tl.constexpr):
-    """Program (pid_r, pid_n): runs ``pid_r * S + [0, S)`` x lanes ``pid_n * BN + [0, BN)``.
+    """Program (pid_r, pid_n): group ``pid_r`` (runs ``pid_r * S + [0, S)``) x lanes ``pid_n * BN + [0, BN)``.
 
-    FIRST: summaries of the maps at ``H`` (linearised at H_{t-1}, ``Bnd`` before step 0) and the
-    residual of H.  Else: the new iterate from the carries (``Incl[r - 1]``, ``St`` for run 0)
-    into ``Out``, then the summaries / residual of the new iterate."""
+    FIRST: group prefixes of the maps at ``H`` (linearised at H_{t-1}, ``Bnd`` before step 0) and the
+    residual of H.  Else: the new iterate into ``Out``, each run starting from its carry: the group's
+    carry (``Carry[pid_r - 1]``, ``St`` for group 0) through the previous pass's group prefix of the runs
+    before it (``PrevA``/``PrevC`` at run r - 1); then the group prefixes / residual of the new iterate.
+    Group prefixes: row r of ``SumA``/``SumC`` is the composition of the group's runs up to r."""
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     lanes = pid_n * BN + tl.arange(0, BN)
     lmask = lanes < N
-    runs = pid_r * S + tl.arange(0, S)
+    s_in = tl.arange(0, S)
+    runs = pid_r * S + s_in
     m0 = (runs < n_runs)[:, None] & lmask[None, :]
     d = lanes % D
     wr = tl.load(W + d, mask=lmask, other=0.0)[None, :]
@@ -111,10 +127,14 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, Incl, St, Out, SumA, SumC, Res
     bnd = tl.load(Bnd + lanes, mask=lmask, other=0.0).to(tl.float32)[None, :]
     hk_prev = tl.where(first_run, bnd, hk_prev.to(tl.float32))
     if not FIRST:
-        hn_prev = tl.load(Incl + (runs.to(tl.int64) - 1)[:, None] * N + lanes[None, :],
-                          mask=m0 & (runs > 0)[:, None], other=0.0)
-        st = tl.load(St + lanes, mask=lmask, other=0.0).to(tl.float32)[None, :]
-        hn_prev = tl.where(first_run, st, hn_prev)
+        after_first = (tl.zeros_like(lanes) + pid_r) > 0
+        carry = tl.load(Carry + (pid_r - 1).to(tl.int64) * N + lanes, mask=lmask & after_first, other=0.0)
+        st = tl.load(St + lanes, mask=lmask, other=0.0).to(tl.float32)
+        carry = tl.where(after_first, carry, st)
+        po = (runs.to(tl.int64) - 1)[:, None] * N + lanes[None, :]
+        pm = m0 & (s_in > 0)[:, None]               # the group's first run starts from the carry itself
+        hn_prev = (tl.load(PrevA + po, mask=pm, other=1.0) * carry[None, :]
+                   + tl.load(PrevC + po, mask=pm, other=0.0))
     A = tl.full([S, BN], 1.0, tl.float32)
     C = tl.zeros([S, BN], tl.float32)
     rel = tl.zeros([S, BN], tl.float32)
@@ -157,12 +177,33 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, Incl, St, Out, SumA, SumC, Res
         rel = tl.maximum(rel, r)
         fmx = tl.maximum(fmx, tl.where(fab == fab, fab, float("inf")))
         hk_prev = hk
+    A, C = tl.associative_scan((A, C), 0, _compose)  # runs past n_runs / T are identities
     so = runs.to(tl.int64)[:, None] * N + lanes[None, :]
     tl.store(SumA + so, A, mask=m0)
     tl.store(SumC + so, C, mask=m0)
     pid = pid_r * tl.num_programs(1) + pid_n
     tl.store(Res + pid, tl.max(tl.max(rel, 1), 0))
     tl.store(Res + NPROG + pid, tl.max(tl.max(fmx, 1), 0))
+
+
+@triton.jit
+def _group_scan_kernel(SumA, SumC, St, Out, n_runs, n_groups, N,
+                       G: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr):
+    """Program = lanes ``pid * BN + [0, BN)``: the states after every group (``Out`` (n_groups, N)),
+    from ``St``, walking the groups' totals (the prefix at each group's last run) CH at a time."""
+    lanes = tl.program_id(0) * BN + tl.arange(0, BN)
+    lm = lanes < N
+    h = tl.load(St + lanes, mask=lm, other=0.0).to(tl.float32)
+    rows = tl.arange(0, CH)
+    for c0 in range(0, n_groups, CH):
+        g = (c0 + rows).to(tl.int64)
+        m = (g < n_groups)[:, None] & lm[None, :]
+        src = tl.minimum(g * G + G - 1, n_runs - 1)[:, None] * N + lanes[None, :]
+        a, c = tl.associative_scan((tl.load(SumA + src, mask=m, other=1.0), tl.load(SumC + src, mask=m, other=0.0)),
+                                   0, _compose)
+        hs = a * h[None, :] + c
+        tl.store(Out + g[:, None] * N + lanes[None, :], hs, mask=m)
+        h = tl.sum(tl.where((rows == CH - 1)[:, None], hs, 0.0), 0)  # masked rows are identities
 
 
 def run_length(T: int, walkers_per_run: int, r: int, min_walkers: int, run: Optional[int] = None) -> int:
@@ -199,13 +240,17 @@ def run_config(T: int, N: int, run: Optional[int] = None, block_n: Optional[int]
 
 
 class PassResult(NamedTuple):
-    """One pipelined pass: ``out`` the new iterate (None for the first pass), ``sum_a``/``sum_c``
-    the run summaries (n_runs, N) float32 of the maps linearised at it, ``stats`` float32
-    ``[max elementwise |h - f| / max(1, |f|), max |f|]`` of that iterate (NaN/Inf as inf)."""
+    """One pipelined pass: ``out`` the new iterate (None for the first pass), ``sum_a``/``sum_c`` float32
+    summaries of the maps linearised at it, ``stats`` float32 ``[max elementwise |h - f| / max(1, |f|),
+    max |f|]`` of that iterate (NaN/Inf as inf).  The runs are taken in groups of ``group`` consecutive
+    runs: row r of the summaries is the composition of the maps of its group's runs up to and including
+    run r (``group == 1``: each run's own summary).  Diagonal kernel: (n_runs, N); dense kernel: see
+    :mod:`seqpar.kernels.pipelined_dense_gru`."""
     out: Optional[torch.Tensor]
     sum_a: torch.Tensor
     sum_c: torch.Tensor
     stats: torch.Tensor
+    group: int = 1
 
 
 def prepare_weights(weight_hh, bias_hh):
@@ -216,7 +261,7 @@ def prepare_weights(weight_hh, bias_hh):
     return w, b
 
 
-def _launch(first: bool, h, xp, weight_hh, bias_hh, boundary, incl, start, out, cfg: RunConfig):
+def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: RunConfig):
     T, B, D = h.shape
     N = B * D
     dev = h.device
@@ -224,46 +269,77 @@ def _launch(first: bool, h, xp, weight_hh, bias_hh, boundary, incl, start, out, 
     sums = torch.empty(2, n_runs, N, dtype=torch.float32, device=dev)
     if T == 0:
         return PassResult(None if first else (torch.empty_like(h) if out is None else out), sums[0], sums[1],
-                          torch.zeros(2, dtype=torch.float32, device=dev))
-    w, bh = prepare_weights(weight_hh, bias_hh)
+                          torch.zeros(2, dtype=torch.float32, device=dev), cfg.s)
+    w, bh = prepare_weights(w, bh)  # no-ops when prepared once per solve
     h, xp, boundary = h.contiguous(), xp.contiguous(), boundary.contiguous()
     grid = (triton.cdiv(n_runs, cfg.s), triton.cdiv(N, cfg.bn))
     n_prog = grid[0] * grid[1]
     part = torch.empty(2, n_prog, dtype=torch.float32, device=dev)
     if first:
-        out_arg, incl_arg, start_arg = h, sums[0], boundary
+        out_arg, prev_a, prev_c, carry_arg, start_arg = h, sums[0], sums[1], sums[0], boundary
     else:
+        if prev.group != cfg.s or prev.sum_a.shape != (n_runs, N):
+            raise ValueError("prev: summaries of another run layout (group, runs) than cfg's")
         out = torch.empty_like(h) if out is None else out
-        out_arg, incl_arg, start_arg = out, incl.contiguous(), start.contiguous()
+        out_arg, prev_a, prev_c, carry_arg, start_arg = out, prev.sum_a, prev.sum_c, carry, start.contiguous()
     _pipelined_diag_gru_kernel[grid](
-        h, xp, w, bh, boundary, incl_arg, start_arg, out_arg, sums[0], sums[1], part,
+        h, xp, w, bh, boundary, prev_a, prev_c, carry_arg, start_arg, out_arg, sums[0], sums[1], part,
         T, D, N, n_runs, n_prog, R=cfg.r, S=cfg.s, BN=cfg.bn, PF=cfg.prefetch, FIRST=first,
         num_warps=cfg.warps)
-    return PassResult(None if first else out, sums[0], sums[1], part.amax(1))
+    return PassResult(None if first else out, sums[0], sums[1], part.amax(1), cfg.s)
 
 
 def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = None) -> PassResult:
-    """Run summaries and residual of the iterate ``h`` (T, B, D) (maps linearised at ``h_{t-1}``,
-    ``boundary`` (B, D) before step 0).  ``out`` of the result is None."""
+    """Group summaries and residual of the iterate ``h`` (T, B, D) (maps linearised at ``h_{t-1}``,
+    ``boundary`` (B, D) before step 0).  ``out`` of the result is None.  ``weight_hh``/``bias_hh``
+    as :func:`prepare_weights` returns them."""
     T, B, D = h.shape
-    return _launch(True, h, xp, weight_hh, bias_hh, boundary, None, None, None, cfg or run_config(T, B * D))
+    return _launch(True, h, xp, weight_hh, bias_hh, boundary, None, None, None, None,
+                   cfg or run_config(T, B * D))
 
 
-def pipelined_step(h, xp, weight_hh, bias_hh, boundary, incl, start, out=None,
-                   cfg: Optional[RunConfig] = None) -> PassResult:
+def scan_groups(res: PassResult, start: torch.Tensor) -> torch.Tensor:
+    """States (n_groups, N) float32 after each group of ``res``'s runs, from ``start`` (B, D) or (N,):
+    the carries of the next pass.  One launch; each program walks the group totals of ``GROUP_SCAN_BN``
+    lanes, ``GROUP_SCAN_CH`` at a time (an in-register associative scan each)."""
+    n_runs, N = res.sum_a.shape
+    n_groups = triton.cdiv(n_runs, res.group)
+    out = torch.empty(n_groups, N, dtype=torch.float32, device=res.sum_a.device)
+    if n_groups:
+        bn = min(GROUP_SCAN_BN, triton.next_power_of_2(N))
+        ch = min(GROUP_SCAN_CH, max(16, triton.next_power_of_2(n_groups)))
+        _group_scan_kernel[(triton.cdiv(N, bn),)](res.sum_a, res.sum_c, start.reshape(N).contiguous(), out,
+                                                   n_runs, n_groups, N, G=res.group, CH=ch, BN=bn, num_warps=4)
+    return out
+
+
+def compose(res: PassResult, B: int, D: int):
+    """``(Phi, c)`` (B, D) each: the composition of all of ``res``'s maps (identity for no runs)."""
+    n_runs, N = res.sum_a.shape
+    if n_runs == 0:
+        return res.sum_a.new_ones(B, D), res.sum_a.new_zeros(B, D)
+    last = torch.arange(res.group - 1, n_runs + res.group - 1, res.group, device=res.sum_a.device).clamp_(max=n_runs - 1)
+    phi = res.sum_a.index_select(0, last).prod(0)
+    c = scan_groups(res, res.sum_c.new_zeros(N))[-1]
+    return phi.reshape(B, D), c.reshape(B, D)
+
+
+def pipelined_step(h, xp, weight_hh, bias_hh, boundary, prev: PassResult, carry: torch.Tensor,
+                   start: torch.Tensor, out=None, cfg: Optional[RunConfig] = None) -> PassResult:
     """One Newton iteration from the iterate ``h`` (T, B, D), whose maps (linearised at ``h_{t-1}``,
-    ``boundary`` (B, D) before step 0) were summarised per run by the previous pass, and
-    ``incl`` (n_runs, N): the inclusive scan of those summaries from ``start`` (B, D), the new
-    iterate's state before step 0 (so run r starts from ``incl[r - 1]``).  Writes the new iterate
-    into ``out`` and returns it with its own run summaries and residual."""
+    ``boundary`` (B, D) before step 0) ``prev`` (the previous pass's result) summarised, with
+    ``carry = scan_groups(prev, start)``, ``start`` (B, D) the new iterate's state before step 0.
+    Writes the new iterate into ``out`` and returns it with its own summaries and residual."""
     T, B, D = h.shape
-    return _launch(False, h, xp, weight_hh, bias_hh, boundary, incl, start, out, cfg or run_config(T, B * D))
+    return _launch(False, h, xp, weight_hh, bias_hh, boundary, prev, carry, start, out,
+                   cfg or run_config(T, B * D))
 
 
 @torch.no_grad()
-def pipelined_step_reference(h, xp, weight_hh, bias_hh, boundary, start, run: int):
+def pipelined_step_reference(h, xp, weight_hh, bias_hh, boundary, start, run: int, group: int = 1):
     """Float64 reference of :func:`pipelined_step` (carries from a sequential scan of exact maps):
-    ``(out, sum_a, sum_c, residual)``; with ``start=None`` the first pass (``out`` None)."""
+    ``(out, sum_a, sum_c, residual)`` with group prefixes of ``group`` runs; with ``start=None`` the
+    first pass (``out`` None)."""
     from seqpar.cells import DiagGRU
     from seqpar.scan import affine_scan
     from seqpar.structure import DIAG
@@ -296,6 +372,8 @@ def pipelined_step_reference(h, xp, weight_hh, bias_hh, boundary, start, run: in
     sum_a = torch.ones(n_runs, B * D, dtype=torch.float64)
     sum_c = torch.zeros(n_runs, B * D, dtype=torch.float64)
     for r in range(n_runs):
+        if r % group:  # continue the group's composition
+            sum_a[r], sum_c[r] = sum_a[r - 1], sum_c[r - 1]
         for t in range(r * run, min(T, (r + 1) * run)):
             sum_c[r] = J[t].reshape(-1) * sum_c[r] + b[t].reshape(-1)
             sum_a[r] = J[t].reshape(-1) * sum_a[r]

@@ -351,15 +351,18 @@ class GRU(_TorchWeightsCell):
         if D > k.MAX_D or structure.kind == "block":
             return None
         # small D: a walker holds a batch row's whole state and J; exact Newton (dense) or quasi (diag)
-        from .pipeline import Pipeline
+        from .pipeline import Pipeline, scan_runs, shard_summary
 
         exact = structure.kind == "dense"
         cfg = k.run_config(xp.shape[0], xp.shape[1])
         w, b = k.prepare_weights(self.weight_hh, self.bias_hh)
+        B = xp.shape[1]
         return Pipeline(
             first=lambda h, bnd: k.first_pass(h, xp, w, b, bnd, exact, cfg),
-            step=lambda h, bnd, incl, start, out=None: k.pipelined_step(h, xp, w, b, bnd, incl, start, out,
-                                                                        exact, cfg),
+            carries=lambda res, start: scan_runs(res.sum_a, res.sum_c, start, structure),
+            step=lambda h, bnd, res, incl, start, out=None: k.pipelined_step(h, xp, w, b, bnd, incl, start, out,
+                                                                             exact, cfg),
+            compose=lambda res: shard_summary(res.sum_a, res.sum_c, structure, B, D),
             structure=structure)
 
 
@@ -476,12 +479,15 @@ def _diag_gru_pipeline(xp, weight_hh, bias_hh, hidden_size: int):
     from .pipeline import Pipeline
     from .structure import DIAG
 
-    cfg = k.run_config(xp.shape[0], xp.shape[1] * hidden_size)
+    B = xp.shape[1]
+    cfg = k.run_config(xp.shape[0], B * hidden_size)
     weight_hh, bias_hh = k.prepare_weights(weight_hh, bias_hh)
     return Pipeline(
         first=lambda h, bnd: k.first_pass(h, xp, weight_hh, bias_hh, bnd, cfg),
-        step=lambda h, bnd, incl, start, out=None: k.pipelined_step(h, xp, weight_hh, bias_hh, bnd, incl, start,
-                                                                    out, cfg),
+        carries=k.scan_groups,
+        step=lambda h, bnd, res, carry, start, out=None: k.pipelined_step(h, xp, weight_hh, bias_hh, bnd, res,
+                                                                          carry, start, out, cfg),
+        compose=lambda res: k.compose(res, B, hidden_size),
         structure=DIAG)
 
 

@@ -8,8 +8,13 @@ pass over the shard plus a small scan:
   reads the iterate ``h^k`` and applies its maps from per-run carries, writing
   ``h^{k+1}``; with ``h^{k+1}`` in registers it also returns the residual of ``h^{k+1}``
   and the per-run summaries ``(A, C)`` of the maps linearised at ``h^{k+1}``;
-* the summaries are scanned from the shard's incoming state (:func:`scan_runs`):
-  the carries of the next pass.
+* the summaries are scanned from the shard's incoming state (``Pipeline.carries``):
+  the carries of the next pass.  The diagonal kernel takes its runs in groups (one
+  program's runs) and returns each group's prefix compositions, so only the group
+  totals are scanned between passes (one small launch,
+  :func:`seqpar.kernels.pipelined_diag_gru.scan_groups`) and the next pass starts
+  each run from its group's carry; the dense kernels' per-run summaries are scanned
+  by :func:`scan_runs`.
 
 On P ranks each rank composes its run summaries into the shard summary
 ``(Phi, c)`` and all-gathers it with its residual; the exact incoming state of
@@ -35,19 +40,23 @@ class Pipeline(NamedTuple):
     """A cell's pipelined kernel bound to its inputs (see :mod:`seqpar.kernels.pipelined_diag_gru`).
 
     ``first(h, boundary) -> PassResult`` summarises the maps at ``h`` (no new iterate);
-    ``step(h, boundary, incl, start, out=None) -> PassResult`` computes the next iterate, ``incl``
-    (n_runs, B, D) being the inclusive scan of the previous pass's run summaries from ``start``.
-    ``structure``: that of the run summaries (DIAG: ``sum_a`` (n_runs, B*D) or (n_runs, B, D);
-    DENSE: (n_runs, B, D, D)).
+    ``carries(res, start)``: what the next pass needs of ``res``'s summaries to start every run, the
+    new iterate's state before step 0 being ``start`` (B, D);
+    ``step(h, boundary, res, carries, start, out=None) -> PassResult`` computes the next iterate;
+    ``compose(res) -> (Phi, c)``: the shard's map ``x -> Phi x + c`` (Phi in ``structure``'s storage
+    with leading dim B, c (B, D)), exchanged between ranks;
+    ``structure``: that of the maps (DIAG or DENSE).
     """
 
     first: Callable
+    carries: Callable
     step: Callable
+    compose: Callable
     structure: Structure
 
 
 def scan_runs(sum_a: torch.Tensor, sum_c: torch.Tensor, start: torch.Tensor, st: Structure) -> torch.Tensor:
-    """Inclusive scan (n_runs, B, D) of the run summaries from ``start`` (B, D) (the Triton scans; small
+    """Inclusive scan (n_runs, B, D) of per-run summaries from ``start`` (B, D) (the Triton scans; small
     dense D: :func:`seqpar.kernels.pipelined_dense_gru.scan_maps`)."""
     from .backend import kernel_scan
     from .kernels import pipelined_dense_gru
@@ -61,7 +70,7 @@ def scan_runs(sum_a: torch.Tensor, sum_c: torch.Tensor, start: torch.Tensor, st:
 
 
 def shard_summary(sum_a: torch.Tensor, sum_c: torch.Tensor, st: Structure, B: int, D: int):
-    """``(Phi, c)``: the composition of all run summaries (the shard's map ``x -> Phi x + c``;
+    """``(Phi, c)``: the composition of all per-run summaries (the shard's map ``x -> Phi x + c``;
     identity for an empty shard), Phi in ``st``'s storage with leading dim B, c (B, D)."""
     if sum_a.shape[0] == 0:
         return st.identity((B,), D, sum_a.dtype, sum_a.device), sum_a.new_zeros(B, D)
@@ -79,14 +88,13 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
     before step 0."""
     n, B, D = h.shape
     P = comm.world_size
-    st = pipe.structure
     dtype = h.dtype
     cur = pipe.first(h, boundary)
     spare: Optional[torch.Tensor] = None
     it = 0
     while True:
         if P > 1:
-            all_res = exchange.gather(*shard_summary(cur.sum_a, cur.sum_c, st, B, D), cur.stats[:1])
+            all_res = exchange.gather(*pipe.compose(cur), cur.stats[:1])
         else:
             all_res = cur.stats[0]
         if stopping.record(it, float(all_res.max())):  # one host sync per iteration
@@ -96,8 +104,7 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
         else:
             start = h0
         if n:
-            incl = scan_runs(cur.sum_a, cur.sum_c, start, st)
-            cur = pipe.step(h, boundary, incl, start, out=spare)
+            cur = pipe.step(h, boundary, cur, pipe.carries(cur, start), start, out=spare)
             h, spare = cur.out, h
         boundary = start
         it += 1

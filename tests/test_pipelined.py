@@ -23,7 +23,6 @@ import seqpar.newton as newton  # noqa: E402
 from seqpar.backend import pipelined_stepper  # noqa: E402
 from seqpar.cells import GRU, DiagGRU  # noqa: E402
 from seqpar.kernels import pipelined_diag_gru as pk  # noqa: E402
-from seqpar.kernels.scan_diag import scan_diag  # noqa: E402
 from seqpar.structure import DENSE, DIAG, Structure  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -42,20 +41,22 @@ def _problem(T, B, D, bias=True, seed=0, device="cpu", scale=0.5):
     return h, xp, w, b, bnd, start
 
 
-def _check_pass(T, B, D, run, prefetch=None, bias=True, device="cpu", dtype=torch.float32, seed=0, atol=2e-6):
+def _check_pass(T, B, D, run, prefetch=None, bias=True, device="cpu", dtype=torch.float32, seed=0, atol=2e-6,
+                group=None):
     h, xp, w, b, bnd, start = _problem(T, B, D, bias, seed, device)
     h, xp = h.to(dtype), xp.to(dtype)
-    cfg = pk.run_config(T, B * D, run=run, prefetch=prefetch)
+    cfg = pk.run_config(T, B * D, run=run, prefetch=prefetch, runs_per_program=group)
+    group = cfg.s
     first = pk.first_pass(h, xp, w, b, bnd, cfg)
-    assert first.out is None
-    _, ra, rc, rres = pk.pipelined_step_reference(h, xp, w, b, bnd, None, run)
+    assert first.out is None and first.group == group
+    _, ra, rc, rres = pk.pipelined_step_reference(h, xp, w, b, bnd, None, run, group)
     assert first.sum_a.shape == (-(-T // run), B * D)
     assert torch.allclose(first.sum_a.double().cpu(), ra, atol=atol, rtol=1e-5)
     assert torch.allclose(first.sum_c.double().cpu(), rc, atol=atol, rtol=1e-5)
     assert abs(float(first.stats[0]) - float(rres)) <= 1e-5 * max(1.0, float(rres))
-    incl = scan_diag(first.sum_a, first.sum_c, start.reshape(-1))
-    step = pk.pipelined_step(h, xp, w, b, bnd, incl, start, cfg=cfg)
-    ro, ra, rc, rres = pk.pipelined_step_reference(h, xp, w, b, bnd, start, run)
+    carry = pk.scan_groups(first, start)
+    step = pk.pipelined_step(h, xp, w, b, bnd, first, carry, start, cfg=cfg)
+    ro, ra, rc, rres = pk.pipelined_step_reference(h, xp, w, b, bnd, start, run, group)
     tol = atol if dtype == torch.float32 else 2e-2
     assert step.out.dtype == dtype and step.out.shape == (T, B, D)
     assert (step.out.double().cpu() - ro).abs().max().item() <= tol * max(1.0, ro.abs().max().item())
@@ -72,6 +73,40 @@ def _check_pass(T, B, D, run, prefetch=None, bias=True, device="cpu", dtype=torc
 ])
 def test_pass_matches_float64_reference(T, B, D, run, prefetch):
     _check_pass(T, B, D, run, prefetch, seed=T + D)
+
+
+@cpu_only
+@pytest.mark.parametrize("T,B,D,run,group", [(37, 3, 5, 4, 1), (61, 1, 3, 2, 4), (45, 2, 2, 4, 16), (8, 1, 1, 1, 8)])
+def test_pass_with_run_groups_matches_float64_reference(T, B, D, run, group):
+    """Groups of several runs per program (partial last group, group longer than the sequence)."""
+    _check_pass(T, B, D, run, group=group, seed=T * group)
+
+
+@cpu_only
+@pytest.mark.parametrize("n_runs,N,group,ch", [(37, 5, 4, 16), (1, 1, 1, 16), (300, 33, 2, 16), (64, 16, 8, 256)])
+def test_group_scan_and_compose_match_float64(monkeypatch, n_runs, N, group, ch):
+    """scan_groups: states after every group from a start; compose: the map of all runs (an uneven
+    number of group totals per associative scan)."""
+    from seqpar.scan import affine_scan
+
+    monkeypatch.setattr(pk, "GROUP_SCAN_CH", ch)
+    g = torch.Generator().manual_seed(n_runs + N)
+    a, c = torch.rand(n_runs, N, generator=g) * 1.8 - 0.9, torch.randn(n_runs, N, generator=g)
+    ia, ic = a.clone().double(), c.clone().double()
+    for r in range(n_runs):  # group prefixes, as the pass returns them
+        if r % group:
+            ia[r], ic[r] = ia[r - 1] * a[r], a[r] * ic[r - 1] + c[r]
+    res = pk.PassResult(None, ia.float(), ic.float(), torch.zeros(2), group)
+    start = torch.randn(N, generator=g)
+    ref = affine_scan(a.double(), c.double(), start.double(), DIAG)  # state after every run
+    last = [min(n_runs, k + group) - 1 for k in range(0, n_runs, group)]
+    got = pk.scan_groups(res, start)
+    assert got.shape == (len(last), N)
+    assert (got.double() - ref[last]).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
+    phi, c0 = pk.compose(res, 1, N)
+    assert torch.allclose(phi.double().reshape(-1), a.double().prod(0), rtol=1e-5, atol=1e-7)
+    ref0 = affine_scan(a.double(), c.double(), torch.zeros(N, dtype=torch.float64), DIAG)[-1]
+    assert torch.allclose(c0.double().reshape(-1), ref0, rtol=1e-5, atol=2e-6)
 
 
 @cpu_only
