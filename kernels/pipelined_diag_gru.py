@@ -58,7 +58,8 @@ RUNS = {  # benchmarks/bench_pipeline.py --sweep, run 29 (H200, B=16, T=2^20): o
 }
 MIN_THREADS = 2**17  # shorten runs until T * N / R reaches this many walkers (or R reaches MIN_RUN)
 MIN_RUN = 4
-GROUP_SCAN_BN, GROUP_SCAN_CH = 32, 256  # scan_groups: lanes per program, group totals per associative scan
+# scan_groups: lanes per program, group totals per associative scan, most groups walked by one launch
+GROUP_SCAN_BN, GROUP_SCAN_CH, GROUP_SCAN_WALK = 32, 256, 1024
 
 
 class RunConfig(NamedTuple):
@@ -206,6 +207,32 @@ def _group_scan_kernel(SumA, SumC, St, Out, n_runs, n_groups, N,
         h = tl.sum(tl.where((rows == CH - 1)[:, None], hs, 0.0), 0)  # masked rows are identities
 
 
+@triton.jit
+def _chunk_scan_kernel(SumA, SumC, Carry, St, OutA, OutC, n_runs, n_groups, N,
+                       G: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr, APPLY: tl.constexpr):
+    """Program (chunk c of CH groups, lanes ``pid_n * BN + [0, BN)``) over the group totals.  Not APPLY:
+    the chunk's composed map into ``OutA``/``OutC`` row c.  APPLY: the states after each of its groups
+    into ``OutA`` (n_groups, N), from the chunk's carry (``Carry[c - 1]``, ``St`` for chunk 0)."""
+    c_id = tl.program_id(0)
+    lanes = tl.program_id(1) * BN + tl.arange(0, BN)
+    lm = lanes < N
+    rows = tl.arange(0, CH)
+    g = (c_id * CH + rows).to(tl.int64)
+    m = (g < n_groups)[:, None] & lm[None, :]
+    src = tl.minimum(g * G + G - 1, n_runs - 1)[:, None] * N + lanes[None, :]
+    a, c = tl.associative_scan((tl.load(SumA + src, mask=m, other=1.0), tl.load(SumC + src, mask=m, other=0.0)),
+                               0, _compose)
+    if APPLY:
+        after_first = (tl.zeros_like(lanes) + c_id) > 0
+        h = tl.load(Carry + (c_id - 1).to(tl.int64) * N + lanes, mask=lm & after_first, other=0.0)
+        h = tl.where(after_first, h, tl.load(St + lanes, mask=lm, other=0.0).to(tl.float32))
+        tl.store(OutA + g[:, None] * N + lanes[None, :], a * h[None, :] + c, mask=m)
+    else:
+        last = (rows == CH - 1)[:, None]
+        tl.store(OutA + c_id.to(tl.int64) * N + lanes, tl.sum(tl.where(last, a, 0.0), 0), mask=lm)
+        tl.store(OutC + c_id.to(tl.int64) * N + lanes, tl.sum(tl.where(last, c, 0.0), 0), mask=lm)
+
+
 def run_length(T: int, walkers_per_run: int, r: int, min_walkers: int, run: Optional[int] = None) -> int:
     """``run`` if given (>= 1), else ``r`` halved (down to ``MIN_RUN``) while fewer than ``min_walkers``
     walkers (``ceil(T / r) * walkers_per_run``) would run."""
@@ -300,16 +327,32 @@ def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = N
 
 def scan_groups(res: PassResult, start: torch.Tensor) -> torch.Tensor:
     """States (n_groups, N) float32 after each group of ``res``'s runs, from ``start`` (B, D) or (N,):
-    the carries of the next pass.  One launch; each program walks the group totals of ``GROUP_SCAN_BN``
-    lanes, ``GROUP_SCAN_CH`` at a time (an in-register associative scan each)."""
+    the carries of the next pass.  Up to ``GROUP_SCAN_WALK`` groups: one launch, each program walking
+    the group totals of ``GROUP_SCAN_BN`` lanes ``GROUP_SCAN_CH`` at a time (an in-register associative
+    scan each).  More: reduce chunks of ``GROUP_SCAN_CH`` group totals in parallel, walk the chunk maps
+    (the launch above), rescan the chunks from their carries (three launches, none serial in T)."""
     n_runs, N = res.sum_a.shape
     n_groups = triton.cdiv(n_runs, res.group)
-    out = torch.empty(n_groups, N, dtype=torch.float32, device=res.sum_a.device)
-    if n_groups:
-        bn = min(GROUP_SCAN_BN, triton.next_power_of_2(N))
+    dev = res.sum_a.device
+    out = torch.empty(n_groups, N, dtype=torch.float32, device=dev)
+    if not n_groups:
+        return out
+    start = start.reshape(N).to(torch.float32).contiguous()
+    bn = min(GROUP_SCAN_BN, triton.next_power_of_2(N))
+    if n_groups <= GROUP_SCAN_WALK:
         ch = min(GROUP_SCAN_CH, max(16, triton.next_power_of_2(n_groups)))
-        _group_scan_kernel[(triton.cdiv(N, bn),)](res.sum_a, res.sum_c, start.reshape(N).contiguous(), out,
-                                                   n_runs, n_groups, N, G=res.group, CH=ch, BN=bn, num_warps=4)
+        _group_scan_kernel[(triton.cdiv(N, bn),)](res.sum_a, res.sum_c, start, out, n_runs, n_groups, N,
+                                                   G=res.group, CH=ch, BN=bn, num_warps=4)
+        return out
+    ch = GROUP_SCAN_CH
+    n_ch = triton.cdiv(n_groups, ch)
+    grid = (n_ch, triton.cdiv(N, bn))
+    tot = torch.empty(2, n_ch, N, dtype=torch.float32, device=dev)
+    _chunk_scan_kernel[grid](res.sum_a, res.sum_c, tot[0], start, tot[0], tot[1], n_runs, n_groups, N,
+                             G=res.group, CH=ch, BN=bn, APPLY=False, num_warps=4)
+    carry = scan_groups(PassResult(None, tot[0], tot[1], res.stats, 1), start)
+    _chunk_scan_kernel[grid](res.sum_a, res.sum_c, carry, start, out, out, n_runs, n_groups, N,
+                             G=res.group, CH=ch, BN=bn, APPLY=True, num_warps=4)
     return out
 
 

@@ -83,13 +83,18 @@ def test_pass_with_run_groups_matches_float64_reference(T, B, D, run, group):
 
 
 @cpu_only
-@pytest.mark.parametrize("n_runs,N,group,ch", [(37, 5, 4, 16), (1, 1, 1, 16), (300, 33, 2, 16), (64, 16, 8, 256)])
-def test_group_scan_and_compose_match_float64(monkeypatch, n_runs, N, group, ch):
-    """scan_groups: states after every group from a start; compose: the map of all runs (an uneven
-    number of group totals per associative scan)."""
+@pytest.mark.parametrize("n_runs,N,group,ch,walk", [
+    (37, 5, 4, 16, 1024), (1, 1, 1, 16, 1024), (300, 33, 2, 16, 1024), (64, 16, 8, 256, 1024),
+    (300, 33, 2, 16, 16), (257, 3, 1, 16, 8), (40, 2, 3, 16, 13),
+])
+def test_group_scan_and_compose_match_float64(monkeypatch, n_runs, N, group, ch, walk):
+    """scan_groups: states after every group from a start, by one walking launch or (more than ``walk``
+    groups) by chunk reduce / walk / rescan, nested where the chunks are many; compose: the map of all
+    runs.  Uneven numbers of group totals per associative scan and per chunk."""
     from seqpar.scan import affine_scan
 
     monkeypatch.setattr(pk, "GROUP_SCAN_CH", ch)
+    monkeypatch.setattr(pk, "GROUP_SCAN_WALK", walk)
     g = torch.Generator().manual_seed(n_runs + N)
     a, c = torch.rand(n_runs, N, generator=g) * 1.8 - 0.9, torch.randn(n_runs, N, generator=g)
     ia, ic = a.clone().double(), c.clone().double()
@@ -230,6 +235,26 @@ def test_non_converged_is_not_reported_converged():
 def test_gpu_pass_matches_reference(B, D):
     T = 5003
     _check_pass(T, B, D, pk.run_config(T, B * D).r, device="cuda", seed=D, atol=5e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("n_runs,N,group", [(100_003, 64, 4), (16_384, 16, 16), (9_001, 1024, 2)])
+def test_gpu_group_scan_matches_float64(n_runs, N, group):
+    from seqpar.scan import affine_scan
+
+    g = torch.Generator().manual_seed(n_runs)
+    a, c = torch.rand(n_runs, N, generator=g) * 1.8 - 0.9, torch.randn(n_runs, N, generator=g)
+    ia, ic = a.double().clone(), c.double().clone()
+    for k in range(1, group):  # group prefixes, vectorised over groups
+        r = torch.arange(k, n_runs, group)
+        ia[r], ic[r] = ia[r - 1] * ia[r], ia[r] * ic[r - 1] + ic[r]
+    res = pk.PassResult(None, ia.float().cuda(), ic.float().cuda(), torch.zeros(2), group)
+    start = torch.randn(N, generator=g)
+    ref = affine_scan(a.double(), c.double(), start.double(), DIAG)
+    last = torch.arange(group - 1, n_runs + group - 1, group).clamp(max=n_runs - 1)
+    got = pk.scan_groups(res, start.cuda()).cpu().double()
+    assert (got - ref[last]).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.gpu
