@@ -97,7 +97,7 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
             all_res = exchange.gather(*pipe.compose(cur), cur.stats[:1])
         else:
             all_res = cur.stats[0]
-        if stopping.record(it, float(all_res.max())):  # one host sync per iteration
+        if stopping.record(it, float(all_res.max() if all_res.dim() else all_res)):  # one host sync per iteration
             break
         if P > 1:
             start = exchange.incoming().to(dtype)
