@@ -186,8 +186,10 @@ def dense_sweep_rows(args):
 
 def summary_scan_rows(args):
     """The scans of per-run summaries between passes: diagonal summaries (n, N) by the look-back
-    ``scan_diag`` and by ``scan_maps`` (1 x 1 maps), dense 4 x 4 summaries by ``scan_maps``; device time
+    ``scan_diag`` (the first pipelined version's) and by ``scan_groups`` (groups of one run: what
+    ``seqpar.pipeline.scan_runs`` uses now), dense 4 x 4 summaries by ``scan_maps``; device time
     (events) and host time per call."""
+    from seqpar.backend import kernel_scan
     from seqpar.kernels import pipelined_dense_gru as pd
     from seqpar.pipeline import scan_runs
     from seqpar.structure import DIAG
@@ -196,10 +198,9 @@ def summary_scan_rows(args):
     for n, N in ((12_500, 64), (31_250, 64), (3_125, 64), (16_384, 16)):
         a = torch.rand(n, N, device="cuda") * 0.9
         c = torch.randn(n, N, device="cuda")
-        start = torch.zeros(N // 16, 16, device="cuda").T.contiguous()  # (B=16, D=N/16)
-        calls = {"scan_diag": lambda: scan_runs(a, c.reshape(n, 16, -1), start, DIAG),
-                 "scan_maps_1x1": lambda: pd.scan_maps(a.reshape(n, N, 1, 1), c.reshape(n, N, 1),
-                                                       start.reshape(N, 1))}
+        start = torch.zeros(16, N // 16, device="cuda")  # (B=16, D=N/16)
+        calls = {"scan_diag": lambda: kernel_scan(a.reshape(n, 16, -1), c.reshape(n, 16, -1), start, DIAG),
+                 "scan_groups": lambda: scan_runs(a, c.reshape(n, 16, -1), start, DIAG)}
         if N == 64:
             a4 = torch.rand(n, 16, 4, 4, device="cuda") * 0.45
             c4 = torch.randn(n, 16, 4, device="cuda")

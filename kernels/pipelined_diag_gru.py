@@ -173,7 +173,7 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
         A = j2 * A
         C = j2 * C + tl.where(m, f2 - j2 * hp, 0.0)
         fab = tl.where(m, tl.abs(f2), 0.0)
-        r = tl.abs(hc - f2) / tl.maximum(fab, 1.0)
+        r = tl.fdiv(tl.abs(hc - f2), tl.maximum(fab, 1.0), ieee_rounding=False)  # ~2 ulp: a residual
         r = tl.where(m, tl.where(r == r, r, float("inf")), 0.0)  # NaN -> inf: reported as divergence
         rel = tl.maximum(rel, r)
         fmx = tl.maximum(fmx, tl.where(fab == fab, fab, float("inf")))

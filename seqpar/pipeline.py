@@ -13,8 +13,8 @@ pass over the shard plus a small scan:
   program's runs) and returns each group's prefix compositions, so only the group
   totals are scanned between passes (one small launch,
   :func:`seqpar.kernels.pipelined_diag_gru.scan_groups`) and the next pass starts
-  each run from its group's carry; the dense kernels' per-run summaries are scanned
-  by :func:`scan_runs`.
+  each run from its group's carry; the small-D GRU kernel's per-run summaries are
+  scanned by :func:`scan_runs`.
 
 On P ranks each rank composes its run summaries into the shard summary
 ``(Phi, c)`` and all-gathers it with its residual; the exact incoming state of
@@ -56,15 +56,20 @@ class Pipeline(NamedTuple):
 
 
 def scan_runs(sum_a: torch.Tensor, sum_c: torch.Tensor, start: torch.Tensor, st: Structure) -> torch.Tensor:
-    """Inclusive scan (n_runs, B, D) of per-run summaries from ``start`` (B, D) (the Triton scans; small
-    dense D: :func:`seqpar.kernels.pipelined_dense_gru.scan_maps`)."""
+    """Inclusive scan (n_runs, B, D) of per-run summaries from ``start`` (B, D): diagonal maps by
+    :func:`seqpar.kernels.pipelined_diag_gru.scan_groups` (groups of one run), small dense D by
+    :func:`seqpar.kernels.pipelined_dense_gru.scan_maps`, others by the Triton look-back scans."""
     from .backend import kernel_scan
-    from .kernels import pipelined_dense_gru
+    from .kernels import pipelined_dense_gru, pipelined_diag_gru
 
     n = sum_a.shape[0]
     B, D = start.shape
     if st.kind == "dense" and 2 <= D <= pipelined_dense_gru.MAX_D:
         return pipelined_dense_gru.scan_maps(sum_a, sum_c, start)
+    if st.kind == "diag":
+        runs = pipelined_diag_gru.PassResult(None, sum_a.reshape(n, B * D).contiguous(),
+                                             sum_c.reshape(n, B * D).contiguous(), None, 1)
+        return pipelined_diag_gru.scan_groups(runs, start).reshape(n, B, D)
     return kernel_scan(sum_a.reshape(n, *st.jac_shape((B,), D)), sum_c.reshape(n, B, D),
                        start.to(torch.float32), st)
 

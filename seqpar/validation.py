@@ -29,8 +29,19 @@ def check_tensor(name: str, t, ndim: int, shape_doc: str):
 
 
 def check_finite(name: str, t: torch.Tensor):
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    check_all_finite((name, t))
+
+
+def check_all_finite(*named):
+    """``(name, tensor)`` pairs: ValueError naming the first that holds NaN or Inf.  One device sync for
+    all of them (a short solve's argument checks are host-bound)."""
+    named = [(n, t) for n, t in named if t is not None and t.numel()]
+    if not named:
+        return
+    flags = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    for (name, _), ok in zip(named, flags):
+        if not ok:
+            raise ValueError(f"{name} contains NaN or Inf")
 
 
 def check_options(tol, max_iter, chunk_size, callback):
@@ -199,6 +210,7 @@ def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batc
         ok = p.dtype == inputs.dtype or (inputs.dtype in HALF_DTYPES and p.dtype in (torch.float32,) + HALF_DTYPES)
         if not ok:
             raise TypeError(f"dtype mismatch: inputs are {inputs.dtype}, cell parameter {p_name!r} is {p.dtype}")
+    h0_given = h0 is not None
     if h0 is None:
         h0 = inputs.new_zeros(B, D)
     else:
@@ -210,8 +222,6 @@ def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batc
             raise TypeError(f"dtype mismatch: inputs are {inputs.dtype}, h0 is {h0.dtype}")
         if h0.device != inputs.device:
             raise ValueError(f"device mismatch: inputs on {inputs.device}, h0 on {h0.device}")
-        check_finite("h0", h0)
-    check_finite("inputs", inputs)
     if initial_guess is not None:
         want, names = ((B, T, D), "(B, T, D)") if batch_first else ((T, B, D), "(T, B, D)")
         check_tensor("initial_guess", initial_guess, 3, f"{names} = {want}, the layout of inputs")
@@ -220,7 +230,7 @@ def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batc
                              f"({layout_doc(batch_first, 'D')}); got {tuple(initial_guess.shape)}")
         if initial_guess.device != inputs.device:
             raise ValueError(f"device mismatch: inputs on {inputs.device}, initial_guess on {initial_guess.device}")
-        check_finite("initial_guess", initial_guess)
+    check_all_finite(("h0", h0 if h0_given else None), ("inputs", inputs), ("initial_guess", initial_guess))
     return h0
 
 

@@ -319,8 +319,11 @@ def test_dense_pass_without_bias_and_bad_sizes():
 
 
 @cpu_only
-@pytest.mark.parametrize("n,B,D,chunk", [(100, 3, 4, 8), (1, 1, 2, 32), (37, 5, 3, 4), (64, 2, 8, 32), (33, 1, 5, 1)])
-def test_dense_map_scan_matches_float64(n, B, D, chunk):
+@pytest.mark.parametrize("n,B,D,tile", [(100, 3, 4, (8, 2)), (1, 1, 2, (32, 1)), (37, 5, 3, (4, 4)),
+                                        (64, 2, 8, (32, 2)), (33, 1, 5, (2, 1)), (130, 3, 2, None)])
+def test_dense_map_scan_matches_float64(n, B, D, tile):
+    """Chunk reduce / recursive scan of the chunk maps / rescan, with partial chunks and batch blocks,
+    one chunk, and nesting down to chunks of two maps."""
     from seqpar.kernels.pipelined_dense_gru import scan_maps
     from seqpar.scan import affine_scan
 
@@ -328,7 +331,7 @@ def test_dense_map_scan_matches_float64(n, B, D, chunk):
     A = torch.randn(n, B, D, D, generator=g) / D ** 0.5 * 0.9
     C = torch.randn(n, B, D, generator=g)
     start = torch.randn(B, D, generator=g)
-    got = scan_maps(A, C, start, chunk)
+    got = scan_maps(A, C, start, tile)
     ref = affine_scan(A.double().unsqueeze(2), C.double(), start.double(), DENSE)
     assert (got.double() - ref).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
 
