@@ -20,7 +20,9 @@ Then full forward solves under no_grad (``seqpar.solve``; GRU at D = 1 (DEER's c
 and 8, DiagGRU at D = 4 / 16 / 64; B = 16, T = 100k and 1M) with ``seqpar.newton.PIPELINED`` on and off: wall
 time with the device synchronised, iterations, residual; and a torch.profiler table of the 100k GRU(1, 1) solve
 (host time per op: what a short solve spends outside the kernels).  ``--memory-only``: the peak device
-memory of one forward solve above the inputs (T = 1M, B = 16), pipelined loop on and off.
+memory of one forward solve above the inputs (T = 1M, B = 16), pipelined loop on and off.  ``--dense-only``:
+the scans of run summaries alone (device and host time) and the small-D GRU kernel's run-length sweep.
+``--fused-only``: solves with the pass-fused carry scan on and off, and on the look-back loop.
 
 Timings: CUDA events (kernels) or perf_counter around a synchronised call (solves), median of
 ``--reps`` after two warm-up calls (the first compiles).
@@ -219,6 +221,31 @@ def summary_scan_rows(args):
     return rows
 
 
+def fused_rows(args):
+    """Forward solves (no_grad) with the fused carry scan (``pipelined_diag_gru.FUSE_MAX_ELEMENTS``) on and
+    off, and the look-back loop; at T = 100k also the pipelined loop forced below its size threshold."""
+    rows = []
+    saved = pk.FUSE_MAX_ELEMENTS, newton.PIPELINE_MIN_ELEMENTS
+    try:
+        for kind, D, T in (("gru", 1, 1_000_000), ("gru", 1, 100_000), ("diag-gru", 4, 1_000_000),
+                           ("diag-gru", 4, 100_000)):
+            torch.manual_seed(0)
+            cell = (GRU(1, D) if kind == "gru" else DiagGRU(1, D)).cuda()
+            x = torch.randn(T, 16, 1, device="cuda")
+            row = {"cell": kind, "D": D, "B": 16, "T": T}
+            for name, fuse, floor, piped in (("fused", saved[0], 0, True), ("unfused", 0, 0, True),
+                                             ("lookback", saved[0], 0, False)):
+                pk.FUSE_MAX_ELEMENTS, newton.PIPELINE_MIN_ELEMENTS, newton.PIPELINED = fuse, floor, piped
+                ms, info = solve_ms(cell, x, "diag", args.reps)
+                row[name + "_ms"], row[name + "_iterations"] = ms, info.iterations
+            print(row, flush=True)
+            rows.append(row)
+    finally:
+        pk.FUSE_MAX_ELEMENTS, newton.PIPELINE_MIN_ELEMENTS = saved
+        newton.PIPELINED = True
+    return rows
+
+
 def memory_rows():
     """Peak device memory of one forward solve (no_grad, after a warm-up), pipelined loop on and off."""
     rows = []
@@ -358,12 +385,17 @@ def main():
     ap.add_argument("--host-only", action="store_true", help="only the host-time breakdown of a short solve")
     ap.add_argument("--solves-only", action="store_true", help="only the full solves")
     ap.add_argument("--memory-only", action="store_true", help="only the peak memory of 1M-step solves")
+    ap.add_argument("--fused-only", action="store_true", help="only solves with the fused carry scan on / off")
     ap.add_argument("--dense-only", action="store_true",
                     help="only the summary scans and the small-D dense kernel's run-length sweep")
     args = ap.parse_args()
     result = {"env": env_info(), "args": vars(args)}
     if args.memory_only:
         result["memory"] = memory_rows()
+        write_json(args.out, result)
+        return
+    if args.fused_only:
+        result["fused"] = fused_rows(args)
         write_json(args.out, result)
         return
     if args.dense_only:

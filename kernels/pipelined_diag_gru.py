@@ -21,7 +21,8 @@ pass.  Here the dependency is moved *between* passes instead:
 * Between passes one small launch (:func:`scan_groups`) scans only the group
   totals (n_runs / S rows) from the shard's incoming state: the group carries.
   The next pass starts run s of a group from the group carry through the stored
-  prefix of run s - 1.  On P ranks the shard's composed map (:func:`compose`) is
+  prefix of run s - 1.  Where that scan is short and the next start is known (one
+  rank), the pass's last program to finish does it (``next_start``, :func:`fuses`).  On P ranks the shard's composed map (:func:`compose`) is
   what the ranks exchange.
 
 So one pass reads ``h^k`` and the inputs once and writes ``h^{k+1}`` once: the
@@ -60,6 +61,10 @@ MIN_THREADS = 2**17  # shorten runs until T * N / R reaches this many walkers (o
 MIN_RUN = 4
 # scan_groups: lanes per program, group totals per associative scan, most groups walked by one launch
 GROUP_SCAN_BN, GROUP_SCAN_CH, GROUP_SCAN_WALK = 32, 256, 1024
+# a pass fuses the scan of its group totals (one launch and the residual reduction less per iteration)
+# when its last program's walk is at most this many totals; lanes and totals per step of that walk
+FUSE_MAX_ELEMENTS = 2**16
+FUSE_TB, FUSE_TCH = 32, 256
 
 
 class RunConfig(NamedTuple):
@@ -97,16 +102,19 @@ def _compose(a1, c1, a2, c2):
 
 @triton.jit
 def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, SumA, SumC, Res,
-                               T, D, N, n_runs, NPROG,
+                               Counter, NextSt, NextCarry, Stats, T, D, N, n_runs, NPROG,
                                R: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr,
-                               FIRST: tl.constexpr):
+                               FIRST: tl.constexpr, FUSE: tl.constexpr, TB: tl.constexpr, TCH: tl.constexpr):
     """Program (pid_r, pid_n): group ``pid_r`` (runs ``pid_r * S + [0, S)``) x lanes ``pid_n * BN + [0, BN)``.
 
     FIRST: group prefixes of the maps at ``H`` (linearised at H_{t-1}, ``Bnd`` before step 0) and the
     residual of H.  Else: the new iterate into ``Out``, each run starting from its carry: the group's
     carry (``Carry[pid_r - 1]``, ``St`` for group 0) through the previous pass's group prefix of the runs
     before it (``PrevA``/``PrevC`` at run r - 1); then the group prefixes / residual of the new iterate.
-    Group prefixes: row r of ``SumA``/``SumC`` is the composition of the group's runs up to r."""
+    Group prefixes: row r of ``SumA``/``SumC`` is the composition of the group's runs up to r.
+    FUSE: the last program to finish (``Counter``, zero before the launch and after it) also writes the
+    next pass's carries from ``NextSt`` (``NextCarry``, as :func:`scan_groups`) and the residual
+    ``Stats`` (2,), walking TB lanes and TCH groups at a time."""
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     lanes = pid_n * BN + tl.arange(0, BN)
@@ -185,26 +193,51 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
     pid = pid_r * tl.num_programs(1) + pid_n
     tl.store(Res + pid, tl.max(tl.max(rel, 1), 0))
     tl.store(Res + NPROG + pid, tl.max(tl.max(fmx, 1), 0))
+    if FUSE:  # the last program to finish scans the group totals from NextSt and reduces the residuals
+        tl.debug_barrier()  # every thread's stores above precede the release of the counter
+        if tl.atomic_add(Counter, 1, sem="acq_rel") == NPROG - 1:
+            for l0 in range(0, N, TB):
+                tlanes = l0 + tl.arange(0, TB)
+                tlm = tlanes < N
+                h = tl.load(NextSt + tlanes, mask=tlm, other=0.0).to(tl.float32)
+                _walk_groups(SumA, SumC, h, NextCarry, tlanes, tlm, n_runs, tl.num_programs(0), N, S, TCH)
+            mx0 = tl.zeros([TCH], tl.float32)
+            mx1 = tl.zeros([TCH], tl.float32)
+            for p0 in range(0, NPROG, TCH):
+                p = p0 + tl.arange(0, TCH)
+                mx0 = tl.maximum(mx0, tl.load(Res + p, mask=p < NPROG, other=0.0, cache_modifier=".cg"))
+                mx1 = tl.maximum(mx1, tl.load(Res + NPROG + p, mask=p < NPROG, other=0.0, cache_modifier=".cg"))
+            tl.store(Stats, tl.max(mx0, 0))
+            tl.store(Stats + 1, tl.max(mx1, 0))
+            tl.atomic_xchg(Counter, 0)  # ready for the next pass
 
 
 @triton.jit
-def _group_scan_kernel(SumA, SumC, St, Out, n_runs, n_groups, N,
-                       G: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr):
-    """Program = lanes ``pid * BN + [0, BN)``: the states after every group (``Out`` (n_groups, N)),
-    from ``St``, walking the groups' totals (the prefix at each group's last run) CH at a time."""
-    lanes = tl.program_id(0) * BN + tl.arange(0, BN)
-    lm = lanes < N
-    h = tl.load(St + lanes, mask=lm, other=0.0).to(tl.float32)
+def _walk_groups(SumA, SumC, h, Out, lanes, lm, n_runs, n_groups, N, G: tl.constexpr, CH: tl.constexpr):
+    """Store the states after every group (``Out`` (n_groups, N)) of ``lanes``, from ``h``, walking the
+    group totals (the prefix at each group's last run) CH at a time (loads bypass L1: the fused tail reads
+    what other programs of its own launch wrote)."""
     rows = tl.arange(0, CH)
     for c0 in range(0, n_groups, CH):
         g = (c0 + rows).to(tl.int64)
         m = (g < n_groups)[:, None] & lm[None, :]
         src = tl.minimum(g * G + G - 1, n_runs - 1)[:, None] * N + lanes[None, :]
-        a, c = tl.associative_scan((tl.load(SumA + src, mask=m, other=1.0), tl.load(SumC + src, mask=m, other=0.0)),
-                                   0, _compose)
+        a, c = tl.associative_scan((tl.load(SumA + src, mask=m, other=1.0, cache_modifier=".cg"),
+                                    tl.load(SumC + src, mask=m, other=0.0, cache_modifier=".cg")), 0, _compose)
         hs = a * h[None, :] + c
         tl.store(Out + g[:, None] * N + lanes[None, :], hs, mask=m)
         h = tl.sum(tl.where((rows == CH - 1)[:, None], hs, 0.0), 0)  # masked rows are identities
+
+
+@triton.jit
+def _group_scan_kernel(SumA, SumC, St, Out, n_runs, n_groups, N,
+                       G: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr):
+    """Program = lanes ``pid * BN + [0, BN)``: the states after every group (``Out`` (n_groups, N))
+    from ``St`` (:func:`_walk_groups`)."""
+    lanes = tl.program_id(0) * BN + tl.arange(0, BN)
+    lm = lanes < N
+    h = tl.load(St + lanes, mask=lm, other=0.0).to(tl.float32)
+    _walk_groups(SumA, SumC, h, Out, lanes, lm, n_runs, n_groups, N, G, CH)
 
 
 @triton.jit
@@ -278,6 +311,7 @@ class PassResult(NamedTuple):
     sum_c: torch.Tensor
     stats: torch.Tensor
     group: int = 1
+    carry: Optional[torch.Tensor] = None  # the next pass's carries, where the pass computed them (fused)
 
 
 def prepare_weights(weight_hh, bias_hh):
@@ -288,7 +322,14 @@ def prepare_weights(weight_hh, bias_hh):
     return w, b
 
 
-def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: RunConfig):
+def fuses(n_groups: int, N: int) -> bool:
+    """Whether a pass also scans its group totals in its last program (``next_start`` given): only where
+    that one program's walk (n_groups x N totals) is short; else :func:`scan_groups` launches."""
+    return 0 < n_groups * N <= FUSE_MAX_ELEMENTS
+
+
+def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: RunConfig,
+            next_start=None, counter=None):
     T, B, D = h.shape
     N = B * D
     dev = h.device
@@ -309,20 +350,31 @@ def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: R
             raise ValueError("prev: summaries of another run layout (group, runs) than cfg's")
         out = torch.empty_like(h) if out is None else out
         out_arg, prev_a, prev_c, carry_arg, start_arg = out, prev.sum_a, prev.sum_c, carry, start.contiguous()
+    fuse = next_start is not None and counter is not None and fuses(grid[0], N)
+    if fuse:
+        next_carry = torch.empty(grid[0], N, dtype=torch.float32, device=dev)
+        stats = torch.empty(2, dtype=torch.float32, device=dev)
+        fuse_args = (counter, next_start.reshape(N).to(torch.float32).contiguous(), next_carry, stats)
+    else:
+        fuse_args = (part, boundary, part, part)  # not read
     _pipelined_diag_gru_kernel[grid](
         h, xp, w, bh, boundary, prev_a, prev_c, carry_arg, start_arg, out_arg, sums[0], sums[1], part,
-        T, D, N, n_runs, n_prog, R=cfg.r, S=cfg.s, BN=cfg.bn, PF=cfg.prefetch, FIRST=first,
-        num_warps=cfg.warps)
+        *fuse_args, T, D, N, n_runs, n_prog, R=cfg.r, S=cfg.s, BN=cfg.bn, PF=cfg.prefetch, FIRST=first,
+        FUSE=fuse, TB=min(FUSE_TB, triton.next_power_of_2(N)), TCH=FUSE_TCH, num_warps=cfg.warps)
+    if fuse:
+        return PassResult(None if first else out, sums[0], sums[1], stats, cfg.s, next_carry)
     return PassResult(None if first else out, sums[0], sums[1], part.amax(1), cfg.s)
 
 
-def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = None) -> PassResult:
+def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = None, next_start=None,
+               counter=None) -> PassResult:
     """Group summaries and residual of the iterate ``h`` (T, B, D) (maps linearised at ``h_{t-1}``,
-    ``boundary`` (B, D) before step 0).  ``out`` of the result is None.  ``weight_hh``/``bias_hh``
-    as :func:`prepare_weights` returns them."""
+    ``boundary`` (B, D) before step 0).  ``out`` of the result is None.  With ``next_start`` (B, D) and
+    ``counter`` (a zero int32 tensor (1,), reusable) the pass also returns ``carry``, the next pass's
+    carries from ``next_start``, where :func:`fuses` allows (else ``carry`` is None)."""
     T, B, D = h.shape
     return _launch(True, h, xp, weight_hh, bias_hh, boundary, None, None, None, None,
-                   cfg or run_config(T, B * D))
+                   cfg or run_config(T, B * D), next_start, counter)
 
 
 def scan_groups(res: PassResult, start: torch.Tensor) -> torch.Tensor:
@@ -368,14 +420,16 @@ def compose(res: PassResult, B: int, D: int):
 
 
 def pipelined_step(h, xp, weight_hh, bias_hh, boundary, prev: PassResult, carry: torch.Tensor,
-                   start: torch.Tensor, out=None, cfg: Optional[RunConfig] = None) -> PassResult:
+                   start: torch.Tensor, out=None, cfg: Optional[RunConfig] = None, next_start=None,
+                   counter=None) -> PassResult:
     """One Newton iteration from the iterate ``h`` (T, B, D), whose maps (linearised at ``h_{t-1}``,
     ``boundary`` (B, D) before step 0) ``prev`` (the previous pass's result) summarised, with
-    ``carry = scan_groups(prev, start)``, ``start`` (B, D) the new iterate's state before step 0.
-    Writes the new iterate into ``out`` and returns it with its own summaries and residual."""
+    ``carry = scan_groups(prev, start)`` (or ``prev.carry``), ``start`` (B, D) the new iterate's state
+    before step 0.  Writes the new iterate into ``out`` and returns it with its own summaries and
+    residual; ``next_start`` / ``counter``: as :func:`first_pass`."""
     T, B, D = h.shape
     return _launch(False, h, xp, weight_hh, bias_hh, boundary, prev, carry, start, out,
-                   cfg or run_config(T, B * D))
+                   cfg or run_config(T, B * D), next_start, counter)
 
 
 @torch.no_grad()

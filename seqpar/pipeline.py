@@ -39,10 +39,13 @@ from .structure import Structure
 class Pipeline(NamedTuple):
     """A cell's pipelined kernel bound to its inputs (see :mod:`seqpar.kernels.pipelined_diag_gru`).
 
-    ``first(h, boundary) -> PassResult`` summarises the maps at ``h`` (no new iterate);
+    ``first(h, boundary, next_start=None) -> PassResult`` summarises the maps at ``h`` (no new iterate);
     ``carries(res, start)``: what the next pass needs of ``res``'s summaries to start every run, the
     new iterate's state before step 0 being ``start`` (B, D);
-    ``step(h, boundary, res, carries, start, out=None) -> PassResult`` computes the next iterate;
+    ``step(h, boundary, res, carries, start, out=None, next_start=None) -> PassResult`` computes the next
+    iterate.  Given ``next_start`` (the next iterate's state before step 0, when known before the pass:
+    one rank), a pass may return the next carries itself (``PassResult.carry``, not None) and
+    ``carries`` is not called;
     ``compose(res) -> (Phi, c)``: the shard's map ``x -> Phi x + c`` (Phi in ``structure``'s storage
     with leading dim B, c (B, D)), exchanged between ranks;
     ``structure``: that of the maps (DIAG or DENSE).
@@ -94,7 +97,8 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
     n, B, D = h.shape
     P = comm.world_size
     dtype = h.dtype
-    cur = pipe.first(h, boundary)
+    fused_start = h0 if P == 1 else None  # one rank: every iterate starts from h0, known before each pass
+    cur = pipe.first(h, boundary, next_start=fused_start)
     spare: Optional[torch.Tensor] = None
     it = 0
     while True:
@@ -109,7 +113,8 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
         else:
             start = h0
         if n:
-            cur = pipe.step(h, boundary, cur, pipe.carries(cur, start), start, out=spare)
+            carries = cur.carry if cur.carry is not None else pipe.carries(cur, start)
+            cur = pipe.step(h, boundary, cur, carries, start, out=spare, next_start=fused_start)
             h, spare = cur.out, h
         boundary = start
         it += 1

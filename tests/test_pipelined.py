@@ -82,6 +82,39 @@ def test_pass_with_run_groups_matches_float64_reference(T, B, D, run, group):
     _check_pass(T, B, D, run, group=group, seed=T * group)
 
 
+def _check_fused(T, B, D, run, group, device="cpu", seed=0):
+    """A pass given the next start returns the next carries (its last program's scan) and the residual
+    stats, equal to the unfused pass + scan_groups; the counter is back at zero after every pass."""
+    h, xp, w, b, bnd, start = _problem(T, B, D, True, seed, device)
+    cfg = pk.run_config(T, B * D, run=run, runs_per_program=group)
+    n_groups = -(-(-(-T // run)) // cfg.s)
+    assert pk.fuses(n_groups, B * D)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    plain = pk.first_pass(h, xp, w, b, bnd, cfg)
+    fused = pk.first_pass(h, xp, w, b, bnd, cfg, next_start=start, counter=counter)
+    assert plain.carry is None and int(counter) == 0
+    assert torch.equal(fused.sum_a, plain.sum_a) and torch.equal(fused.sum_c, plain.sum_c)
+    assert torch.allclose(fused.carry, pk.scan_groups(plain, start), rtol=1e-6, atol=1e-6)
+    assert torch.equal(fused.stats, plain.stats)
+    step_plain = pk.pipelined_step(h, xp, w, b, bnd, plain, pk.scan_groups(plain, start), start, cfg=cfg)
+    step = pk.pipelined_step(h, xp, w, b, bnd, fused, fused.carry, start, cfg=cfg, next_start=start, counter=counter)
+    assert int(counter) == 0
+    assert (step.out - step_plain.out).abs().max().item() <= 1e-6
+    assert torch.allclose(step.carry, pk.scan_groups(step_plain, start), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(step.stats, step_plain.stats, rtol=1e-5, atol=1e-7)
+
+
+@cpu_only
+@pytest.mark.parametrize("T,B,D,run,group", [(37, 3, 5, 4, 2), (1, 1, 1, 4, 1), (130, 2, 40, 4, 4)])
+def test_fused_pass_returns_the_next_carries(T, B, D, run, group):
+    """Several groups and lane blocks (B * D = 80 > 32 lanes per walk step), T = 1, a partial last group."""
+    _check_fused(T, B, D, run, group, seed=T)
+
+
+def test_fusion_only_for_short_walks():
+    assert pk.fuses(1024, 16) and not pk.fuses(8192, 64) and not pk.fuses(0, 16)
+
+
 @cpu_only
 @pytest.mark.parametrize("n_runs,N,group,ch,walk", [
     (37, 5, 4, 16, 1024), (1, 1, 1, 16, 1024), (300, 33, 2, 16, 1024), (64, 16, 8, 256, 1024),
@@ -235,6 +268,15 @@ def test_non_converged_is_not_reported_converged():
 def test_gpu_pass_matches_reference(B, D):
     T = 5003
     _check_pass(T, B, D, pk.run_config(T, B * D).r, device="cuda", seed=D, atol=5e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("T,B,D", [(1_000_003, 16, 1), (20_011, 3, 7)])
+def test_gpu_fused_pass(T, B, D):
+    """The fused tail on the device: every program's stores seen by the last one (release / acquire)."""
+    cfg = pk.run_config(T, B * D)
+    _check_fused(T, B, D, cfg.r, cfg.s, device="cuda", seed=D)
 
 
 @pytest.mark.gpu
