@@ -22,7 +22,8 @@ pass.  Here the dependency is moved *between* passes instead:
   totals (n_runs / S rows) from the shard's incoming state: the group carries.
   The next pass starts run s of a group from the group carry through the stored
   prefix of run s - 1.  Where that scan is short and the next start is known (one
-  rank), the pass's last program to finish does it (``next_start``, :func:`fuses`).  On P ranks the shard's composed map (:func:`compose`) is
+  rank), the pass's last program to finish can do it (``next_start``, :func:`fuses`;
+  off by default, ``FUSE_MAX_ELEMENTS``).  On P ranks the shard's composed map (:func:`compose`) is
   what the ranks exchange.
 
 So one pass reads ``h^k`` and the inputs once and writes ``h^{k+1}`` once: the
@@ -62,8 +63,11 @@ MIN_RUN = 4
 # scan_groups: lanes per program, group totals per associative scan, most groups walked by one launch
 GROUP_SCAN_BN, GROUP_SCAN_CH, GROUP_SCAN_WALK = 32, 256, 1024
 # a pass fuses the scan of its group totals (one launch and the residual reduction less per iteration)
-# when its last program's walk is at most this many totals; lanes and totals per step of that walk
-FUSE_MAX_ELEMENTS = 2**16
+# when its last program's walk is at most this many totals; lanes and totals per step of that walk.
+# Off (0): run 38 (2 x H200 host, B=16, 5 repeats) measured the fused solves at 3.11 ms against 2.54 ms
+# unfused for GRU(1, 1), T=1M, and 2.47 against 1.37 ms for DiagGRU D=4, T=100k (faster only for GRU(1, 1)
+# at T=100k, 1.80 against 2.31 ms).  The tests set 2**16.
+FUSE_MAX_ELEMENTS = 0
 FUSE_TB, FUSE_TCH = 32, 256
 
 

@@ -106,12 +106,12 @@ def _check_fused(T, B, D, run, group, device="cpu", seed=0):
 
 @cpu_only
 @pytest.mark.parametrize("T,B,D,run,group", [(37, 3, 5, 4, 2), (1, 1, 1, 4, 1), (130, 2, 40, 4, 4)])
-def test_fused_pass_returns_the_next_carries(T, B, D, run, group):
+def test_fused_pass_returns_the_next_carries(fused, T, B, D, run, group):
     """Several groups and lane blocks (B * D = 80 > 32 lanes per walk step), T = 1, a partial last group."""
     _check_fused(T, B, D, run, group, seed=T)
 
 
-def test_fusion_only_for_short_walks():
+def test_fusion_only_for_short_walks(fused):
     assert pk.fuses(1024, 16) and not pk.fuses(8192, 64) and not pk.fuses(0, 16)
 
 
@@ -203,6 +203,12 @@ def _pipeline_on_tiny_sequences(monkeypatch):
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
 
 
+@pytest.fixture
+def fused(monkeypatch):
+    """The pass-fused carry scan switched on (off by default: see pipelined_diag_gru.FUSE_MAX_ELEMENTS)."""
+    monkeypatch.setattr(pk, "FUSE_MAX_ELEMENTS", 2**16)
+
+
 @cpu_only
 def test_short_sequences_keep_the_lookback_loop(monkeypatch):
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 10**9)
@@ -251,6 +257,17 @@ def test_solve_matches_reference_loop_and_sequential(cell_kind, D, jacobian, T, 
 
 
 @cpu_only
+def test_fused_solve_matches_reference_loop(fused):
+    torch.manual_seed(5)
+    cell = DiagGRU(3, 2)
+    x = torch.randn(150, 3, 3)
+    got = _solve_both(cell, x, "diag", 0.3 * torch.randn(3, 2))
+    (s1, i1, _), (s0, i0, _) = got[True], got[False]
+    assert i1.converged and i1.iterations == i0.iterations
+    assert (s1 - s0).abs().max().item() < 2e-5
+
+
+@cpu_only
 def test_non_converged_is_not_reported_converged():
     torch.manual_seed(0)
     cell = DiagGRU(3, 2)
@@ -273,7 +290,7 @@ def test_gpu_pass_matches_reference(B, D):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
 @pytest.mark.parametrize("T,B,D", [(1_000_003, 16, 1), (20_011, 3, 7)])
-def test_gpu_fused_pass(T, B, D):
+def test_gpu_fused_pass(fused, T, B, D):
     """The fused tail on the device: every program's stores seen by the last one (release / acquire)."""
     cfg = pk.run_config(T, B * D)
     _check_fused(T, B, D, cfg.r, cfg.s, device="cuda", seed=D)
