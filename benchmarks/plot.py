@@ -149,8 +149,8 @@ def plot_odeint(data, out):
 
 def plot_vs_deer(data, out):
     """Solve time against state size D at each T: seqpar dense / diag, DEER, lax.scan, cuDNN (B=16);
-    run 33 (vs_deer.json: D = 1, 4, 16) with the lax.scan column and the D=64 rows of run 26 / 27
-    (vs_deer_run26.json, vs_deer_d64_*.json, merged by main)."""
+    run 37 (vs_deer.json: D = 1, 4) with the D = 16 rows of run 33 (vs_deer_run33.json), the lax.scan
+    column and the D=64 rows of run 26 / 27 (vs_deer_run26.json, vs_deer_d64_*.json), merged by main."""
     rows = [r for r in data["rows"] if r.get("B") == 16]
     Ts = sorted({r["T"] for r in rows})
     fig, axes = plt.subplots(1, len(Ts), figsize=(6 * len(Ts), 4.5), squeeze=False)
@@ -188,15 +188,15 @@ def main():
                 keys = {(r["D"], r["T"], r["B"], r["cell"], r["jacobian"]) for r in newer}
                 data["rows"] = [r for r in data["rows"] if (r["D"], r["T"], r["B"], r["cell"], r["jacobian"]) not in keys]
                 data["rows"] += newer
-        if name == "vs_deer.json" and data:  # the earlier full run fills what run 33 did not rerun (lax.scan, D=64)
-            older = load(a.results, "vs_deer_run26.json")
+        if name == "vs_deer.json" and data:  # earlier runs fill what run 37 did not rerun (D=16, lax.scan, D=64)
             key = lambda r: (r["D"], r["T"], r["B"], r["jacobian"])  # noqa: E731
-            have = {key(r): r for r in data["rows"]}
-            for r in (older or {}).get("rows", []):
-                if key(r) not in have:
-                    data["rows"].append(r)
-                elif r.get("sequential_ms") and not have[key(r)].get("sequential_ms"):
-                    have[key(r)]["sequential_ms"] = r["sequential_ms"]
+            for earlier in ("vs_deer_run33.json", "vs_deer_run26.json"):
+                have = {key(r): r for r in data["rows"]}
+                for r in (load(a.results, earlier) or {}).get("rows", []):
+                    if key(r) not in have:
+                        data["rows"].append(r)
+                    elif r.get("sequential_ms") and not have[key(r)].get("sequential_ms"):
+                        have[key(r)]["sequential_ms"] = r["sequential_ms"]
             # later runs (vs_deer_d64_*.json) fill the rows they measured
             for extra in sorted(f for f in os.listdir(a.results) if f.startswith("vs_deer_d64_") and f.endswith(".json")):
                 for r in load(a.results, extra)["rows"]:
