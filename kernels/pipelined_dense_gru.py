@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from .pipelined_diag_gru import PassResult, run_length
+from .pipelined_diag_gru import PassResult, prepare_weights, run_length
 
 MAX_D = 8
 MAP_SCAN_TILE = {2: 1024, 4: 512, 8: 128}  # scan_maps: tile elements (maps x batch rows) by D (first key >= D)
@@ -292,14 +292,6 @@ def scan_maps(sum_a: torch.Tensor, sum_c: torch.Tensor, start: torch.Tensor, til
 
 
 # ---------------------------------------------------------------- launches
-def prepare_weights(weight_hh, bias_hh):
-    """``(W (3D, D), b (3D,))`` float32, contiguous, detached (bias zeros if None): once per solve."""
-    w = weight_hh.detach().to(torch.float32).contiguous()
-    b = (torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if bias_hh is None
-         else bias_hh.detach().to(torch.float32).contiguous())
-    return w, b
-
-
 def _launch(first, exact, h, xp, weight_hh, bias_hh, boundary, incl, start, out, cfg: DenseRunConfig):
     T, B, D = h.shape
     if not 2 <= D <= MAX_D:

@@ -319,10 +319,12 @@ class PassResult(NamedTuple):
 
 
 def prepare_weights(weight_hh, bias_hh):
-    """``(w, b)``: the recurrent weights (3D,) and bias (zeros if None) as the kernel reads them
-    (float32, contiguous, detached).  Done once per solve, not per pass."""
+    """``(w, b)``: the recurrent weights (3D,) here, (3D, D) for the dense kernel, and the bias (3D,)
+    (zeros if None) as the pipelined kernels read them (float32, contiguous, detached).  Done once per
+    solve, not per pass (then a no-op in every launch)."""
     w = weight_hh.detach().to(torch.float32).contiguous()
-    b = torch.zeros_like(w) if bias_hh is None else bias_hh.detach().to(torch.float32).contiguous()
+    b = (torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if bias_hh is None
+         else bias_hh.detach().to(torch.float32).contiguous())
     return w, b
 
 
