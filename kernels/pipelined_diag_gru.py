@@ -140,10 +140,7 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
     bnd = tl.load(Bnd + lanes, mask=lmask, other=0.0).to(tl.float32)[None, :]
     hk_prev = tl.where(first_run, bnd, hk_prev.to(tl.float32))
     if not FIRST:
-        after_first = (tl.zeros_like(lanes) + pid_r) > 0
-        carry = tl.load(Carry + (pid_r - 1).to(tl.int64) * N + lanes, mask=lmask & after_first, other=0.0)
-        st = tl.load(St + lanes, mask=lmask, other=0.0).to(tl.float32)
-        carry = tl.where(after_first, carry, st)
+        carry = _carry_in(Carry, St, pid_r, N, lanes, lmask)
         po = (runs.to(tl.int64) - 1)[:, None] * N + lanes[None, :]
         pm = m0 & (s_in > 0)[:, None]               # the group's first run starts from the carry itself
         hn_prev = (tl.load(PrevA + po, mask=pm, other=1.0) * carry[None, :]
@@ -217,17 +214,34 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
 
 
 @triton.jit
+def _carry_in(Carry, St, k, N, lanes, lm):
+    """The state before block ``k`` of a scan, float32 (lanes,): row ``k - 1`` of ``Carry`` (rows of N),
+    ``St`` for k == 0."""
+    after_first = (tl.zeros_like(lanes) + k) > 0
+    h = tl.load(Carry + (k - 1).to(tl.int64) * N + lanes, mask=lm & after_first, other=0.0)
+    return tl.where(after_first, h, tl.load(St + lanes, mask=lm, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _scan_totals(SumA, SumC, g, lanes, lm, n_runs, n_groups, N, G: tl.constexpr):
+    """``(a, c, m)``: the inclusive compositions, along ``g`` (CH,), of the totals of groups ``g`` (the
+    prefix at each group's last run; identities past n_groups) for ``lanes``, and their mask.  Loads
+    bypass L1: the fused tail reads what other programs of its own launch wrote."""
+    m = (g < n_groups)[:, None] & lm[None, :]
+    src = tl.minimum(g * G + G - 1, n_runs - 1)[:, None] * N + lanes[None, :]
+    a, c = tl.associative_scan((tl.load(SumA + src, mask=m, other=1.0, cache_modifier=".cg"),
+                                tl.load(SumC + src, mask=m, other=0.0, cache_modifier=".cg")), 0, _compose)
+    return a, c, m
+
+
+@triton.jit
 def _walk_groups(SumA, SumC, h, Out, lanes, lm, n_runs, n_groups, N, G: tl.constexpr, CH: tl.constexpr):
     """Store the states after every group (``Out`` (n_groups, N)) of ``lanes``, from ``h``, walking the
-    group totals (the prefix at each group's last run) CH at a time (loads bypass L1: the fused tail reads
-    what other programs of its own launch wrote)."""
+    group totals CH at a time."""
     rows = tl.arange(0, CH)
     for c0 in range(0, n_groups, CH):
         g = (c0 + rows).to(tl.int64)
-        m = (g < n_groups)[:, None] & lm[None, :]
-        src = tl.minimum(g * G + G - 1, n_runs - 1)[:, None] * N + lanes[None, :]
-        a, c = tl.associative_scan((tl.load(SumA + src, mask=m, other=1.0, cache_modifier=".cg"),
-                                    tl.load(SumC + src, mask=m, other=0.0, cache_modifier=".cg")), 0, _compose)
+        a, c, m = _scan_totals(SumA, SumC, g, lanes, lm, n_runs, n_groups, N, G)
         hs = a * h[None, :] + c
         tl.store(Out + g[:, None] * N + lanes[None, :], hs, mask=m)
         h = tl.sum(tl.where((rows == CH - 1)[:, None], hs, 0.0), 0)  # masked rows are identities
@@ -255,14 +269,9 @@ def _chunk_scan_kernel(SumA, SumC, Carry, St, OutA, OutC, n_runs, n_groups, N,
     lm = lanes < N
     rows = tl.arange(0, CH)
     g = (c_id * CH + rows).to(tl.int64)
-    m = (g < n_groups)[:, None] & lm[None, :]
-    src = tl.minimum(g * G + G - 1, n_runs - 1)[:, None] * N + lanes[None, :]
-    a, c = tl.associative_scan((tl.load(SumA + src, mask=m, other=1.0), tl.load(SumC + src, mask=m, other=0.0)),
-                               0, _compose)
+    a, c, m = _scan_totals(SumA, SumC, g, lanes, lm, n_runs, n_groups, N, G)
     if APPLY:
-        after_first = (tl.zeros_like(lanes) + c_id) > 0
-        h = tl.load(Carry + (c_id - 1).to(tl.int64) * N + lanes, mask=lm & after_first, other=0.0)
-        h = tl.where(after_first, h, tl.load(St + lanes, mask=lm, other=0.0).to(tl.float32))
+        h = _carry_in(Carry, St, c_id, N, lanes, lm)
         tl.store(OutA + g[:, None] * N + lanes[None, :], a * h[None, :] + c, mask=m)
     else:
         last = (rows == CH - 1)[:, None]
