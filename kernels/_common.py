@@ -85,6 +85,23 @@ def tanh(x):
     return 1.0 - tl.fdiv(tl.full(x.shape, 2.0, tl.float32), tl.exp(2.0 * x) + 1.0, ieee_rounding=False)
 
 
+# tl.dot input precisions by code (a constexpr int keeps the kernels' signatures numeric)
+DOT_PRECISIONS = {"ieee": 0, "tf32": 1, "tf32x3": 2}
+
+
+@triton.jit
+def dot(a, b, PREC: tl.constexpr):
+    """``tl.dot(a, b)`` with fp32 accumulation, inputs as ``PREC`` says (:data:`DOT_PRECISIONS`):
+    0 IEEE fp32 (CUDA cores), 1 TF32 (tensor cores, 10-bit mantissa), 2 3xTF32 (tensor cores,
+    about fp32 accuracy: the split a = a_hi + a_lo drops only the a_lo * b_lo term)."""
+    if PREC == 1:
+        return tl.dot(a, b, input_precision="tf32")
+    elif PREC == 2:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
 @triton.jit
 def gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn):
     """GRU step f and the diagonal of df/dh_prev from the gate pre-activations

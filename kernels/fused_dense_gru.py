@@ -48,10 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import sigmoid, tanh
+from ._common import DOT_PRECISIONS, dot, sigmoid, tanh
 
 MAX_D = 64
-PRECISIONS = {"ieee": 0, "tf32": 1, "tf32x3": 2}
+PRECISIONS = DOT_PRECISIONS
 DEFAULT_PROGRAMS = None  # (chunk, batch row) programs to aim for; None: default_programs(D)
 MIN_CHUNK = 8
 
@@ -155,12 +155,7 @@ def _fused_dense_gru_kernel(H, XP, W, BH, Bnd, Carry, SumA, SumC, Out, Res,
             J = a_r[:, None] * wr + a_z[:, None] * wz + a_n[:, None] * wn + tl.where(eye, z[:, None], 0.0)
             acc = tl.where(m, _mv(J, v) + f, acc)
             if USE_DOT:
-                if PREC == 1:
-                    JA = tl.dot(J, A, input_precision="tf32")
-                elif PREC == 2:
-                    JA = tl.dot(J, A, input_precision="tf32x3")
-                else:
-                    JA = tl.dot(J, A, input_precision="ieee")
+                JA = dot(J, A, PREC)
             else:
                 JA = tl.sum(J[:, :, None] * A[None, :, :], 1)
             A = tl.where(valid[:, None], JA, A)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import comb_diag, gru_f_jdiag, last_row, lookback_buffers, lookback_diag, pick_tiles, ticket
+from ._common import DOT_PRECISIONS, comb_diag, dot, gru_f_jdiag, last_row, lookback_buffers, lookback_diag, pick_tiles, ticket
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 at N = 1024 (benchmarks/)
 # Tile variant (DiagGRU and the quasi-Newton dense GRU): tile shape, warps and look-back window
@@ -32,6 +32,15 @@ TILES = {  # benchmarks/sweep_narrow.py, run 24 (H200, B=16, T=2^20): ms per ite
     "wide": dict(tt=DEFAULT_TT, bn=DEFAULT_BN, warps=DEFAULT_WARPS, w=1),
 }
 SEQ_TT, SEQ_BN, SEQ_WARPS = DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS  # lane-sequential variant (not narrowed)
+# quasi-Newton dense GRU: W_hh h_prev inside the kernel (tl.dot per tile) for QUASI_DOT_MIN_D <= D <=
+# QUASI_DOT_MAX_D, else one GEMM before the launch.  benchmarks/bench_gru_quasi.py, runs 40-41 (H200,
+# T=1M, B=16, one iteration): D=16 5.57 ms in the kernel vs 6.23 ms with the GEMM; D=8 8.52 vs 7.79 (16 lanes
+# padded from 8), D=32 12.97 vs 12.84, D=64 32.0 vs 26.0 (B=8: 18.9 vs 13.8; best of TT 16-128 x 2-8 warps).
+# The dot's input precision: 3xTF32 (about fp32: f and the residual stay fp32-accurate; run 40 found the
+# same iterations and float64 residuals as the GEMM); time steps per tile and warps of the in-kernel variant
+QUASI_DOT_MIN_D, QUASI_DOT_MAX_D = 9, 16
+QUASI_DOT_PRECISION = "tf32x3"
+QUASI_DOT_TT, QUASI_DOT_WARPS = 64, 4
 
 
 @triton.jit
@@ -104,12 +113,22 @@ def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl
 
 
 @triton.jit
-def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Flags, Counter,
+def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Flags, Counter, WF,
                            T, D, N, n_lb, NP, TT: tl.constexpr, BN: tl.constexpr, LB_W: tl.constexpr,
-                           DENSE_HH: tl.constexpr = False):
+                           HH: tl.constexpr = 0, PREC: tl.constexpr = 2):
+    """Program = tile of TT steps x a lane block.  The recurrent pre-activations (hr, hz, hn) by ``HH``:
+    0 DiagGRU, ``W * h_prev + BH`` (W, BH (3D,)); 1 dense GRU, loaded from ``BH`` (T, B, 3D) (one GEMM
+    before the launch); 2 dense GRU, ``h_prev W_hh^T + BH`` by ``tl.dot`` in ``PREC`` from ``WF``
+    (3D, D), a lane block being one batch row (BN >= D, padded lanes masked).  HH 1 and 2: ``W`` holds
+    the diagonal of W_hh (the quasi-Newton Jacobian's)."""
     c, lb = ticket(Counter, n_lb, 0)
-    lanes = lb * BN + tl.arange(0, BN)
-    lmask = lanes < N
+    if HH == 2:  # lane block lb = batch row lb: its D lanes, padded to BN
+        col = tl.arange(0, BN)
+        lanes = lb * D + col
+        lmask = col < D
+    else:
+        lanes = lb * BN + tl.arange(0, BN)
+        lmask = lanes < N
     bidx = lanes // D
     d = lanes % D
     rows = tl.arange(0, TT)
@@ -130,14 +149,20 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
     wr = tl.load(W + d, mask=lmask, other=0.0)[None, :]
     wz = tl.load(W + D + d, mask=lmask, other=0.0)[None, :]
     wn = tl.load(W + 2 * D + d, mask=lmask, other=0.0)[None, :]
-    if not DENSE_HH:
+    if HH != 1:
         br = tl.load(BH + d, mask=lmask, other=0.0)[None, :]
         bz = tl.load(BH + D + d, mask=lmask, other=0.0)[None, :]
         bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)[None, :]
-    if DENSE_HH:  # dense GRU, quasi-Newton: BH holds W_hh h_prev + b_hh (T, B, 3D); W the diagonal of W_hh
+    if HH == 1:  # dense GRU, quasi-Newton: BH holds W_hh h_prev + b_hh (T, B, 3D); W the diagonal of W_hh
         hr = tl.load(BH + xo, mask=m, other=0.0).to(tl.float32)
         hz = tl.load(BH + xo + D, mask=m, other=0.0).to(tl.float32)
         hn = tl.load(BH + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+    elif HH == 2:  # h_prev (TT, BN) x W_g^T (BN, BN) per gate g; padded lanes of hp and W are zeros
+        wt = col[None, :] * D + col[:, None]  # [k, j] -> W_hh[g D + j, k]
+        wm = lmask[:, None] & lmask[None, :]
+        hr = dot(hp, tl.load(WF + wt, mask=wm, other=0.0), PREC) + br
+        hz = dot(hp, tl.load(WF + D * D + wt, mask=wm, other=0.0), PREC) + bz
+        hn = dot(hp, tl.load(WF + 2 * D * D + wt, mask=wm, other=0.0), PREC) + bn
     else:
         hr = wr * hp + br
         hz = wz * hp + bz
@@ -165,25 +190,60 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
 def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
                          block_t: Optional[int] = None, block_n: Optional[int] = None,
                          num_warps: Optional[int] = None, *, start=None, want_summary: bool = False,
-                         lookback_w: Optional[int] = None):
+                         lookback_w: Optional[int] = None, recurrent: Optional[str] = None,
+                         precision: str = QUASI_DOT_PRECISION):
     """One quasi-Newton iteration (diagonal Jacobian) of the *dense* :class:`seqpar.cells.GRU`.
 
-    The recurrent pre-activations ``W_hh h_prev + b_hh`` (T, B, 3D) come from one
-    GEMM (``h_prev = [boundary, h[:-1]]``); gates, the diagonal of J, b, the residual
-    and the scan (from ``start``) are fused as for DiagGRU.  ``weight_hh`` (3D, D).
-    Returns ``(h_new, stats)`` or ``(h_new, stats, phi)`` like
-    :func:`fused_diag_gru_step` (same tile / look-back arguments).  Reference: ``GRU.step`` /
-    ``GRU.jacobian(.., diag)``.
+    The recurrent pre-activations ``W_hh h_prev + b_hh`` (``h_prev = [boundary, h[:-1]]``) come,
+    by ``recurrent``:
+
+    * ``"dot"``: inside the kernel, a ``tl.dot`` per gate of the tile's h_prev (TT, D) with the
+      gate's block of W_hh (inputs as ``precision``: "tf32x3" (default, about fp32), "ieee" or
+      "tf32"); one program per (tile, batch row).  Nothing of size
+      T x B x 3D is written.
+    * ``"gemm"``: one GEMM (T, B, 3D) before the launch, read back by the kernel.
+
+    None: "dot" where ``QUASI_DOT_MIN_D <= D <= QUASI_DOT_MAX_D`` (where it measured faster), else
+    "gemm".  Gates, the diagonal of J, b, the residual and the scan (from ``start``) are fused as for
+    DiagGRU.  ``weight_hh`` (3D, D).
+    Returns ``(h_new, stats)`` or ``(h_new, stats, phi)`` like :func:`fused_diag_gru_step` (same
+    tile / look-back arguments; with "dot" the lane block is one batch row, ``block_n`` >= D a
+    power of two >= 16).  Reference: ``GRU.step`` / ``GRU.jacobian(.., diag)``.
     """
     T, B, D = h.shape
+    if recurrent is None:
+        recurrent = "dot" if QUASI_DOT_MIN_D <= D <= QUASI_DOT_MAX_D else "gemm"
+    if recurrent not in ("dot", "gemm"):
+        raise ValueError(f"recurrent must be 'dot', 'gemm' or None; got {recurrent!r}")
+    if precision not in DOT_PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(DOT_PRECISIONS)}; got {precision!r}")
     if T == 0:
         return fused_diag_gru_step(h, xp, weight_hh.new_zeros(3 * D), None, boundary, out,
                                    start=start, want_summary=want_summary)  # T == 0: no launch
     W = weight_hh.detach().to(h.dtype)
-    h_prev = torch.cat([boundary.to(h.dtype).unsqueeze(0), h[:-1]], 0)
-    hh = torch.nn.functional.linear(h_prev, W, None if bias_hh is None else bias_hh.detach().to(h.dtype))
     wdiag = torch.cat([W[g * D:(g + 1) * D].diagonal() for g in range(3)])
-    return _launch(h, xp, wdiag, hh, boundary, start, out, block_t, block_n, num_warps, dense_hh=True,
+    bias = None if bias_hh is None else bias_hh.detach().to(h.dtype)
+    if recurrent == "dot":
+        bn = max(16, triton.next_power_of_2(D))
+        if block_n is not None and (block_n < D or block_n < 16 or block_n & (block_n - 1)):
+            raise ValueError(f"block_n must be a power of two >= max(16, D) = {bn} with recurrent='dot'; "
+                             f"got {block_n}")
+        bh = torch.zeros(3 * D, dtype=torch.float32, device=h.device) if bias is None else bias.float()
+        return _launch(h, xp, wdiag, bh.contiguous(), boundary, start, out,
+                       QUASI_DOT_TT if block_t is None else block_t, bn if block_n is None else block_n,
+                       QUASI_DOT_WARPS if num_warps is None else num_warps, hh=2, want_summary=want_summary,
+                       lookback_w=lookback_w, wf=W.float().contiguous(), precision=precision)
+    # h_prev W^T + b without materialising h_prev: rows 1.. from h[:-1], row 0 from the boundary
+    hh = torch.empty(T, B, 3 * D, dtype=h.dtype, device=h.device)
+    if T > 1:
+        rows = hh[1:].view(-1, 3 * D)
+        hp = h[:-1].reshape(-1, D)
+        if bias is None:
+            torch.mm(hp, W.t(), out=rows)
+        else:
+            torch.addmm(bias, hp, W.t(), out=rows)
+    hh[0] = torch.nn.functional.linear(boundary.to(h.dtype), W, bias)
+    return _launch(h, xp, wdiag, hh, boundary, start, out, block_t, block_n, num_warps, hh=1,
                    want_summary=want_summary, lookback_w=lookback_w)
 
 
@@ -211,7 +271,7 @@ def fused_diag_gru_step(h, xp, weight_hh, bias_hh, boundary, out=None,
                            lookback_w)
     if variant != "tile":
         raise ValueError(f"variant must be 'tile' or 'seq'; got {variant!r}")
-    return _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, dense_hh=False,
+    return _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, hh=0,
                    want_summary=want_summary, lookback_w=lookback_w)
 
 
@@ -253,8 +313,8 @@ def _launch_seq(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps,
     return _finish(out, part, agg[0], B, D, T, want_summary, h.device)
 
 
-def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, dense_hh, want_summary=False,
-            lookback_w=None):
+def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, hh, want_summary=False,
+            lookback_w=None, wf=None, precision="ieee"):
     T, B, D = h.shape
     N = B * D
     h = h.contiguous()
@@ -267,7 +327,7 @@ def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, den
     boundary = boundary.contiguous()
     start = boundary if start is None else start.contiguous()
     block_t, block_n, num_warps, lb_w = pick_tiles(TILES, N, block_t, block_n, num_warps, lookback_w)
-    n_lb = triton.cdiv(N, block_n)
+    n_lb = B if hh == 2 else triton.cdiv(N, block_n)  # "dot": one lane block per batch row
     n_chunks = triton.cdiv(T, block_t)
     flags, counter = lookback_buffers(n_chunks, n_lb, lb_w, h.device)
     agg = torch.empty(3, n_chunks, N, dtype=torch.float32, device=h.device)
@@ -275,5 +335,6 @@ def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, den
     part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
     _fused_diag_gru_kernel[(n_prog,)](
         h, xp, w, bh, boundary, start, out, part, agg[0], agg[1], agg[2], flags, counter,
-        T, D, N, n_lb, n_prog, TT=block_t, BN=block_n, LB_W=lb_w, DENSE_HH=dense_hh, num_warps=num_warps)
+        w if wf is None else wf, T, D, N, n_lb, n_prog, TT=block_t, BN=block_n, LB_W=lb_w, HH=hh,
+        PREC=DOT_PRECISIONS[precision], num_warps=num_warps)
     return _finish(out, part, agg[0], B, D, T, want_summary, h.device)

@@ -74,3 +74,37 @@ def test_chaotic_fallback_on_gpu():
     assert info.converged and not info.newton_converged and info.fallback
     ref = seqpar.solve(cell, u, h0, method="sequential")
     assert (out[:30] - ref[:30]).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("D,B", [(9, 3), (16, 16), (40, 2)])
+def test_gru_quasi_dot_matches_gemm_and_float64(D, B):
+    """Quasi-Newton dense GRU with W_hh h_prev by tl.dot (3xTF32) inside the kernel: one iteration equals
+    the GEMM variant, and a whole solve (D=9, 16: the default dispatch) converges to the float64
+    sequential states with a float64 residual within the tolerance it reported."""
+    import copy
+
+    from seqpar.kernels import fused_diag_gru as k
+
+    torch.manual_seed(D)
+    m = torch.nn.GRU(D, D).to(DEV)
+    cell = seqpar.cells.GRU.from_torch(m)
+    T = 100_003
+    x = torch.randn(T, B, D, device=DEV)
+    with torch.no_grad():
+        xp = cell.project_inputs(x)
+        h, bnd, start = torch.tanh(torch.randn(T, B, D, device=DEV)), torch.randn(B, D, device=DEV), \
+            torch.randn(B, D, device=DEV)
+        ref = k.fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent="gemm", start=start,
+                                     want_summary=True)
+        got = k.fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent="dot", start=start,
+                                     want_summary=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+        out, info = seqpar.solve(cell, x, jacobian="diag", return_info=True, fallback="none")
+        assert info.converged
+        c64 = seqpar.cells.GRU.from_torch(copy.deepcopy(m).double())
+        seq = seqpar.solve(c64, x.double(), method="sequential")
+        assert float((out.double() - seq).abs().max()) < 1e-4
+        hp = torch.cat([torch.zeros(1, B, D, dtype=torch.float64, device=DEV), out.double()[:-1]], 0)
+        f = c64.step(hp, c64.project_inputs(x.double()))
+        assert float(((out.double() - f).abs() / f.abs().clamp_min(1)).max()) <= info.tol * 1.05

@@ -116,13 +116,43 @@ def test_fused_diag_gru(T, variant, tiles):
 
 
 @pytest.mark.parametrize("T", [1, 37])
-def test_fused_gru_quasi(T):
-    """Dense GRU, quasi-Newton (diagonal J): the fused step equals the reference linearisation."""
+@pytest.mark.parametrize("recurrent,tiles", [("gemm", dict(block_t=16, block_n=8)), ("dot", dict(block_t=16)),
+                                             ("dot", dict(block_t=32, block_n=32, precision="ieee"))])
+def test_fused_gru_quasi(T, recurrent, tiles):
+    """Dense GRU, quasi-Newton (diagonal J): the fused step equals the reference linearisation, with
+    W_hh h_prev from a GEMM before the launch or from tl.dot in the kernel (lanes padded to 16, 32)."""
     from seqpar.kernels.fused_diag_gru import fused_gru_quasi_step
 
     cell = GRU(4, 9)
     _fused_gru_case(T, cell, DIAG, lambda h, xp, bnd: fused_gru_quasi_step(
-        h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=16, block_n=8))
+        h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent=recurrent, **tiles))
+
+
+def test_fused_gru_quasi_arguments():
+    from seqpar.kernels import fused_diag_gru as k
+
+    cell = GRU(4, 20)
+    h, xp, bnd = torch.zeros(5, 2, 20), torch.zeros(5, 2, 60), torch.zeros(2, 20)
+    with pytest.raises(ValueError, match="recurrent"):
+        k.fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent="mm")
+    with pytest.raises(ValueError, match="precision"):
+        k.fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent="dot", precision="bf16")
+    for bad in (16, 48, 8):  # below D, not a power of two, below 16
+        with pytest.raises(ValueError, match="block_n"):
+            k.fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent="dot", block_n=bad)
+
+
+@pytest.mark.parametrize("D,expect", [(4, "gemm"), (8, "gemm"), (9, "dot"), (16, "dot"), (17, "gemm"), (64, "gemm")])
+def test_fused_gru_quasi_dispatch(D, expect, monkeypatch):
+    """recurrent=None picks the measured variant by D (QUASI_DOT_MIN_D..QUASI_DOT_MAX_D: in the kernel)."""
+    from seqpar.kernels import fused_diag_gru as k
+
+    seen = []
+    monkeypatch.setattr(k, "_launch", lambda *a, **kw: seen.append(kw["hh"]))
+    cell = GRU(3, D)
+    k.fused_gru_quasi_step(torch.zeros(3, 1, D), torch.zeros(3, 1, 3 * D), cell.weight_hh, cell.bias_hh,
+                           torch.zeros(1, D))
+    assert seen == [2 if expect == "dot" else 1]
 
 
 def test_solve_gru_quasi_on_kernels_matches_sequential():
@@ -166,12 +196,15 @@ def _fused(kind):
             h, xp, c.weight_hh, c.bias_hh, bnd, block_t=8, block_n=16, variant="seq", **kw)
     if kind == "gru_quasi":
         return lambda n: GRU(4, n), DIAG, lambda c, h, xp, bnd, **kw: fused_gru_quasi_step(
-            h, xp, c.weight_hh, c.bias_hh, bnd, block_t=16, block_n=8, **kw)
+            h, xp, c.weight_hh, c.bias_hh, bnd, block_t=16, block_n=8, recurrent="gemm", **kw)
+    if kind == "gru_quasi_dot":  # W_hh h_prev by tl.dot in the kernel: lanes padded to 16
+        return lambda n: GRU(4, n), DIAG, lambda c, h, xp, bnd, **kw: fused_gru_quasi_step(
+            h, xp, c.weight_hh, c.bias_hh, bnd, block_t=16, recurrent="dot", **kw)
     return lambda n: DiagLSTM(4, n), BLOCK2, lambda c, h, xp, bnd, **kw: fused_diag_lstm_step(
         h, xp, c.weight_hh, bnd, block_t=16, block_n=4, **kw)
 
 
-FUSED = ["diag_tile", "diag_seq", "gru_quasi", "lstm"]
+FUSED = ["diag_tile", "diag_seq", "gru_quasi", "gru_quasi_dot", "lstm"]
 
 
 def _elementwise_rel(h, f):

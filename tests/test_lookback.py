@@ -90,7 +90,11 @@ def _fused_case(kind, B, n):
     if kind == "gru_quasi":
         cell = GRU(4, n)
         return cell, DIAG, lambda h, xp, bnd, **kw: fused_gru_quasi_step(
-            h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=TT, block_n=16, **kw)
+            h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=TT, block_n=16, recurrent="gemm", **kw)
+    if kind == "gru_quasi_dot":  # tl.dot needs 16 rows: tiles of 16 steps (T = 145: 10 tiles)
+        cell = GRU(4, n)
+        return cell, DIAG, lambda h, xp, bnd, **kw: fused_gru_quasi_step(
+            h, xp, cell.weight_hh, cell.bias_hh, bnd, block_t=16, recurrent="dot", **kw)
     cell = DiagLSTM(4, n)
     return cell, BLOCK2, lambda h, xp, bnd, **kw: fused_diag_lstm_step(
         h, xp, cell.weight_hh, bnd, block_t=TT, block_n=16, **kw)
@@ -106,7 +110,7 @@ FUSED_CASES = ([(32, bn, 37 * TT - 3) for bn in SHAPES] + [(2, (3, 1), 37 * TT -
                                                            (1, (1, 17), 37 * TT - 3), (8, (1, 17), 1)])
 
 
-@pytest.mark.parametrize("kind", ["diag_gru", "diag_gru_seq", "gru_quasi", "lstm"])
+@pytest.mark.parametrize("kind", ["diag_gru", "diag_gru_seq", "gru_quasi", "gru_quasi_dot", "lstm"])
 @pytest.mark.parametrize("W,shape,T", FUSED_CASES)
 def test_fused_window(kind, W, shape, T):
     B, n = shape

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Quasi-Newton dense GRU (``jacobian="diag"``): W_hh h_prev inside the kernel vs one GEMM per iteration.
+
+    python benchmarks/bench_gru_quasi.py --out $OUT/gru_quasi.json
+
+For each (D, B) at T steps (torch.nn.GRU weights, input size D, fp32):
+
+* ``iteration``: one fused look-back iteration (:func:`seqpar.kernels.fused_diag_gru.fused_gru_quasi_step`)
+  with ``recurrent="gemm"`` (cuBLAS GEMM of h_prev W_hh^T, T x B x 3D written and read back) and
+  ``recurrent="dot"`` (tl.dot per tile, 3xTF32 unless --precisions says more) at the tile sizes in
+  --tiles; CUDA-event median of --reps after two warm-ups; the largest difference of the new iterates;
+* ``solve``: ``seqpar.solve(..., jacobian="diag")`` with each variant (the dispatch constant
+  ``QUASI_DOT_MIN_D`` / ``QUASI_DOT_MAX_D`` switched), its iterations, the wall-clock median of --solve-reps after a warm-up,
+  and the float64 elementwise residual of the returned states (the reported residual is trusted only if
+  it agrees); ``torch.nn.GRU`` (cuDNN) on chunks of 65,535 steps in the same call.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import common  # noqa: F401
+import seqpar
+from common import env_info, event_ms, out_path, timed, write_json
+from seqpar.kernels import fused_diag_gru as k
+from seqpar.problems import parse_count
+
+CUDNN_CHUNK = 65535
+
+
+@torch.no_grad()
+def float64_residual(m: torch.nn.GRU, x, h0, states) -> float:
+    """max_t,b,i |h_t - f(h_{t-1})| / max(1, |f|) in float64 (the cell of ``m``), in slices of time."""
+    c64 = seqpar.cells.GRU.from_torch(copy.deepcopy(m).double())
+    worst = 0.0
+    T = x.shape[0]
+    step = max(1, 2**26 // (x.shape[1] * states.shape[-1]))
+    prev = h0.double()
+    for s in range(0, T, step):
+        e = min(T, s + step)
+        xp = c64.project_inputs(x[s:e].double())
+        h = states[s:e].double()
+        hp = torch.cat([prev.unsqueeze(0), h[:-1]], 0)
+        f = c64.step(hp, xp)
+        worst = max(worst, float(((h - f).abs() / f.abs().clamp_min(1)).max()))
+        prev = h[-1]
+    return worst
+
+
+def cudnn_ms(m: torch.nn.GRU, x, h0, reps: int) -> float:
+    def run():
+        h = h0.unsqueeze(0)
+        for s in range(0, x.shape[0], CUDNN_CHUNK):
+            _, h = m(x[s:s + CUDNN_CHUNK], h)
+        return h
+    with torch.no_grad():
+        return timed(run, repeats=reps)["median_s"] * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shapes", default="4:16,8:16,16:16,32:16,64:16,64:8", help="D:B pairs")
+    ap.add_argument("--steps", default="1M")
+    ap.add_argument("--tiles", default="32:4,64:4,128:4,64:8", help="TT:warps of the dot variant")
+    ap.add_argument("--precisions", default="tf32x3")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--solve-reps", type=int, default=3)
+    ap.add_argument("--no-solves", action="store_true")
+    ap.add_argument("--out", default=out_path("gru_quasi.json"))
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    T = parse_count(a.steps)
+    res = {"env": env_info(), "T": T, "iteration": [], "solve": []}
+    tiles = [tuple(int(v) for v in t.split(":")) for t in a.tiles.split(",")]
+    for shape in a.shapes.split(","):
+        D, B = (int(v) for v in shape.split(":"))
+        torch.manual_seed(0)
+        m = torch.nn.GRU(D, D).to(dev)
+        cell = seqpar.cells.GRU.from_torch(m)
+        x = torch.randn(T, B, D, device=dev)
+        h0 = torch.zeros(B, D, device=dev)
+        with torch.no_grad():
+            xp = cell.project_inputs(x)
+            h = torch.tanh(torch.randn(T, B, D, device=dev))
+            bnd = torch.zeros(B, D, device=dev)
+            w, b = cell.weight_hh, cell.bias_hh
+            ref = k.fused_gru_quasi_step(h, xp, w, b, bnd, recurrent="gemm")[0]
+            row = dict(D=D, B=B, T=T, gemm_ms=event_ms(lambda: k.fused_gru_quasi_step(h, xp, w, b, bnd,
+                                                                                    recurrent="gemm"), a.reps))
+            min_bytes = T * B * D * 4 * 5  # read h, xp (3D), write the new iterate
+            row["min_bytes_ms_at_4.3TBps"] = min_bytes / 4.3e12 * 1e3
+            for prec in a.precisions.split(","):
+                for tt, wp in tiles:
+                    fn = (lambda tt=tt, wp=wp, prec=prec: k.fused_gru_quasi_step(
+                        h, xp, w, b, bnd, recurrent="dot", block_t=tt, num_warps=wp, precision=prec))
+                    try:
+                        got = fn()[0]
+                        row[f"dot_{prec}_{tt}x{wp}_ms"] = event_ms(fn, a.reps)
+                        row[f"dot_{prec}_{tt}x{wp}_maxdiff"] = float((got - ref).abs().max())
+                    except Exception as e:  # noqa: BLE001 -- a tile that does not compile is a result too
+                        row[f"dot_{prec}_{tt}x{wp}_error"] = f"{type(e).__name__}: {e}"[:300]
+            print(row, flush=True)
+            res["iteration"].append(row)
+            h = ref = None  # free before the solves
+            if not a.no_solves:
+                srow = dict(D=D, B=B, T=T)
+                default = (k.QUASI_DOT_MIN_D, k.QUASI_DOT_MAX_D)
+                for name, max_d in (("gemm", 0), ("dot", 64)):
+                    k.QUASI_DOT_MIN_D, k.QUASI_DOT_MAX_D = 1, max_d
+                    out, info = seqpar.solve(cell, x, h0, jacobian="diag", fallback="none", return_info=True)
+                    t = timed(lambda: seqpar.solve(cell, x, h0, jacobian="diag", fallback="none"),
+                              repeats=a.solve_reps)
+                    srow[name] = dict(ms=t["median_s"] * 1e3, times_ms=[v * 1e3 for v in t["times_s"]],
+                                      iterations=info.iterations, converged=info.converged,
+                                      residual=info.residual, residual_f64=float64_residual(m, x, h0, out))
+                    del out
+                k.QUASI_DOT_MIN_D, k.QUASI_DOT_MAX_D = default
+                srow["cudnn_ms"] = cudnn_ms(m, x, h0, a.solve_reps)
+                print(srow, flush=True)
+                res["solve"].append(srow)
+            xp = None
+        torch.cuda.empty_cache()
+        write_json(a.out, res)
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    print(f"done in {time.time() - t0:.0f} s")
