@@ -6,11 +6,13 @@
 For each (D, B) at T steps (torch.nn.GRU weights, input size D, fp32):
 
 * ``iteration``: one fused look-back iteration (:func:`seqpar.kernels.fused_diag_gru.fused_gru_quasi_step`)
-  with ``recurrent="gemm"`` (cuBLAS GEMM of h_prev W_hh^T, T x B x 3D written and read back) and
-  ``recurrent="dot"`` (tl.dot per tile, 3xTF32 unless --precisions says more) at the tile sizes in
-  --tiles; CUDA-event median of --reps after two warm-ups; the largest difference of the new iterates;
-* ``solve``: ``seqpar.solve(..., jacobian="diag")`` with each variant (the dispatch constant
-  ``QUASI_DOT_MIN_D`` / ``QUASI_DOT_MAX_D`` switched), its iterations, the wall-clock median of --solve-reps after a warm-up,
+  with ``recurrent="gemm"`` (the GEMM of h_prev W_hh^T by cuBLAS (IEEE fp32) or by
+  :func:`seqpar.kernels.linear.linear` (3xTF32), T x B x 3D written and read back) and ``recurrent="dot"``
+  (tl.dot per tile, 3xTF32 unless --precisions says more) at the tile sizes in --tiles; the GEMM alone
+  (cuBLAS vs ``linear`` at the tiles in --linear-tiles); CUDA-event median of --reps after two warm-ups;
+  the largest difference from the cuBLAS variant;
+* ``solve``: ``seqpar.solve(..., jacobian="diag")`` as before this change (cuBLAS GEMM, no in-kernel dot)
+  and with the defaults, its iterations, the wall-clock median of --solve-reps after a warm-up,
   and the float64 elementwise residual of the returned states (the reported residual is trusted only if
   it agrees); ``torch.nn.GRU`` (cuDNN) on chunks of 65,535 steps in the same call.
 """
@@ -26,6 +28,7 @@ import common  # noqa: F401
 import seqpar
 from common import env_info, event_ms, out_path, timed, write_json
 from seqpar.kernels import fused_diag_gru as k
+from seqpar.kernels.linear import linear
 from seqpar.problems import parse_count
 
 CUDNN_CHUNK = 65535
@@ -66,6 +69,8 @@ def main():
     ap.add_argument("--steps", default="1M")
     ap.add_argument("--tiles", default="32:4,64:4,128:4,64:8", help="TT:warps of the dot variant")
     ap.add_argument("--precisions", default="tf32x3")
+    ap.add_argument("--linear-tiles", default="128:64:32:4,128:64:64:4,64:64:64:4,128:128:32:8,256:64:32:8",
+                    help="BM:BN:BK:warps of seqpar.kernels.linear")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--solve-reps", type=int, default=3)
     ap.add_argument("--no-solves", action="store_true")
@@ -74,7 +79,8 @@ def main():
     dev = torch.device("cuda")
     T = parse_count(a.steps)
     res = {"env": env_info(), "T": T, "iteration": [], "solve": []}
-    tiles = [tuple(int(v) for v in t.split(":")) for t in a.tiles.split(",")]
+    tiles = [tuple(int(v) for v in t.split(":")) for t in a.tiles.split(",") if t]
+    default_gemm = k.QUASI_GEMM
     for shape in a.shapes.split(","):
         D, B = (int(v) for v in shape.split(":"))
         torch.manual_seed(0)
@@ -87,9 +93,29 @@ def main():
             h = torch.tanh(torch.randn(T, B, D, device=dev))
             bnd = torch.zeros(B, D, device=dev)
             w, b = cell.weight_hh, cell.bias_hh
-            ref = k.fused_gru_quasi_step(h, xp, w, b, bnd, recurrent="gemm")[0]
-            row = dict(D=D, B=B, T=T, gemm_ms=event_ms(lambda: k.fused_gru_quasi_step(h, xp, w, b, bnd,
-                                                                                    recurrent="gemm"), a.reps))
+            row = dict(D=D, B=B, T=T)
+            gemm = {}
+            for name in ("cublas", "tf32x3"):
+                k.QUASI_GEMM = name
+                gemm[name] = k.fused_gru_quasi_step(h, xp, w, b, bnd, recurrent="gemm")[0]
+                row[f"gemm_{name}_ms"] = event_ms(lambda: k.fused_gru_quasi_step(h, xp, w, b, bnd,
+                                                                                recurrent="gemm"), a.reps)
+            k.QUASI_GEMM = default_gemm
+            ref = gemm["cublas"]
+            row["gemm_tf32x3_maxdiff"] = float((gemm["tf32x3"] - ref).abs().max())
+            # the recurrent GEMM alone: cuBLAS (IEEE fp32) and seqpar.kernels.linear at each tile
+            hp, W = h[:-1].reshape(-1, D), w.detach()
+            y = torch.empty(hp.shape[0], 3 * D, device=dev)
+            row["mm_cublas_ms"] = event_ms(lambda: torch.addmm(b, hp, W.t(), out=y), a.reps)
+            y_ref = y.clone()
+            for lt in a.linear_tiles.split(","):
+                tl4 = tuple(int(v) for v in lt.split(":"))
+                try:
+                    row[f"mm_tf32x3_{lt}_ms"] = event_ms(lambda: linear(hp, W, b, out=y, tiles=tl4), a.reps)
+                    row[f"mm_tf32x3_{lt}_maxdiff"] = float((y - y_ref).abs().max())
+                except Exception as e:  # noqa: BLE001 -- a tile that does not compile is a result too
+                    row[f"mm_tf32x3_{lt}_error"] = f"{type(e).__name__}: {e}"[:300]
+            hp = y = y_ref = gemm = None
             min_bytes = T * B * D * 4 * 5  # read h, xp (3D), write the new iterate
             row["min_bytes_ms_at_4.3TBps"] = min_bytes / 4.3e12 * 1e3
             for prec in a.precisions.split(","):
@@ -108,16 +134,19 @@ def main():
             if not a.no_solves:
                 srow = dict(D=D, B=B, T=T)
                 default = (k.QUASI_DOT_MIN_D, k.QUASI_DOT_MAX_D)
-                for name, max_d in (("gemm", 0), ("dot", 64)):
-                    k.QUASI_DOT_MIN_D, k.QUASI_DOT_MAX_D = 1, max_d
+                # before this change (cuBLAS, no in-kernel dot), and the defaults
+                for name, gemm_kind, dot_range in (("cublas", "cublas", (1, 0)), ("default", default_gemm, default)):
+                    k.QUASI_GEMM = gemm_kind
+                    k.QUASI_DOT_MIN_D, k.QUASI_DOT_MAX_D = dot_range
                     out, info = seqpar.solve(cell, x, h0, jacobian="diag", fallback="none", return_info=True)
                     t = timed(lambda: seqpar.solve(cell, x, h0, jacobian="diag", fallback="none"),
                               repeats=a.solve_reps)
                     srow[name] = dict(ms=t["median_s"] * 1e3, times_ms=[v * 1e3 for v in t["times_s"]],
                                       iterations=info.iterations, converged=info.converged,
                                       residual=info.residual, residual_f64=float64_residual(m, x, h0, out))
-                    del out
+                    out = None
                 k.QUASI_DOT_MIN_D, k.QUASI_DOT_MAX_D = default
+                k.QUASI_GEMM = default_gemm
                 srow["cudnn_ms"] = cudnn_ms(m, x, h0, a.solve_reps)
                 print(srow, flush=True)
                 res["solve"].append(srow)

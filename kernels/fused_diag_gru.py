@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISIONS, comb_diag, dot, gru_f_jdiag, last_row, lookback_buffers, lookback_diag, pick_tiles, ticket
+from ._common import (DOT_PRECISIONS, comb_diag, dot, gru_f_jdiag, last_row, lookback_buffers, lookback_diag,
+                      pick_tiles, ticket)
+from .linear import linear
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 at N = 1024 (benchmarks/)
 # Tile variant (DiagGRU and the quasi-Newton dense GRU): tile shape, warps and look-back window
@@ -40,6 +42,9 @@ SEQ_TT, SEQ_BN, SEQ_WARPS = DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS  # lane-sequen
 # same iterations and float64 residuals as the GEMM); time steps per tile and warps of the in-kernel variant
 QUASI_DOT_MIN_D, QUASI_DOT_MAX_D = 9, 16
 QUASI_DOT_PRECISION = "tf32x3"
+# the GEMM of the "gemm" variant: "tf32x3" (seqpar.kernels.linear: tensor cores, about fp32) or "cublas"
+# (torch.mm: IEEE fp32 on CUDA cores, or whatever torch's matmul precision allows)
+QUASI_GEMM = "tf32x3"
 QUASI_DOT_TT, QUASI_DOT_WARPS = 64, 4
 
 
@@ -238,7 +243,9 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
     if T > 1:
         rows = hh[1:].view(-1, 3 * D)
         hp = h[:-1].reshape(-1, D)
-        if bias is None:
+        if QUASI_GEMM == "tf32x3":
+            linear(hp, W, bias, out=rows)
+        elif bias is None:
             torch.mm(hp, W.t(), out=rows)
         else:
             torch.addmm(bias, hp, W.t(), out=rows)

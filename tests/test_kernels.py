@@ -116,13 +116,19 @@ def test_fused_diag_gru(T, variant, tiles):
 
 
 @pytest.mark.parametrize("T", [1, 37])
-@pytest.mark.parametrize("recurrent,tiles", [("gemm", dict(block_t=16, block_n=8)), ("dot", dict(block_t=16)),
-                                             ("dot", dict(block_t=32, block_n=32, precision="ieee"))])
-def test_fused_gru_quasi(T, recurrent, tiles):
+@pytest.mark.parametrize("recurrent,tiles,gemm", [("gemm", dict(block_t=16, block_n=8), "tf32x3"),
+                                                  ("gemm", dict(block_t=16, block_n=8), "cublas"),
+                                                  ("dot", dict(block_t=16), None),
+                                                  ("dot", dict(block_t=32, block_n=32, precision="ieee"), None)])
+def test_fused_gru_quasi(T, recurrent, tiles, gemm, monkeypatch):
     """Dense GRU, quasi-Newton (diagonal J): the fused step equals the reference linearisation, with
-    W_hh h_prev from a GEMM before the launch or from tl.dot in the kernel (lanes padded to 16, 32)."""
+    W_hh h_prev from a GEMM before the launch (seqpar.kernels.linear or torch.mm) or from tl.dot in the
+    kernel (lanes padded to 16, 32)."""
+    from seqpar.kernels import fused_diag_gru
     from seqpar.kernels.fused_diag_gru import fused_gru_quasi_step
 
+    if gemm:
+        monkeypatch.setattr(fused_diag_gru, "QUASI_GEMM", gemm)
     cell = GRU(4, 9)
     _fused_gru_case(T, cell, DIAG, lambda h, xp, bnd: fused_gru_quasi_step(
         h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent=recurrent, **tiles))
