@@ -22,7 +22,8 @@ time with the device synchronised, iterations, residual; and a torch.profiler ta
 (host time per op: what a short solve spends outside the kernels).  ``--memory-only``: the peak device
 memory of one forward solve above the inputs (T = 1M, B = 16), pipelined loop on and off.  ``--dense-only``:
 the scans of run summaries alone (device and host time) and the small-D GRU kernel's run-length sweep.
-``--fused-only``: solves with the pass-fused carry scan on and off, and on the look-back loop.
+``--fused-only``: solves with the pass-fused carry scan on and off, the carries queued after the residual
+sync (``seqpar.pipeline.EARLY_CARRIES`` off), and on the look-back loop.
 
 Timings: CUDA events (kernels) or perf_counter around a synchronised call (solves), median of
 ``--reps`` after two warm-up calls (the first compiles).
@@ -38,6 +39,7 @@ import common
 from common import env_info, event_ms, write_json
 import seqpar
 import seqpar.newton as newton
+import seqpar.pipeline as pipeline
 from seqpar.cells import GRU, DiagGRU
 from seqpar.kernels import pipelined_diag_gru as pk
 from seqpar.kernels.fused_diag_gru import fused_diag_gru_step
@@ -233,16 +235,18 @@ def fused_rows(args):
             cell = (GRU(1, D) if kind == "gru" else DiagGRU(1, D)).cuda()
             x = torch.randn(T, 16, 1, device="cuda")
             row = {"cell": kind, "D": D, "B": 16, "T": T}
-            for name, fuse, floor, piped in (("fused", 2**16, 0, True), ("unfused", 0, 0, True),
-                                             ("lookback", saved[0], 0, False)):
+            for name, fuse, floor, piped, early in (("fused", 2**16, 0, True, True), ("unfused", 0, 0, True, True),
+                                                    ("unfused_late_carries", 0, 0, True, False),
+                                                    ("lookback", saved[0], 0, False, True)):
                 pk.FUSE_MAX_ELEMENTS, newton.PIPELINE_MIN_ELEMENTS, newton.PIPELINED = fuse, floor, piped
+                pipeline.EARLY_CARRIES = early
                 ms, info = solve_ms(cell, x, "diag", args.reps)
                 row[name + "_ms"], row[name + "_iterations"] = ms, info.iterations
             print(row, flush=True)
             rows.append(row)
     finally:
         pk.FUSE_MAX_ELEMENTS, newton.PIPELINE_MIN_ELEMENTS = saved
-        newton.PIPELINED = True
+        newton.PIPELINED = pipeline.EARLY_CARRIES = True
     return rows
 
 

@@ -149,7 +149,7 @@ def plot_odeint(data, out):
 
 def plot_vs_deer(data, out):
     """Solve time against state size D at each T: seqpar dense / diag, DEER, lax.scan, cuDNN (B=16);
-    run 37 (vs_deer.json: D = 1, 4) with the D = 16 rows of run 33 (vs_deer_run33.json), the lax.scan
+    run 45 (vs_deer.json: D = 1, 4; quasi-Newton at D = 16, 64, T = 1M) with the D = 16 rows of run 33 (vs_deer_run33.json), the lax.scan
     column and the D=64 rows of run 26 / 27 (vs_deer_run26.json, vs_deer_d64_*.json), merged by main."""
     rows = [r for r in data["rows"] if r.get("B") == 16]
     Ts = sorted({r["T"] for r in rows})

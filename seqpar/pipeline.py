@@ -36,6 +36,10 @@ from .scan import jacobian_product
 from .structure import Structure
 
 
+# one rank: queue the next pass's carries before waiting for the residual (False: after it, as on P ranks)
+EARLY_CARRIES = True
+
+
 class Pipeline(NamedTuple):
     """A cell's pipelined kernel bound to its inputs (see :mod:`seqpar.kernels.pipelined_diag_gru`).
 
@@ -105,7 +109,7 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
     fused_start = h0 if P == 1 else None  # one rank: every iterate starts from h0, known before each pass
 
     def early_carries(res):
-        if P > 1 or not n:
+        if P > 1 or not n or not EARLY_CARRIES:
             return None
         return res.carry if res.carry is not None else pipe.carries(res, h0)
 
