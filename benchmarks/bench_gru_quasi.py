@@ -71,6 +71,7 @@ def main():
     ap.add_argument("--precisions", default="tf32x3")
     ap.add_argument("--linear-tiles", default="128:64:32:4,128:64:64:4,64:64:64:4,128:128:32:8,256:64:32:8",
                     help="BM:BN:BK:warps of seqpar.kernels.linear")
+    ap.add_argument("--kernel-tiles", default="", help="TT:BN:warps:W tiles of the fused kernel (gemm variant)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--solve-reps", type=int, default=3)
     ap.add_argument("--no-solves", action="store_true")
@@ -116,6 +117,17 @@ def main():
                 except Exception as e:  # noqa: BLE001 -- a tile that does not compile is a result too
                     row[f"mm_tf32x3_{lt}_error"] = f"{type(e).__name__}: {e}"[:300]
             hp = y = y_ref = gemm = None
+            # the fused kernel's tile (with the GEMM before it) instead of the TILES entry for B * D lanes
+            for kt in (a.kernel_tiles.split(",") if a.kernel_tiles else []):
+                tt, bn, wp, lw = (int(v) for v in kt.split(":"))
+                fn = (lambda tt=tt, bn=bn, wp=wp, lw=lw: k.fused_gru_quasi_step(
+                    h, xp, w, b, bnd, recurrent="gemm", block_t=tt, block_n=bn, num_warps=wp, lookback_w=lw))
+                try:
+                    got = fn()[0]
+                    row[f"gemm_tile_{kt}_ms"] = event_ms(fn, a.reps)
+                    row[f"gemm_tile_{kt}_maxdiff"] = float((got - ref).abs().max())
+                except Exception as e:  # noqa: BLE001 -- a tile that does not compile is a result too
+                    row[f"gemm_tile_{kt}_error"] = f"{type(e).__name__}: {e}"[:300]
             min_bytes = T * B * D * 4 * 5  # read h, xp (3D), write the new iterate
             row["min_bytes_ms_at_4.3TBps"] = min_bytes / 4.3e12 * 1e3
             for prec in a.precisions.split(","):

@@ -34,6 +34,10 @@ TILES = {  # benchmarks/sweep_narrow.py, run 24 (H200, B=16, T=2^20): ms per ite
     "wide": dict(tt=DEFAULT_TT, bn=DEFAULT_BN, warps=DEFAULT_WARPS, w=1),
 }
 SEQ_TT, SEQ_BN, SEQ_WARPS = DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS  # lane-sequential variant (not narrowed)
+# the quasi-Newton GRU's "gemm" variant reads 3 more floats per state (the GEMM's output): its own entry for
+# 256 < N <= 1024 (benchmarks/bench_gru_quasi.py --kernel-tiles, run 47, H200, T=1M, D=64, one iteration with
+# its GEMM: B=8 10.89 ms vs 11.99 with TILES' tile, B=16 21.20 vs 22.66; best of 11); TILES elsewhere
+QUASI_TILES = {**TILES, 1024: dict(tt=32, bn=64, warps=4, w=8)}
 # quasi-Newton dense GRU: W_hh h_prev inside the kernel (tl.dot per tile) for QUASI_DOT_MIN_D <= D <=
 # QUASI_DOT_MAX_D, else one GEMM before the launch.  benchmarks/bench_gru_quasi.py, runs 40-41 (H200,
 # T=1M, B=16, one iteration): D=16 5.57 ms in the kernel vs 6.23 ms with the GEMM; D=8 8.52 vs 7.79 (16 lanes
@@ -333,7 +337,8 @@ def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, hh,
     bh = bh.contiguous()
     boundary = boundary.contiguous()
     start = boundary if start is None else start.contiguous()
-    block_t, block_n, num_warps, lb_w = pick_tiles(TILES, N, block_t, block_n, num_warps, lookback_w)
+    block_t, block_n, num_warps, lb_w = pick_tiles(QUASI_TILES if hh == 1 else TILES, N, block_t, block_n,
+                                                   num_warps, lookback_w)
     n_lb = B if hh == 2 else triton.cdiv(N, block_n)  # "dot": one lane block per batch row
     n_chunks = triton.cdiv(T, block_t)
     flags, counter = lookback_buffers(n_chunks, n_lb, lb_w, h.device)
