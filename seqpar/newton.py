@@ -101,6 +101,7 @@ class NewtonOptions:
     callback: Optional[Callable[[int, float], None]] = None
     patience: int = 10          # iterations without halving the best residual before giving up
     backend: str = "torch"      # resolved backend: "torch" (reference scans) or "triton" (seqpar.kernels)
+    first_sync_check: Optional[Callable[[], None]] = None  # called (may raise) once the first residual is known
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -352,7 +353,8 @@ def _iterations(local: "LocalPass", h, boundary, h0, st: Structure, comm: Commun
             all_res = exchange.gather(phi, c, res_local)
         else:
             all_res = res_local
-        if stopping.record(it, float(all_res.max())):  # one host sync per iteration; max propagates NaN
+        res = all_res.max() if P > 1 else all_res  # one element on one rank: no reduction launch
+        if stopping.record(it, float(res)):  # one host sync per iteration; max propagates NaN
             break
         if P > 1:
             beta = exchange.incoming()
@@ -373,7 +375,11 @@ class _Stopping:
         self.best, self.since_best = math.inf, 0
 
     def record(self, it: int, res: float) -> bool:
-        """Log the residual of iterate ``it``; True to stop (``info.converged`` set if it converged)."""
+        """Log the residual of iterate ``it``; True to stop (``info.converged`` set if it converged).
+        The first call runs ``opts.first_sync_check`` (a deferred argument check) before anything else."""
+        if self.opts.first_sync_check is not None:
+            check, self.opts.first_sync_check = self.opts.first_sync_check, None
+            check()
         self.info.residuals.append(res)
         if self.opts.callback is not None:
             self.opts.callback(it, res)

@@ -67,6 +67,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
     comm = get_communicator(group)
     error = None
     fingerprint = None
+    pending_finite = None
     try:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
@@ -75,8 +76,13 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         check_options(tol, max_iter, chunk_size, callback)
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first must be True or False; got {batch_first!r}")
-        h0 = check_solve_args(cell, inputs, h0, initial_guess, allow_empty=comm.world_size > 1,
-                              batch_first=batch_first)
+        # one rank, Newton, a built-in cell: the NaN / Inf check of the tensors waits for the first residual
+        # sync instead of a sync of its own (ranks of a group must agree on errors before the solve)
+        from .cells import Cell
+
+        defer = comm.world_size == 1 and method == "newton" and isinstance(cell, Cell) and trusted_step(cell)
+        h0, pending_finite = check_solve_args(cell, inputs, h0, initial_guess, allow_empty=comm.world_size > 1,
+                                              batch_first=batch_first, defer_finite=defer)
         if batch_first:  # everything below is time-major
             inputs = inputs.transpose(0, 1)
             if initial_guess is not None:
@@ -118,6 +124,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         tol=float(tol) if tol is not None else default_tol(cdt),
         max_iter=max_iter if max_iter is not None else (DEFAULT_MAX_ITER_NEWTON if exact else DEFAULT_MAX_ITER_QUASI),
         fallback=fallback, chunk_size=chunk_size, callback=callback, backend=resolved_backend,
+        first_sync_check=pending_finite,
     )
     if opts.tol < min_tol(cdt):  # same on every rank (dtype and tol agree), so no rank is left waiting
         raise ValueError(f"tol={opts.tol:g} is below what {cdt} arithmetic can reach (min {min_tol(cdt):.1e}); "

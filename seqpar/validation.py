@@ -32,16 +32,27 @@ def check_finite(name: str, t: torch.Tensor):
     check_all_finite((name, t))
 
 
-def check_all_finite(*named):
+def check_all_finite(*named, defer: bool = False):
     """``(name, tensor)`` pairs: ValueError naming the first that holds NaN or Inf.  One device sync for
-    all of them (a short solve's argument checks are host-bound)."""
+    all of them (a short solve's argument checks are host-bound).
+
+    ``defer=True``: only queue the reductions and return a function that raises (or returns None) when
+    called, to be called where the caller waits for the device anyway (a solve's first residual), so the
+    check costs no sync of its own; None when there is nothing to check."""
     named = [(n, t) for n, t in named if t is not None and t.numel()]
     if not named:
-        return
-    flags = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
-    for (name, _), ok in zip(named, flags):
-        if not ok:
-            raise ValueError(f"{name} contains NaN or Inf")
+        return None
+    flags = torch.stack([torch.isfinite(t).all() for _, t in named])
+
+    def raise_if_not_finite():
+        for (name, _), ok in zip(named, flags.tolist()):
+            if not ok:
+                raise ValueError(f"{name} contains NaN or Inf")
+
+    if defer:
+        return raise_if_not_finite
+    raise_if_not_finite()
+    return None
 
 
 def check_options(tol, max_iter, chunk_size, callback):
@@ -184,8 +195,11 @@ def layout_doc(batch_first: bool, last: str = "D_in") -> str:
     return f"(T, B, {last}) (time-major, the default; pass batch_first=True for (B, T, {last}))"
 
 
-def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batch_first: bool = False):
-    """Validate ``solve``'s tensors (in the caller's layout) against ``cell``; returns h0 (zeros if None)."""
+def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batch_first: bool = False,
+                     defer_finite: bool = False):
+    """Validate ``solve``'s tensors (in the caller's layout) against ``cell``; returns ``(h0, pending)``:
+    h0 (zeros if None) and, with ``defer_finite``, the deferred NaN / Inf check of h0, inputs and
+    initial_guess (:func:`check_all_finite`; None otherwise: checked here)."""
     from .cells import Cell
 
     if not isinstance(cell, Cell):
@@ -230,8 +244,9 @@ def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batc
                              f"({layout_doc(batch_first, 'D')}); got {tuple(initial_guess.shape)}")
         if initial_guess.device != inputs.device:
             raise ValueError(f"device mismatch: inputs on {inputs.device}, initial_guess on {initial_guess.device}")
-    check_all_finite(("h0", h0 if h0_given else None), ("inputs", inputs), ("initial_guess", initial_guess))
-    return h0
+    pending = check_all_finite(("h0", h0 if h0_given else None), ("inputs", inputs), ("initial_guess", initial_guess),
+                               defer=defer_finite)
+    return h0, pending
 
 
 def resolve_jacobian(jacobian, cell) -> Structure:

@@ -118,6 +118,35 @@ def test_nan_inf_inputs_and_h0(bad):
         seqpar.solve(cell, x, h)
 
 
+@pytest.mark.parametrize("where", ["inputs", "h0", "initial_guess"])
+@pytest.mark.parametrize("backend,pipelined", [("torch", False), ("triton", False), ("triton", True)])
+def test_deferred_finiteness_check_raises_before_any_residual_is_used(where, backend, pipelined, monkeypatch):
+    """One rank, Newton, a built-in cell: the NaN / Inf check of the tensors waits for the first residual
+    (no sync of its own), yet the solve still raises the error naming the argument, before the callback sees
+    a residual and before any fallback runs; on both Newton loops and for batch-first inputs."""
+    import seqpar.newton as newton
+
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0 if pipelined else 2**62)
+    torch.manual_seed(0)
+    cell = seqpar.DiagGRU(3, 4)
+    x, h0, guess = torch.randn(2, 50, 3), torch.zeros(2, 4), torch.zeros(2, 50, 4)
+    {"inputs": x, "h0": h0, "initial_guess": guess}[where].view(-1)[7] = math.nan
+    seen = []
+    with pytest.raises(ValueError, match=f"{where} contains NaN or Inf"):
+        seqpar.solve(cell, x, h0, initial_guess=guess, batch_first=True, backend=backend, fallback="sequential",
+                     callback=lambda it, r: seen.append(r))
+    assert seen == []
+
+
+def test_finiteness_is_checked_before_the_solve_for_user_cells():
+    """A user function cell keeps the check before the solve (its first steps are probed with the inputs)."""
+    cell = seqpar.FunctionCell(lambda h, u: torch.tanh(h + u), 2, structure="diag")
+    x = torch.randn(20, 1, 2)
+    x[5, 0, 1] = math.inf
+    with pytest.raises(ValueError, match="inputs contains NaN or Inf"):
+        seqpar.solve(cell, x, callback=lambda it, r: pytest.fail("no iteration may run"))
+
+
 def test_option_errors():
     cell, x, h = good()
     with pytest.raises(ValueError, match="jacobian must be"):
