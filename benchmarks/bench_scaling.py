@@ -16,7 +16,12 @@ appends one JSON row per configuration to --out: time per Newton iteration
 (median over repeats), solve time, the share of it spent in the per-iteration
 collectives (timed with the device synchronised around each), peak memory per
 rank, and for capacity the memory DEER's stored dense Jacobians would need
-(T * B * D^2 * 4 bytes).
+(T * B * D^2 * 4 bytes).  With ``SEQPAR_PHASE_TIMES=sync`` in the environment (``seqpar.phases``)
+each row also holds rank 0's seconds per phase of the last solve (``phase_s``: passes, carries,
+compose, exchange, ...; the device synchronised after each phase, so the total is slower), and
+the suite prints them:
+
+    SEQPAR_PHASE_TIMES=sync bash benchmarks/run_scaling_2gpu.sh
 """
 from __future__ import annotations
 
@@ -94,7 +99,7 @@ def run_solve(ctx, comm, T, a, train=False):
     row = dict(T=T, steps_per_rank=length, solve_s=t, times_s=times, iterations=iters, converged=info.converged,
                residuals=info.residuals, time_per_iter_s=t / max(1, iters + 1),
                comm_share=statistics.median(comm_times) / t, exchange_s=info.exchange_s,
-               corrected_steps=info.corrected_steps, reruns=info.reruns, train=train,
+               corrected_steps=info.corrected_steps, reruns=info.reruns, train=train, phase_s=info.phase_s,
                backward_iterations=info.backward_iterations,
                peak_mem_bytes=torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,
                gpu=torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu")
@@ -122,7 +127,8 @@ def run_suite(ctx, comm, a):
         r.update(kind=kind, cell=cell, hidden=hidden, batch=batch, jacobian=jac, label=label)
         if ctx.rank == 0:
             print(f"[suite] P={ctx.world_size} {label}: {r['solve_s'] * 1e3:.1f} ms, {r['iterations']} it, "
-                  f"peak {r['peak_mem_bytes'] or 0:.3e} B, corrected {r['corrected_steps']}, reruns {r['reruns']}",
+                  f"peak {r['peak_mem_bytes'] or 0:.3e} B, corrected {r['corrected_steps']}, reruns {r['reruns']}"
+                  + ("".join(f", {k} {v * 1e3:.2f} ms" for k, v in r["phase_s"].items()) if r["phase_s"] else ""),
                   flush=True)
         rows.append(r)
     return rows

@@ -34,11 +34,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from .comm import Communicator
+from .phases import PhaseTimes
 from .pipeline import pipelined_iterations
 from .scan import chunked_scan
 from .shards import ShardLayout, gather_boundary
@@ -81,6 +82,8 @@ class SolveInfo:
     #                           GPUs (asynchronous), for this rank's own pass to finish; not pure communication
     corrected_steps: int = 0  # steps touched by incoming-state corrections on this rank (all iterations)
     reruns: int = 0           # local passes rerun because the correction would have covered too much
+    phase_s: Dict[str, float] = field(default_factory=dict)  # seconds per phase with SEQPAR_PHASE_TIMES set
+    #                                                          (seqpar.phases); empty otherwise
     backward_iterations: Optional[int] = None  # set by the backward pass (defect-correction iterations)
 
     def summary(self) -> str:
@@ -297,6 +300,7 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     from .fallback import handle_non_convergence
 
     t_start = time.perf_counter()
+    phases = PhaseTimes(h0.device)
     n = xp.shape[0]
     B, D = h0.shape
     st = opts.structure
@@ -311,12 +315,13 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     pipe = None
     if PIPELINED and layout.total * B * D >= PIPELINE_MIN_ELEMENTS:
         pipe = pipelined_stepper(cell, st, xp, opts.backend)
+    phases.mark("setup")
     if pipe is not None:
         h, boundary, it = pipelined_iterations(pipe, h, boundary, h0, comm, stopping,
-                                               SummaryExchange(comm, pipe.structure, h0, info))
+                                               SummaryExchange(comm, pipe.structure, h0, info), phases)
     else:
         h, boundary, it = _iterations(LocalPass(cell, xp, opts, chunk), h, boundary, h0, st, comm, stopping,
-                                      SummaryExchange(comm, st, h0, info), info)
+                                      SummaryExchange(comm, st, h0, info), info, phases)
     info.iterations = it
     info.residual = info.residuals[-1]
     if info.converged and P > 1:
@@ -332,14 +337,17 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     info.newton_converged = info.converged
     if not info.converged:
         h, boundary = handle_non_convergence(cell, xp, h0, h, boundary, opts, comm, layout, info)
+    phases.mark("finish")
+    info.phase_s = phases.times
     info.wall_time_s = time.perf_counter() - t_start
     return h, info, boundary
 
 
 def _iterations(local: "LocalPass", h, boundary, h0, st: Structure, comm: Communicator, stopping: "_Stopping",
-                exchange: SummaryExchange, info: SolveInfo):
+                exchange: SummaryExchange, info: SolveInfo, phases: Optional[PhaseTimes] = None):
     """The reference loop (any cell): local pass from the guessed incoming state, exchange, correction.
-    Returns ``(h, boundary, iterations)``."""
+    Returns ``(h, boundary, iterations)``; ``phases`` (:class:`seqpar.phases.PhaseTimes`) times its parts."""
+    phases = phases or PhaseTimes(mode="")
     n, B, D = h.shape
     P = comm.world_size
     spare: Optional[torch.Tensor] = None
@@ -348,17 +356,21 @@ def _iterations(local: "LocalPass", h, boundary, h0, st: Structure, comm: Commun
         start = boundary  # rank 0: h0, exact; others: a guess, corrected after the exchange
         out, res_local, phi = local(h, boundary, start, out=spare, want_summary=P > 1) if n else \
             (h, h0.new_zeros(1), st.identity((B,), D, h0.dtype, h0.device) if P > 1 else None)
+        phases.mark("pass")
         if P > 1:
             c = (out[-1] - st.matvec(phi, start)) if n else h0.new_zeros(B, D)
             all_res = exchange.gather(phi, c, res_local)
         else:
             all_res = res_local
-        res = all_res.max() if P > 1 else all_res  # one element on one rank: no reduction launch
-        if stopping.record(it, float(res)):  # one host sync per iteration; max propagates NaN
+        res = float(all_res.max() if P > 1 else all_res)  # one host sync per iteration; max propagates NaN
+        phases.mark("exchange")
+        if stopping.record(it, res):  # one element on one rank: no reduction launch
             break
         if P > 1:
             beta = exchange.incoming()
+            phases.mark("incoming")
             local.correct(h, boundary, out, start, beta, info)
+            phases.mark("correct")
             boundary = beta
         if n:
             h, spare = out, h

@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from .phases import PhaseTimes
 from .scan import jacobian_product
 from .structure import Structure
 
@@ -91,13 +92,13 @@ def shard_summary(sum_a: torch.Tensor, sum_c: torch.Tensor, st: Structure, B: in
 
 
 def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor, h0: torch.Tensor,
-                         comm, stopping, exchange) -> tuple:
+                         comm, stopping, exchange, phases: Optional[PhaseTimes] = None) -> tuple:
     """Newton iterations on this rank's shard ``h`` (n, B, D) with ``boundary`` (B, D) its state before
     step 0, until ``stopping.record(it, residual)`` says stop.
 
     ``exchange`` (:class:`seqpar.newton.SummaryExchange`, for ``pipe.structure``) all-gathers the shard
     summaries when P > 1.  Returns ``(h, boundary, iterations)``: the last iterate and its state
-    before step 0.
+    before step 0; ``phases`` (:class:`seqpar.phases.PhaseTimes`) times its parts.
 
     On one rank every iterate starts from h0, known before the residual is: the next pass's carries are
     queued right after the pass, before the host waits for the residual, so that after the wait only the
@@ -106,32 +107,43 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
     n, B, D = h.shape
     P = comm.world_size
     dtype = h.dtype
+    phases = phases or PhaseTimes(mode="")
     fused_start = h0 if P == 1 else None  # one rank: every iterate starts from h0, known before each pass
 
     def early_carries(res):
         if P > 1 or not n or not EARLY_CARRIES:
             return None
-        return res.carry if res.carry is not None else pipe.carries(res, h0)
+        carries = res.carry if res.carry is not None else pipe.carries(res, h0)
+        phases.mark("carries")
+        return carries
 
     cur = pipe.first(h, boundary, next_start=fused_start)
+    phases.mark("pass")
     carries = early_carries(cur)
     spare: Optional[torch.Tensor] = None
     it = 0
     while True:
         if P > 1:
-            all_res = exchange.gather(*pipe.compose(cur), cur.stats[:1])
+            summary = pipe.compose(cur)
+            phases.mark("compose")
+            all_res = exchange.gather(*summary, cur.stats[:1])
         else:
             all_res = cur.stats[0]
-        if stopping.record(it, float(all_res.max() if all_res.dim() else all_res)):  # one host sync per iteration
+        res = float(all_res.max() if all_res.dim() else all_res)  # one host sync per iteration
+        phases.mark("exchange")
+        if stopping.record(it, res):
             break
         if P > 1:
             start = exchange.incoming().to(dtype)
+            phases.mark("incoming")
         else:
             start = h0
         if n:
             if carries is None:
                 carries = cur.carry if cur.carry is not None else pipe.carries(cur, start)
+                phases.mark("carries")
             cur = pipe.step(h, boundary, cur, carries, start, out=spare, next_start=fused_start)
+            phases.mark("pass")
             h, spare = cur.out, h
             carries = early_carries(cur)
         boundary = start
