@@ -53,6 +53,17 @@ def float64_residual(m: torch.nn.GRU, x, h0, states) -> float:
     return worst
 
 
+def time_variant(row: dict, key: str, fn, ref: torch.Tensor, reps: int) -> None:
+    """``row[key + "_ms"]``: CUDA-event median of ``fn()`` (which returns its result tensor);
+    ``row[key + "_maxdiff"]``: that result's largest difference from ``ref``; a variant that fails
+    (a tile that does not compile is a result too) is recorded as ``row[key + "_error"]``."""
+    try:
+        row[f"{key}_ms"] = event_ms(fn, reps)
+        row[f"{key}_maxdiff"] = float((fn() - ref).abs().max())
+    except Exception as e:  # noqa: BLE001
+        row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
+
+
 def cudnn_ms(m: torch.nn.GRU, x, h0, reps: int) -> float:
     def run():
         h = h0.unsqueeze(0)
@@ -111,35 +122,20 @@ def main():
             y_ref = y.clone()
             for lt in a.linear_tiles.split(","):
                 tl4 = tuple(int(v) for v in lt.split(":"))
-                try:
-                    row[f"mm_tf32x3_{lt}_ms"] = event_ms(lambda: linear(hp, W, b, out=y, tiles=tl4), a.reps)
-                    row[f"mm_tf32x3_{lt}_maxdiff"] = float((y - y_ref).abs().max())
-                except Exception as e:  # noqa: BLE001 -- a tile that does not compile is a result too
-                    row[f"mm_tf32x3_{lt}_error"] = f"{type(e).__name__}: {e}"[:300]
+                time_variant(row, f"mm_tf32x3_{lt}", lambda: linear(hp, W, b, out=y, tiles=tl4), y_ref, a.reps)
             hp = y = y_ref = gemm = None
             # the fused kernel's tile (with the GEMM before it) instead of the TILES entry for B * D lanes
             for kt in (a.kernel_tiles.split(",") if a.kernel_tiles else []):
                 tt, bn, wp, lw = (int(v) for v in kt.split(":"))
-                fn = (lambda tt=tt, bn=bn, wp=wp, lw=lw: k.fused_gru_quasi_step(
-                    h, xp, w, b, bnd, recurrent="gemm", block_t=tt, block_n=bn, num_warps=wp, lookback_w=lw))
-                try:
-                    got = fn()[0]
-                    row[f"gemm_tile_{kt}_ms"] = event_ms(fn, a.reps)
-                    row[f"gemm_tile_{kt}_maxdiff"] = float((got - ref).abs().max())
-                except Exception as e:  # noqa: BLE001 -- a tile that does not compile is a result too
-                    row[f"gemm_tile_{kt}_error"] = f"{type(e).__name__}: {e}"[:300]
+                time_variant(row, f"gemm_tile_{kt}", lambda: k.fused_gru_quasi_step(
+                    h, xp, w, b, bnd, recurrent="gemm", block_t=tt, block_n=bn, num_warps=wp, lookback_w=lw)[0],
+                    ref, a.reps)
             min_bytes = T * B * D * 4 * 5  # read h, xp (3D), write the new iterate
             row["min_bytes_ms_at_4.3TBps"] = min_bytes / 4.3e12 * 1e3
             for prec in a.precisions.split(","):
                 for tt, wp in tiles:
-                    fn = (lambda tt=tt, wp=wp, prec=prec: k.fused_gru_quasi_step(
-                        h, xp, w, b, bnd, recurrent="dot", block_t=tt, num_warps=wp, precision=prec))
-                    try:
-                        got = fn()[0]
-                        row[f"dot_{prec}_{tt}x{wp}_ms"] = event_ms(fn, a.reps)
-                        row[f"dot_{prec}_{tt}x{wp}_maxdiff"] = float((got - ref).abs().max())
-                    except Exception as e:  # noqa: BLE001 -- a tile that does not compile is a result too
-                        row[f"dot_{prec}_{tt}x{wp}_error"] = f"{type(e).__name__}: {e}"[:300]
+                    time_variant(row, f"dot_{prec}_{tt}x{wp}", lambda: k.fused_gru_quasi_step(
+                        h, xp, w, b, bnd, recurrent="dot", block_t=tt, num_warps=wp, precision=prec)[0], ref, a.reps)
             print(row, flush=True)
             res["iteration"].append(row)
             h = ref = None  # free before the solves

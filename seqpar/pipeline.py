@@ -110,12 +110,14 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
     phases = phases or PhaseTimes(mode="")
     fused_start = h0 if P == 1 else None  # one rank: every iterate starts from h0, known before each pass
 
-    def early_carries(res):
-        if P > 1 or not n or not EARLY_CARRIES:
-            return None
-        carries = res.carry if res.carry is not None else pipe.carries(res, h0)
+    def carries_from(res, start):
+        """The next pass's carries: the pass's own (fused) or a scan of its summaries from ``start``."""
+        carries = res.carry if res.carry is not None else pipe.carries(res, start)
         phases.mark("carries")
         return carries
+
+    def early_carries(res):
+        return carries_from(res, h0) if P == 1 and n and EARLY_CARRIES else None
 
     cur = pipe.first(h, boundary, next_start=fused_start)
     phases.mark("pass")
@@ -140,8 +142,7 @@ def pipelined_iterations(pipe: Pipeline, h: torch.Tensor, boundary: torch.Tensor
             start = h0
         if n:
             if carries is None:
-                carries = cur.carry if cur.carry is not None else pipe.carries(cur, start)
-                phases.mark("carries")
+                carries = carries_from(cur, start)
             cur = pipe.step(h, boundary, cur, carries, start, out=spare, next_start=fused_start)
             phases.mark("pass")
             h, spare = cur.out, h
