@@ -49,8 +49,18 @@ by a ``debug_barrier`` before its threads' (volatile, L1-bypassing) loads of the
 Tile shape, warps and window per lane count come from each kernel module's
 ``TILES`` table (:func:`pick_tiles`; explicit arguments override it).
 """
+import os
+
 import triton
 import triton.language as tl
+
+# Compiled kernels (not the interpreter, which runs no PTX): exp and reciprocal as single PTX
+# approximations that flush denormals (ex2.approx.ftz, rcp.approx.ftz; ~2 ulp and 1 ulp, as the
+# non-ftz forms).  The non-ftz forms cost four more instructions each for their denormal range fix-ups:
+# in the narrow pipelined DiagGRU pass (six exps and seven divisions per state) about a quarter of all
+# instructions.  No argument here is denormal but exp's underflow, which flushes to 0.
+FAST_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -74,15 +84,35 @@ def last_row(x, rows, TT: tl.constexpr):
 
 
 @triton.jit
+def exp_fast(x):
+    """e^x (float32): ``ex2.approx.ftz`` of x log2(e) when compiled (:data:`FAST_PTX`), else ``tl.exp``."""
+    if FAST_PTX:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x.to(tl.float32) * LOG2E],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x.to(tl.float32))
+
+
+@triton.jit
+def rcp_fast(x):
+    """1 / x (float32): ``rcp.approx.ftz`` (1 ulp) when compiled (:data:`FAST_PTX`), else IEEE; 1/inf = 0."""
+    if FAST_PTX:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x.to(tl.float32)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / x.to(tl.float32)
+
+
+@triton.jit
 def sigmoid(x):
-    """1 / (1 + e^-x) with the fast (approximate, ~2 ulp) division instead of IEEE division."""
-    return tl.fdiv(tl.full(x.shape, 1.0, tl.float32), 1.0 + tl.exp(-x), ieee_rounding=False)
+    """1 / (1 + e^-x) with the approximate exp and reciprocal (:func:`exp_fast`, :func:`rcp_fast`)."""
+    return rcp_fast(1.0 + exp_fast(-x))
 
 
 @triton.jit
 def tanh(x):
-    """1 - 2 / (e^2x + 1), fast division; saturates correctly to +-1 for large |x|."""
-    return 1.0 - tl.fdiv(tl.full(x.shape, 2.0, tl.float32), tl.exp(2.0 * x) + 1.0, ieee_rounding=False)
+    """1 - 2 / (e^2x + 1), approximate exp and reciprocal; saturates correctly to +-1 for large |x|."""
+    return 1.0 - 2.0 * rcp_fast(exp_fast(2.0 * x) + 1.0)
 
 
 # tl.dot input precisions by code (a constexpr int keeps the kernels' signatures numeric)

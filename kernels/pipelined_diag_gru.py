@@ -32,7 +32,9 @@ minimum bytes of a Newton iteration, plus ``4 / R`` of a state for the prefixes
 A first, summary-only pass (``first_pass``) starts the pipeline from the
 initial guess.
 
-Shapes: ``h`` (T, B, D), ``xp`` (T, B, 3D), ``weight_hh`` (3D,), ``bias_hh``
+Shapes: ``h`` (T, B, D), ``xp`` (T, B, 3D) of any strides (one lane's gate g at channel g * D + d; the
+gate-major layout of :meth:`seqpar.cells.GRU.project_inputs` at D = 1 makes every gate's load
+contiguous across lanes), ``weight_hh`` (3D,), ``bias_hh``
 (3D,) or None, boundaries (B, D); group prefixes float32 (n_runs, B*D) with
 ``n_runs = ceil(T / R)``; carries (n_groups, B*D), ``n_groups = ceil(n_runs / S)``.
 Reference: :func:`pipelined_step_reference` (and
@@ -46,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gru_f_jdiag
+from ._common import gru_f_jdiag, rcp_fast
 
 # Run length, lanes per program and warps by lane count N = B * D (first key >= N; "wide" beyond).
 # Runs of R steps: the summaries cost 2/R of a state per pass, and T * N / R threads must fill the GPU
@@ -86,15 +88,16 @@ def _gru_f_jdiag(hp, xr, xz, xn, wr, wz, wn, br, bz, bn):
 
 
 @triton.jit
-def _load_step(H, XP, t0, k, R: tl.constexpr, T, N, D, lanes, xcol, m0):
-    """h and the three projected gate inputs of step ``k`` of every run (zeros past the run / T)."""
+def _load_step(H, XP, t0, k, R: tl.constexpr, T, N, XT, XG, lanes, xcol, m0):
+    """h and the three projected gate inputs of step ``k`` of every run (zeros past the run / T):
+    gate g of a lane at ``XP + t * XT + xcol + g * XG``."""
     t = t0 + k
     m = m0 & ((t < T) & (k < R))[:, None]
-    xo = t[:, None] * (3 * N) + xcol
+    xo = t[:, None] * XT + xcol
     hk = tl.load(H + t[:, None] * N + lanes[None, :], mask=m, other=0.0).to(tl.float32)
     xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
-    xz = tl.load(XP + xo + D, mask=m, other=0.0).to(tl.float32)
-    xn = tl.load(XP + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+    xz = tl.load(XP + xo + XG, mask=m, other=0.0).to(tl.float32)
+    xn = tl.load(XP + xo + 2 * XG, mask=m, other=0.0).to(tl.float32)
     return hk, xr, xz, xn
 
 
@@ -106,7 +109,7 @@ def _compose(a1, c1, a2, c2):
 
 @triton.jit
 def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, SumA, SumC, Res,
-                               Counter, NextSt, NextCarry, Stats, T, D, N, n_runs, NPROG,
+                               Counter, NextSt, NextCarry, Stats, T, D, N, n_runs, NPROG, XT, XB, XC,
                                R: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr,
                                FIRST: tl.constexpr, FUSE: tl.constexpr, TB: tl.constexpr, TCH: tl.constexpr):
     """Program (pid_r, pid_n): group ``pid_r`` (runs ``pid_r * S + [0, S)``) x lanes ``pid_n * BN + [0, BN)``.
@@ -133,7 +136,8 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
     br = tl.load(BH + d, mask=lmask, other=0.0)[None, :]
     bz = tl.load(BH + D + d, mask=lmask, other=0.0)[None, :]
     bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)[None, :]
-    xcol = ((lanes // D) * (3 * D) + d)[None, :]
+    xcol = ((lanes // D).to(tl.int64) * XB + d * XC)[None, :]  # xp of lane (b, d), gate 0: b * XB + d * XC
+    XG = D * XC
     t0 = runs.to(tl.int64) * R                     # first step of each run (S,)
     first_run = (runs == 0)[:, None]
     hk_prev = tl.load(H + (t0 - 1)[:, None] * N + lanes[None, :], mask=m0 & (t0 > 0)[:, None], other=0.0)
@@ -151,9 +155,9 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
     fmx = tl.zeros([S, BN], tl.float32)
     # software prefetch: the loads of the next PF steps are in flight while a step is computed
     # (the store to Out between steps would otherwise keep the compiler from hoisting them)
-    ha, ra, za, na = _load_step(H, XP, t0, 0, R, T, N, D, lanes, xcol, m0)
+    ha, ra, za, na = _load_step(H, XP, t0, 0, R, T, N, XT, XG, lanes, xcol, m0)
     if PF == 2:
-        hb, rb, zb, nb = _load_step(H, XP, t0, 1, R, T, N, D, lanes, xcol, m0)
+        hb, rb, zb, nb = _load_step(H, XP, t0, 1, R, T, N, XT, XG, lanes, xcol, m0)
     for k in range(R):
         t = t0 + k
         m = m0 & (t < T)[:, None]
@@ -161,11 +165,11 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
         hk, xr, xz, xn = ha, ra, za, na
         if PF == 2:
             ha, ra, za, na = hb, rb, zb, nb
-            hb, rb, zb, nb = _load_step(H, XP, t0, k + 2, R, T, N, D, lanes, xcol, m0)
+            hb, rb, zb, nb = _load_step(H, XP, t0, k + 2, R, T, N, XT, XG, lanes, xcol, m0)
         elif PF == 1:
-            ha, ra, za, na = _load_step(H, XP, t0, k + 1, R, T, N, D, lanes, xcol, m0)
+            ha, ra, za, na = _load_step(H, XP, t0, k + 1, R, T, N, XT, XG, lanes, xcol, m0)
         else:
-            hk, xr, xz, xn = _load_step(H, XP, t0, k, R, T, N, D, lanes, xcol, m0)
+            hk, xr, xz, xn = _load_step(H, XP, t0, k, R, T, N, XT, XG, lanes, xcol, m0)
         if FIRST:
             hc = hk
             hp = hk_prev
@@ -182,7 +186,7 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
         A = j2 * A
         C = j2 * C + tl.where(m, f2 - j2 * hp, 0.0)
         fab = tl.where(m, tl.abs(f2), 0.0)
-        r = tl.fdiv(tl.abs(hc - f2), tl.maximum(fab, 1.0), ieee_rounding=False)  # ~2 ulp: a residual
+        r = tl.abs(hc - f2) * rcp_fast(tl.maximum(fab, 1.0))  # 1 ulp: a residual
         r = tl.where(m, tl.where(r == r, r, float("inf")), 0.0)  # NaN -> inf: reported as divergence
         rel = tl.maximum(rel, r)
         fmx = tl.maximum(fmx, tl.where(fab == fab, fab, float("inf")))
@@ -354,7 +358,7 @@ def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: R
         return PassResult(None if first else (torch.empty_like(h) if out is None else out), sums[0], sums[1],
                           torch.zeros(2, dtype=torch.float32, device=dev), cfg.s)
     w, bh = prepare_weights(w, bh)  # no-ops when prepared once per solve
-    h, xp, boundary = h.contiguous(), xp.contiguous(), boundary.contiguous()
+    h, boundary = h.contiguous(), boundary.contiguous()  # xp: any strides (e.g. gate-major, see GRU)
     grid = (triton.cdiv(n_runs, cfg.s), triton.cdiv(N, cfg.bn))
     n_prog = grid[0] * grid[1]
     part = torch.empty(2, n_prog, dtype=torch.float32, device=dev)
@@ -374,7 +378,7 @@ def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: R
         fuse_args = (part, boundary, part, part)  # not read
     _pipelined_diag_gru_kernel[grid](
         h, xp, w, bh, boundary, prev_a, prev_c, carry_arg, start_arg, out_arg, sums[0], sums[1], part,
-        *fuse_args, T, D, N, n_runs, n_prog, R=cfg.r, S=cfg.s, BN=cfg.bn, PF=cfg.prefetch, FIRST=first,
+        *fuse_args, T, D, N, n_runs, n_prog, *xp.stride(), R=cfg.r, S=cfg.s, BN=cfg.bn, PF=cfg.prefetch, FIRST=first,
         FUSE=fuse, TB=min(FUSE_TB, triton.next_power_of_2(N)), TCH=FUSE_TCH, num_warps=cfg.warps)
     if fuse:
         return PassResult(None if first else out, sums[0], sums[1], stats, cfg.s, next_carry)

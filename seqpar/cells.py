@@ -229,12 +229,20 @@ class _TorchWeightsCell(Cell):
         return {}
 
     fold_bias_hh = False  # cells whose b_hh only adds to the input projection fold it in there
+    # one unit, one input feature: project into a gate-major layout, (T, G, B) in memory viewed as
+    # (T, B, G), so the kernels' per-gate loads are contiguous across the batch (the row-major (T, B, G)
+    # layout strides them by G); for cells whose kernels take xp of any strides
+    gate_major_inputs = False
 
     def project_inputs(self, inputs):
         w = self.weight_ih.to(inputs.dtype)
         if w.shape[1] == 1:  # one input feature: a broadcast multiply-add, not a K=1 GEMM
             b = _cast(self.bias_ih, inputs)   # (cuBLAS takes ~60-160 us for (1.6M x 1) @ (1 x 3) on an H200)
-            xp = inputs * w[:, 0] if b is None else torch.addcmul(b, inputs, w[:, 0])
+            if self.gate_major_inputs and self.hidden_size == 1 and inputs.dim() == 3:
+                x, wg = inputs.transpose(-1, -2), w  # (T, 1, B) against (G, 1): (T, G, B)
+                xp = (x * wg if b is None else torch.addcmul(b[:, None], x, wg)).transpose(-1, -2)
+            else:
+                xp = inputs * w[:, 0] if b is None else torch.addcmul(b, inputs, w[:, 0])
         else:
             xp = F.linear(inputs, w, _cast(self.bias_ih, inputs))
         if self.fold_bias_hh and self.bias_hh is not None:
@@ -296,6 +304,7 @@ class GRU(_TorchWeightsCell):
     """torch.nn.GRU's cell: gates (r, z, n), ``h' = (1 - z) n + z h``."""
 
     gates = 3
+    gate_major_inputs = True  # GRU(1, 1): the pipelined kernel reads xp of any strides
 
     def _gates(self, h_prev, xp):
         H = self.hidden_size
@@ -324,6 +333,7 @@ class GRU(_TorchWeightsCell):
 
     def fused_newton_step(self, structure, xp):
         w, b = self.weight_hh, self.bias_hh
+        xp = xp.contiguous()  # the look-back kernels read row-major xp: one copy per solve, not per pass
         if structure.kind == "dense" and self.hidden_size <= DENSE_KERNEL_MAX_D:
             # exact Newton: gates, J (in registers), residual and the chunked scan in one kernel pair
             from .kernels.fused_dense_gru import fused_dense_gru_step
@@ -429,6 +439,7 @@ class DiagGRU(_TorchWeightsCell):
     gates = 3
     diagonal_recurrence = True
     structure = DIAG
+    gate_major_inputs = True  # D = 1: the pipelined kernel reads xp of any strides
 
     @classmethod
     def from_torch(cls, m, layer: int = 0):  # pragma: no cover - no torch counterpart
@@ -464,6 +475,7 @@ class DiagGRU(_TorchWeightsCell):
         from .kernels.fused_diag_gru import fused_diag_gru_step
 
         w, b = self.weight_hh, self.bias_hh
+        xp = xp.contiguous()  # the look-back kernel reads row-major xp: one copy per solve, not per pass
         return lambda h, bnd, start, out=None, want_summary=False: fused_diag_gru_step(
             h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
 

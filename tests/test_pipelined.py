@@ -75,6 +75,47 @@ def test_pass_matches_float64_reference(T, B, D, run, prefetch):
     _check_pass(T, B, D, run, prefetch, seed=T + D)
 
 
+def _strided(xp, layout):
+    """``xp`` (T, B, 3D) with the same values in another memory layout."""
+    T, B, C = xp.shape
+    if layout == "batch_last":  # (T, 3D, B) in memory: GRU.project_inputs' gate-major layout at D = 1
+        return xp.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "padded":      # rows of 3D + 5 channels, the first 3D used
+        out = torch.full((T, B, C + 5), float("nan"), dtype=xp.dtype, device=xp.device)[..., :C]
+        return out.copy_(xp)
+    raise ValueError(layout)
+
+
+@cpu_only
+@pytest.mark.parametrize("T,B,D,run,layout", [(37, 5, 1, 4, "batch_last"), (16, 2, 1, 8, "batch_last"),
+                                               (29, 3, 4, 4, "batch_last"), (40, 2, 3, 8, "padded")])
+def test_pass_reads_xp_of_any_strides(T, B, D, run, layout):
+    """Strided projected inputs give the contiguous layout's results, bit for bit."""
+    h, xp, w, b, bnd, start = _problem(T, B, D, seed=T)
+    xs = _strided(xp, layout)
+    assert not xs.is_contiguous() and torch.equal(xs, xp)
+    cfg = pk.run_config(T, B * D, run=run)
+    got = []
+    for x in (xp, xs):
+        first = pk.first_pass(h, x, w, b, bnd, cfg)
+        step = pk.pipelined_step(h, x, w, b, bnd, first, pk.scan_groups(first, start), start, cfg=cfg)
+        got.append((first.sum_a, first.sum_c, first.stats, step.out, step.sum_a, step.sum_c, step.stats))
+    for a, s in zip(*got):
+        assert torch.equal(a, s)
+
+
+@pytest.mark.parametrize("cls", [GRU, DiagGRU])
+def test_one_unit_one_feature_projects_gate_major(cls):
+    """GRU / DiagGRU (1 -> 1): xp is a (T, B, 3) view of (T, 3, B) memory, equal to the linear map."""
+    torch.manual_seed(3)
+    cell = cls(1, 1)
+    x = torch.randn(11, 4, 1)
+    xp = cell.project_inputs(x)
+    assert xp.shape == (11, 4, 3) and xp.stride() == (12, 1, 4)
+    assert torch.allclose(xp, torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih), atol=1e-6)
+    assert cls(1, 2).project_inputs(torch.randn(5, 4, 1)).is_contiguous()  # two units: row-major
+
+
 @cpu_only
 @pytest.mark.parametrize("T,B,D,run,group", [(37, 3, 5, 4, 1), (61, 1, 3, 2, 4), (45, 2, 2, 4, 16), (8, 1, 1, 1, 8)])
 def test_pass_with_run_groups_matches_float64_reference(T, B, D, run, group):
@@ -233,14 +274,17 @@ def _solve_both(cell, x, jacobian, h0=None):
 
 
 @cpu_only
-@pytest.mark.parametrize("cell_kind,D,jacobian,T,B", [
-    ("diag", 5, "auto", 203, 3), ("diag", 1, "diag", 1, 1), ("gru", 1, "dense", 77, 4), ("gru", 1, "diag", 130, 1),
-    ("gru", 4, "dense", 150, 3), ("gru", 3, "diag", 97, 2), ("gru", 2, "dense", 1, 1),
+@pytest.mark.parametrize("cell_kind,D,jacobian,T,B,I", [
+    ("diag", 5, "auto", 203, 3, 3), ("diag", 1, "diag", 1, 1, 3), ("gru", 1, "dense", 77, 4, 3),
+    ("gru", 1, "diag", 130, 1, 3), ("gru", 4, "dense", 150, 3, 3), ("gru", 3, "diag", 97, 2, 3),
+    ("gru", 2, "dense", 1, 1, 3),
+    # one input feature, one unit: gate-major projected inputs (strided xp into the kernels)
+    ("gru", 1, "dense", 83, 5, 1), ("diag", 1, "diag", 61, 3, 1), ("gru", 1, "diag", 1, 1, 1),
 ])
-def test_solve_matches_reference_loop_and_sequential(cell_kind, D, jacobian, T, B):
+def test_solve_matches_reference_loop_and_sequential(cell_kind, D, jacobian, T, B, I):
     torch.manual_seed(T + D)
-    cell = DiagGRU(3, D) if cell_kind == "diag" else GRU(3, D)
-    x = torch.randn(T, B, 3)
+    cell = DiagGRU(I, D) if cell_kind == "diag" else GRU(I, D)
+    x = torch.randn(T, B, I)
     h0 = 0.3 * torch.randn(B, D)
     got = _solve_both(cell, x, jacobian, h0)
     (s1, i1, log1), (s0, i0, log0) = got[True], got[False]
@@ -248,7 +292,7 @@ def test_solve_matches_reference_loop_and_sequential(cell_kind, D, jacobian, T, 
     assert [it for it, _ in log1] == [it for it, _ in log0]
     for a, b in zip(i1.residuals, i0.residuals):
         assert abs(a - b) <= 1e-3 * max(a, b) + 1e-6
-    c64 = type(cell)(3, D).double()
+    c64 = type(cell)(I, D).double()
     c64.load_state_dict(cell.state_dict())
     with torch.no_grad():
         ref = newton.sequential_states(c64, c64.project_inputs(x.double()), h0.double())

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Pipelined DiagGRU passes at a narrow width: device time per pass, and a target for ncu.
+
+    python benchmarks/profile_pipelined.py --batch 16 --dim 1 [--row-major] [--run 32 --prefetch 2 ...]
+    ncu --clock-control none --section SpeedOfLight --section WarpStateStats \\
+        -k regex:_pipelined_diag_gru -s 2 -c 1 python benchmarks/profile_pipelined.py --repeats 3
+
+The projected inputs come from ``DiagGRU(--inputs, D).project_inputs`` (gate-major at one input feature and
+D = 1); ``--row-major`` copies them to the row-major layout.  The table's launch shape
+(``kernels.pipelined_diag_gru.run_config``) unless --run/--block-n/--runs-per-program/--warps/--prefetch
+override it.  Prints the median device time of one pass and of one iteration (pass + group scan), ten
+back-to-back calls replayed from a CUDA graph (``common.graph_ms``), against the minimum-bytes time at
+--gbps (20 bytes per state).
+"""
+import argparse
+
+import torch
+
+import common  # noqa: F401
+from common import graph_ms
+from seqpar.cells import DiagGRU
+from seqpar.kernels import pipelined_diag_gru as k
+from seqpar.problems import parse_count
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--batch", type=int, default=16)
+p.add_argument("--dim", type=int, default=1)
+p.add_argument("--inputs", type=int, default=1)
+p.add_argument("--steps", default="1M")
+p.add_argument("--row-major", action="store_true")
+p.add_argument("--run", type=int, default=None)
+p.add_argument("--block-n", type=int, default=None)
+p.add_argument("--runs-per-program", type=int, default=None)
+p.add_argument("--warps", type=int, default=None)
+p.add_argument("--prefetch", type=int, default=None)
+p.add_argument("--repeats", type=int, default=11)
+p.add_argument("--gbps", type=float, default=4230.0)
+a = p.parse_args()
+T, B, D = parse_count(a.steps), a.batch, a.dim
+torch.manual_seed(0)
+cell = DiagGRU(a.inputs, D).cuda()
+cfg = k.run_config(T, B * D, a.run, a.block_n, a.runs_per_program, a.warps, a.prefetch)
+with torch.no_grad():
+    xp = cell.project_inputs(torch.randn(T, B, a.inputs, device="cuda"))
+    if a.row_major:
+        xp = xp.contiguous()
+    h = torch.randn(T, B, D, device="cuda") * 0.3
+    bnd = torch.zeros(B, D, device="cuda")
+    w, b = k.prepare_weights(cell.weight_hh, cell.bias_hh)
+    res = k.first_pass(h, xp, w, b, bnd, cfg)
+    carry = k.scan_groups(res, bnd)
+    out = torch.empty_like(h)
+    one_pass = lambda: k.pipelined_step(h, xp, w, b, bnd, res, carry, bnd, out=out, cfg=cfg)  # noqa: E731
+    pass_ms = graph_ms(one_pass, a.repeats)
+    it_ms = graph_ms(lambda: k.scan_groups(one_pass(), bnd), a.repeats)
+min_ms = 20 * T * B * D / a.gbps / 1e6
+print(f"B={B} D={D} T={T} xp strides {tuple(xp.stride())} cfg={tuple(cfg)}: pass {pass_ms:.4f} ms, "
+      f"iteration {it_ms:.4f} ms = {it_ms / min_ms:.2f}x min bytes ({min_ms:.4f} ms)", flush=True)
