@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from . import graphs
 from .comm import Communicator
 from .phases import PhaseTimes
 from .pipeline import pipelined_iterations
@@ -55,9 +56,11 @@ CORRECTION_CAP_FRACTION = 8           # correct at most n / 8 steps (and at leas
 CORRECTION_MIN_CAP = 8192
 PIPELINED = True                      # use a cell's pipelined kernel (seqpar.pipeline) where it has one ...
 # ... for sequences of at least this many states (T * B * D of the whole sequence, the same on every rank):
-# below it the look-back kernel's single launch per iteration wins (host-bound; run 31, H200: GRU(1, 1), B=16:
-# T=100k 0.96 ms look-back vs 1.08 ms pipelined; DiagGRU D=4, T=100k: 1.51 vs 1.22 ms)
-PIPELINE_MIN_ELEMENTS = 2**22
+# below it the look-back kernel's single launch per iteration wins (host-bound).  Run 31 (H200) put this at
+# 2^22 (GRU(1, 1), B=16, T=100k: 0.96 ms look-back vs 1.08 ms pipelined).  Since the pipelined pass got
+# faster and one-rank solves replay CUDA graphs (seqpar.graphs), run 55 measured that solve at 1.25 ms
+# pipelined vs 1.55 ms look-back eager, 0.58 vs 0.85 ms with graphs: 2^20.
+PIPELINE_MIN_ELEMENTS = 2**20
 
 
 @dataclass
@@ -306,22 +309,25 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
     st = opts.structure
     P = comm.world_size
     chunk = opts.chunk_size or auto_chunk(st, B, D, h0.dtype, device=h0.device)
-    h = initial_guess.to(h0.dtype).clone() if initial_guess is not None else h0.new_zeros(n, B, D)
     layout = ShardLayout.exchange(comm, n, h0.device)
-    boundary = gather_boundary(comm, h, h0)  # the initial iterate's state before this shard
     info = SolveInfo(converged=False, iterations=0, residual=math.nan, jacobian=st.describe(), tol=opts.tol,
                      world_size=P, seq_len=layout.total)
     stopping = _Stopping(opts, info)
-    pipe = None
-    if PIPELINED and layout.total * B * D >= PIPELINE_MIN_ELEMENTS:
-        pipe = pipelined_stepper(cell, st, xp, opts.backend)
-    phases.mark("setup")
-    if pipe is not None:
-        h, boundary, it = pipelined_iterations(pipe, h, boundary, h0, comm, stopping,
-                                               SummaryExchange(comm, pipe.structure, h0, info), phases)
+    pipelined = PIPELINED and layout.total * B * D >= PIPELINE_MIN_ELEMENTS
+    graphed = graphs.graphed_loop(cell, st, xp, h0, opts, chunk, pipelined) if P == 1 else None
+    if graphed is not None:  # one rank, a short solve seen before: its iterations replayed from CUDA graphs
+        h, boundary, it = graphed.run(xp, h0, initial_guess, stopping, phases)
     else:
-        h, boundary, it = _iterations(LocalPass(cell, xp, opts, chunk), h, boundary, h0, st, comm, stopping,
-                                      SummaryExchange(comm, st, h0, info), info, phases)
+        h = initial_guess.to(h0.dtype).clone() if initial_guess is not None else h0.new_zeros(n, B, D)
+        boundary = gather_boundary(comm, h, h0)  # the initial iterate's state before this shard
+        pipe = pipelined_stepper(cell, st, xp, opts.backend) if pipelined else None
+        phases.mark("setup")
+        if pipe is not None:
+            h, boundary, it = pipelined_iterations(pipe, h, boundary, h0, comm, stopping,
+                                                   SummaryExchange(comm, pipe.structure, h0, info), phases)
+        else:
+            h, boundary, it = _iterations(LocalPass(cell, xp, opts, chunk), h, boundary, h0, st, comm, stopping,
+                                          SummaryExchange(comm, st, h0, info), info, phases)
     info.iterations = it
     info.residual = info.residuals[-1]
     if info.converged and P > 1:

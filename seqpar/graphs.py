@@ -1,0 +1,213 @@
+"""CUDA graphs of one rank's Newton iterations: short solves without per-kernel launch costs.
+
+A short solve on one GPU (e.g. GRU(1, 1), B = 16, T = 100k: ~0.2 ms of device work) is bound by
+the host: every iteration launches a pass and its carry scan (5-10 launches with their torch ops,
+~100-200 us of host time) and then waits for the residual.  Here, on one rank, those launches are
+captured once into CUDA graphs and replayed: one graph launch per iteration instead, and the same
+host read of the residual per iteration, so the iterates, residuals, iteration counts and stopping
+decisions are those of the eager loops (:func:`seqpar.pipeline.pipelined_iterations`,
+``seqpar.newton._iterations``).
+
+Graphs need fixed addresses, so a :class:`GraphedLoop` owns static buffers: the projected inputs
+``xp`` (T, B, G) (same strides as the caller's), ``h0`` (B, D) and two iterate buffers (T, B, D),
+and binds the cell's kernels to them.  A solve copies its ``xp``, ``h0`` and initial guess in,
+replays, and returns a copy of the final iterate.  The iterate ``h^k`` lives in buffer ``k % 2``;
+the graph of iteration k reads it and writes ``h^{k+1}`` into the other buffer.
+
+* Pipelined loop (``first``, ``odd``, ``even`` graphs): the first pass summarises ``h^0``; the graph of
+  iteration k >= 1 (odd or even k) runs the pass from ``h^{k-1}`` plus the next carries.  The even graph
+  copies its small results (summaries, residual, carries) into the first graph's, which the odd
+  graph reads.
+* Look-back loop (two graphs): the pass of iteration k reads ``h^k`` and writes ``h^{k+1}``.
+
+When (:func:`graphed_loop`): one rank (the caller checks), a CUDA device, the Triton backend with a
+fused or pipelined kernel for the cell, at most ``GRAPH_MAX_ELEMENTS`` states.  The first solve of a
+key (cell and its parameters' storage and versions, shapes, strides, dtypes, linearisation, loop)
+runs eagerly (it also compiles the kernels); the second captures; later ones replay.  An in-place
+change of a parameter (an optimizer step) changes the key, so a training loop keeps the eager path;
+a capture that fails leaves that key eager.  ``GRAPH_CACHE_SIZE`` keys hold graphs (least recently
+used dropped); ``SEQPAR_CUDA_GRAPHS=0`` or ``seqpar.graphs.ENABLED = False`` turns it all off,
+:func:`clear` frees the held buffers.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+
+ENABLED = os.environ.get("SEQPAR_CUDA_GRAPHS", "1") not in ("0", "", "false", "off")
+GRAPH_MAX_ELEMENTS = 2**23  # T * B * D: static buffers of about 20 bytes per state are held per key
+GRAPH_CACHE_SIZE = 2
+SEEN_SIZE = 16
+DEVICE_TYPES = ("cuda",)
+
+_graphs: "OrderedDict[tuple, Optional[GraphedLoop]]" = OrderedDict()
+_seen: "OrderedDict[tuple, None]" = OrderedDict()
+
+
+class CudaGraph:
+    """One captured function: ``capture(fn)`` records ``fn()`` (returns its outputs, which live at
+    fixed addresses), ``replay()`` reruns it.  Tests substitute an eager stand-in."""
+
+    def __init__(self, pool):
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
+
+    def capture(self, fn: Callable):
+        side = torch.cuda.Stream()  # a warm-up run off the capture first (lazy initialisation, loading)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            return fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+Graph = CudaGraph
+new_pool = torch.cuda.graph_pool_handle
+
+
+def clear() -> None:
+    """Drop every held graph and its buffers (and the record of keys seen once)."""
+    _graphs.clear()
+    _seen.clear()
+
+
+def _key(cell, structure, xp, h0, opts, chunk: int, pipelined: bool) -> tuple:
+    tensors = list(cell.parameters()) + list(cell.buffers())
+    return (id(cell), type(cell), tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors),
+            tuple(xp.shape), xp.stride(), xp.dtype, h0.dtype, str(xp.device), structure.describe(), opts.backend,
+            chunk, pipelined)
+
+
+def graphed_loop(cell, structure, xp: torch.Tensor, h0: torch.Tensor, opts, chunk: int,
+                 pipelined: bool) -> Optional["GraphedLoop"]:
+    """The captured loop for this solve (one rank), or None: run the eager loop (see the module)."""
+    n, B = xp.shape[:2]
+    if (not ENABLED or xp.device.type not in DEVICE_TYPES or opts.backend != "triton" or n == 0
+            or n * B * h0.shape[1] > GRAPH_MAX_ELEMENTS):
+        return None
+    key = _key(cell, structure, xp, h0, opts, chunk, pipelined)
+    if key in _graphs:
+        loop = _graphs[key]
+        _graphs.move_to_end(key)
+        return loop if loop is not None and loop.cell() is cell else None
+    if key not in _seen:  # first solve of this key: eager (and the kernels compile)
+        _seen[key] = None
+        while len(_seen) > SEEN_SIZE:
+            _seen.popitem(last=False)
+        return None
+    try:
+        loop = GraphedLoop(cell, structure, xp, h0, opts, chunk, pipelined)
+    except Exception:  # noqa: BLE001 - not capturable (or no kernel): this key stays eager
+        loop = None
+    _graphs[key] = loop
+    while len(_graphs) > GRAPH_CACHE_SIZE:
+        _graphs.popitem(last=False)
+    return loop
+
+
+def _copy_into(dst, src) -> None:
+    """Copy the tensors of ``src`` into those of ``dst`` (tensors, or tuples of them; None skipped)."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, tuple):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+
+
+class GraphedLoop:
+    """Static buffers and captured iterations of one key (see the module).  ``run`` is the eager
+    loops' ``(h, boundary, iterations)`` for one rank."""
+
+    def __init__(self, cell, structure, xp, h0, opts, chunk: int, pipelined: bool):
+        from .backend import pipelined_stepper
+        from .newton import LocalPass
+
+        self.cell = weakref.ref(cell)
+        self.h0 = h0.new_zeros(h0.shape)
+        n, B = xp.shape[:2]
+        self.h = [h0.new_zeros(n, B, h0.shape[1]), h0.new_zeros(n, B, h0.shape[1])]
+        pool = new_pool()
+        # the pipelined kernels read xp of any strides: the caller's; the look-back steppers may copy
+        # xp to row-major once when they are built, which a graph would keep stale: row-major here
+        self.xp = None
+        if pipelined:
+            self.xp = torch.empty_strided(xp.shape, xp.stride(), dtype=xp.dtype, device=xp.device).zero_()
+        pipe = pipelined_stepper(cell, structure, self.xp, opts.backend) if pipelined else None
+        if pipe is not None:
+            self._capture_pipelined(pipe, pool)
+        else:  # as the eager path: the look-back loop where the cell has no pipelined kernel
+            self.xp = xp.new_zeros(xp.shape)
+            local = LocalPass(cell, self.xp, opts, chunk)
+            if local.fused is None:
+                raise RuntimeError("no fused kernel")
+            self._capture_lookback(local, pool)
+
+    def _carries(self, pipe, res):
+        return res.carry if res.carry is not None else pipe.carries(res, self.h0)
+
+    def _capture_pipelined(self, pipe, pool) -> None:
+        h, h0 = self.h, self.h0
+        first, odd, even = Graph(pool), Graph(pool), Graph(pool)
+
+        def first_pass():
+            res = pipe.first(h[0], h0, next_start=h0)
+            return res, self._carries(pipe, res)
+
+        def step(src: int, res, carries):
+            new = pipe.step(h[src], h0, res, carries, h0, out=h[1 - src], next_start=h0)
+            return new, self._carries(pipe, new)
+
+        res0, car0 = first.capture(first_pass)
+        res1, car1 = odd.capture(lambda: step(0, res0, car0))
+
+        def even_step():
+            new, car = step(1, res1, car1)
+            _copy_into(tuple(res0), tuple(new))  # where the odd graph reads them (res0.out is None)
+            _copy_into(car0, car)
+
+        even.capture(even_step)
+        self.graphs = [first, odd, even]
+        self.stats = [res0.stats, res1.stats]  # the residual of h^k: stats[k % 2]
+
+    def _capture_lookback(self, local, pool) -> None:
+        h, h0 = self.h, self.h0
+        from_0, from_1 = Graph(pool), Graph(pool)
+        _, err0, _ = from_0.capture(lambda: local(h[0], h0, h0, out=h[1]))
+        _, err1, _ = from_1.capture(lambda: local(h[1], h0, h0, out=h[0]))
+        self.graphs = [from_0, from_1]
+        self.stats = [err0, err1]
+
+    def _replay(self, k: int) -> None:
+        """The graph that makes the residual of ``h^k`` (and ``h^{k+1}``) available."""
+        g = self.graphs
+        if len(g) == 3:  # pipelined: first pass, then odd / even iterations
+            g[0 if k == 0 else (1 if k % 2 else 2)].replay()
+        else:
+            g[k % 2].replay()
+
+    def run(self, xp, h0, initial_guess, stopping, phases):
+        """Iterate from ``initial_guess`` (or zeros) until ``stopping.record(k, residual)`` says stop;
+        returns ``(h, h0, k)``: a copy of the last iterate (whose residual was the last recorded)."""
+        self.xp.copy_(xp)
+        self.h0.copy_(h0)
+        if initial_guess is not None:
+            self.h[0].copy_(initial_guess)
+        else:
+            self.h[0].zero_()
+        phases.mark("setup")
+        k = 0
+        while True:
+            self._replay(k)
+            phases.mark("pass")
+            res = float(self.stats[k % 2].reshape(-1)[0])  # one host sync per iteration, as the eager loops
+            phases.mark("exchange")
+            if stopping.record(k, res):
+                return self.h[k % 2].clone(), h0, k
+            k += 1

@@ -1,0 +1,191 @@
+"""CUDA-graph replay of one rank's Newton iterations (seqpar/graphs.py).
+
+On CPU the graphs are replaced by an eager stand-in that reruns the captured function and copies
+its outputs into the captured ones (what fixed addresses give a real graph), so the static
+buffers, the ping-pong of iterates and the first/odd/even bookkeeping run here through the
+interpreted kernels.  Every graphed solve is compared with the eager loop on the same inputs:
+states, iterations and the residual history.  ``-m gpu`` repeats the comparison with real CUDA graphs.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import seqpar  # noqa: E402
+import seqpar.graphs as graphs  # noqa: E402
+import seqpar.newton as newton  # noqa: E402
+from seqpar.cells import GRU, DiagGRU  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class EagerGraph:
+    """CPU stand-in for :class:`seqpar.graphs.CudaGraph`: replay reruns the function and copies its
+    outputs into those of the capture."""
+
+    replays = 0
+
+    def __init__(self, pool):
+        self.fn = self.out = None
+
+    def capture(self, fn):
+        self.fn, self.out = fn, fn()
+        return self.out
+
+    def replay(self):
+        EagerGraph.replays += 1
+        new = self.fn()
+        if self.out is not None:
+            graphs._copy_into(self.out if isinstance(self.out, tuple) else (self.out,),
+                              new if isinstance(new, tuple) else (new,))
+
+
+class FailingGraph(EagerGraph):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    monkeypatch.setattr(graphs, "Graph", EagerGraph)
+    monkeypatch.setattr(graphs, "new_pool", lambda: None)
+    monkeypatch.setattr(graphs, "DEVICE_TYPES", ("cpu", "cuda"))
+    graphs.clear()
+    EagerGraph.replays = 0
+    yield
+    graphs.clear()
+
+
+def _solve(cell, x, enabled, **kw):
+    old = graphs.ENABLED
+    graphs.ENABLED = enabled
+    try:
+        log = []
+        states, info = seqpar.solve(cell, x, backend="triton", return_info=True,
+                                    callback=lambda it, r: log.append((it, r)), **kw)
+    finally:
+        graphs.ENABLED = old
+    return states, info, log
+
+
+def _assert_same(got, want):
+    (s1, i1, l1), (s0, i0, l0) = got, want
+    assert i1.converged == i0.converged and i1.iterations == i0.iterations
+    assert [it for it, _ in l1] == [it for it, _ in l0]
+    assert i1.residuals == pytest.approx(i0.residuals, rel=1e-6, abs=1e-9)
+    assert torch.equal(s1, s0)
+
+
+CASES = [  # cell, T, B, input size, jacobian, pipelined
+    (lambda: DiagGRU(2, 3), 57, 2, 2, "diag", True),
+    (lambda: DiagGRU(2, 3), 57, 2, 2, "diag", False),
+    (lambda: GRU(1, 1), 40, 5, 1, "dense", True),   # gate-major xp, strided static copy
+    (lambda: GRU(1, 1), 33, 3, 1, "dense", False),
+    (lambda: GRU(2, 3), 29, 2, 2, "dense", True),   # small-D dense pipelined kernel
+    (lambda: GRU(2, 3), 1, 1, 2, "diag", False),    # T = 1, B = 1
+]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("make,T,B,I,jacobian,pipelined", CASES)
+def test_graphed_solves_equal_eager(cpu_graphs, monkeypatch, make, T, B, I, jacobian, pipelined):
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0 if pipelined else 10**9)
+    torch.manual_seed(T + I)
+    cell = make()
+    for call in range(4):  # eager (seen), capture + replay, replay, replay: fresh inputs every time
+        x = torch.randn(T, B, I)
+        guess = 0.1 * torch.randn(T, B, cell.hidden_size) if call == 3 else None
+        got = _solve(cell, x, True, jacobian=jacobian, initial_guess=guess)
+        _assert_same(got, _solve(cell, x, False, jacobian=jacobian, initial_guess=guess))
+        assert got[1].converged
+    loop = next(iter(graphs._graphs.values()))
+    assert loop is not None and len(loop.graphs) == (3 if pipelined and T * B > 0 else 2)
+    assert EagerGraph.replays >= 3 * (got[1].iterations + 1)  # calls 1-3 replayed every iteration
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
+def test_in_place_weight_change_is_not_replayed_stale(cpu_graphs, monkeypatch):
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
+    torch.manual_seed(1)
+    cell = DiagGRU(2, 3)
+    x = torch.randn(41, 2, 2)
+    for _ in range(2):
+        _solve(cell, x, True)
+    assert list(graphs._graphs.values())[0] is not None
+    with torch.no_grad():
+        cell.weight_hh.mul_(0.5)  # an optimizer step: same storage, new version
+    for _ in range(3):
+        _assert_same(_solve(cell, x, True), _solve(cell, x, False))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
+def test_unconverged_graphed_solve_is_reported_unconverged(cpu_graphs, monkeypatch):
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
+    torch.manual_seed(2)
+    cell = GRU(1, 1)
+    for _ in range(3):
+        x = torch.randn(64, 4, 1) * 3
+        got = _solve(cell, x, True, max_iter=1, fallback="none")
+        want = _solve(cell, x, False, max_iter=1, fallback="none")
+        _assert_same(got, want)
+        assert not got[1].converged and got[1].residual > got[1].tol
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
+def test_failed_capture_keeps_the_eager_loop(cpu_graphs, monkeypatch):
+    monkeypatch.setattr(graphs, "Graph", FailingGraph)
+    cell = DiagGRU(2, 3)
+    x = torch.randn(30, 2, 2)
+    for _ in range(3):
+        _assert_same(_solve(cell, x, True), _solve(cell, x, False))
+    assert list(graphs._graphs.values()) == [None]
+
+
+def test_cpu_tensors_and_large_solves_are_never_graphed():
+    graphs.clear()
+    cell = DiagGRU(2, 3)
+    opts = newton.NewtonOptions(structure=cell.structure, tol=1e-5, max_iter=5, backend="triton")
+    xp, h0 = torch.zeros(10, 2, 9), torch.zeros(2, 3)
+    for _ in range(3):
+        assert graphs.graphed_loop(cell, cell.structure, xp, h0, opts, 10, False) is None  # CPU
+    assert not graphs._seen and not graphs._graphs
+
+
+def test_cache_keeps_the_most_recent_keys(cpu_graphs, monkeypatch):
+    monkeypatch.setattr(graphs, "GraphedLoop", lambda *a, **k: object())
+    cell = DiagGRU(2, 3)
+    opts = newton.NewtonOptions(structure=cell.structure, tol=1e-5, max_iter=5, backend="triton")
+    h0 = torch.zeros(2, 3)
+    for T in (5, 6, 7):
+        xp = torch.zeros(T, 2, 9)
+        assert graphs.graphed_loop(cell, cell.structure, xp, h0, opts, 10, False) is None  # seen once
+        assert graphs.graphed_loop(cell, cell.structure, xp, h0, opts, 10, False) is not None
+    assert len(graphs._graphs) == graphs.GRAPH_CACHE_SIZE
+    big = torch.zeros(graphs.GRAPH_MAX_ELEMENTS // 6 + 1, 2, 9)
+    assert graphs.graphed_loop(cell, cell.structure, big, h0, opts, 10, False) is None
+    assert graphs.graphed_loop(cell, cell.structure, big, h0, opts, 10, False) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("make,T,B,I,jacobian,pipelined", [
+    (lambda: GRU(1, 1), 100_000, 16, 1, "dense", False), (lambda: GRU(4, 4), 100_000, 16, 4, "dense", True),
+    (lambda: DiagGRU(4, 4), 100_003, 3, 4, "diag", True), (lambda: GRU(16, 16), 20_011, 4, 16, "diag", False),
+])
+def test_gpu_graphed_solves_equal_eager(monkeypatch, make, T, B, I, jacobian, pipelined):
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0 if pipelined else 10**12)
+    graphs.clear()
+    torch.manual_seed(T)
+    cell = make().cuda()
+    for call in range(4):
+        x = torch.randn(T, B, I, device="cuda")
+        got = _solve(cell, x, True, jacobian=jacobian)
+        _assert_same(got, _solve(cell, x, False, jacobian=jacobian))
+        assert got[1].converged
+    assert list(graphs._graphs.values())[0] is not None
+    graphs.clear()
