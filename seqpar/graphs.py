@@ -92,6 +92,8 @@ def graphed_loop(cell, structure, xp: torch.Tensor, h0: torch.Tensor, opts, chun
     if (not ENABLED or xp.device.type not in DEVICE_TYPES or opts.backend != "triton" or n == 0
             or n * B * h0.shape[1] > GRAPH_MAX_ELEMENTS):
         return None
+    if xp.is_cuda and xp.device.index not in (None, torch.cuda.current_device()):
+        return None  # graphs capture on the current device's streams
     key = _key(cell, structure, xp, h0, opts, chunk, pipelined)
     if key in _graphs:
         loop = _graphs[key]
