@@ -81,17 +81,19 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         from .cells import Cell
 
         defer = comm.world_size == 1 and method == "newton" and isinstance(cell, Cell) and trusted_step(cell)
+        # the cell's parameters, walked once per solve (each walk of a module tree costs host time)
+        named_params = list(cell.named_parameters()) if isinstance(cell, Cell) else None
         h0, pending_finite = check_solve_args(cell, inputs, h0, initial_guess, allow_empty=comm.world_size > 1,
-                                              batch_first=batch_first, defer_finite=defer)
+                                              batch_first=batch_first, defer_finite=defer, named_params=named_params)
         if batch_first:  # everything below is time-major
             inputs = inputs.transpose(0, 1)
             if initial_guess is not None:
                 initial_guess = initial_guess.transpose(0, 1)
         structure = resolve_jacobian(jacobian, cell)
         resolved_backend = resolve_backend(backend, inputs.device if torch.is_tensor(inputs) else "cpu")
-        check_cell_tensors_finite(cell)
+        check_cell_tensors_finite(cell, named_params)
         needs_grad = torch.is_grad_enabled() and (
-            inputs.requires_grad or h0.requires_grad or any(p.requires_grad for p in cell.parameters()))
+            inputs.requires_grad or h0.requires_grad or any(p.requires_grad for _, p in named_params))
         if torch.is_grad_enabled() and method == "newton" and hasattr(cell, "check_captured"):
             cell.check_captured()  # captured tensors requiring grad would get no gradient from the adjoint
         if method == "sequential" and comm.world_size > 1 and needs_grad:
@@ -129,7 +131,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
     if opts.tol < min_tol(cdt):  # same on every rank (dtype and tol agree), so no rank is left waiting
         raise ValueError(f"tol={opts.tol:g} is below what {cdt} arithmetic can reach (min {min_tol(cdt):.1e}); "
                          f"use a larger tol or float64 inputs")
-    params = [p for p in cell.parameters() if p.requires_grad]
+    params = [p for _, p in named_params if p.requires_grad]
     info_out: list = []
     args = (cell, opts, comm, info_out, inputs, h0, initial_guess, *params)
     if torch.is_grad_enabled() and (inputs.requires_grad or h0.requires_grad or params):

@@ -156,7 +156,7 @@ def parse_structure(spec, *, name: str = "structure") -> Structure:
             rest = spec[5:].lstrip(":")
             return Structure("block", int(rest) if rest else 2)
         if spec in ("diag", "dense"):
-            return Structure(spec)
+            return DIAG if spec == "diag" else DENSE  # frozen: the shared instances
     raise ValueError(
         f"{name} must be 'diag', 'dense', 'block', 'block:k', ('block', k) or a Structure; got {spec!r}"
     )

@@ -1,6 +1,9 @@
 """Argument checks with errors that name the offending argument."""
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from .structure import Structure, parse_structure
@@ -42,11 +45,16 @@ def check_all_finite(*named, defer: bool = False):
     named = [(n, t) for n, t in named if t is not None and t.numel()]
     if not named:
         return None
-    flags = torch.stack([torch.isfinite(t).all() for _, t in named])
+    # one reduction launch per tensor: NaN / Inf make its sum NaN / Inf; a sum of finite values that
+    # overflows is told apart by the exact check, which runs only when a sum is not finite
+    sums = [t.sum() for _, t in named]
+    sums = sums[0] if len(sums) == 1 else torch.stack(sums)
 
     def raise_if_not_finite():
-        for (name, _), ok in zip(named, flags.tolist()):
-            if not ok:
+        if all(math.isfinite(v) for v in sums.reshape(-1).tolist()):
+            return
+        for name, t in named:
+            if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf")
 
     if defer:
@@ -57,7 +65,6 @@ def check_all_finite(*named, defer: bool = False):
 
 def check_options(tol, max_iter, chunk_size, callback):
     """Scalar options of ``solve``: errors name the argument."""
-    import math
     import numbers
 
     if tol is not None:
@@ -75,7 +82,7 @@ def check_options(tol, max_iter, chunk_size, callback):
         raise TypeError(f"callback must be callable as callback(iteration, residual); got {type(callback).__name__}")
 
 
-def check_cell_tensors_finite(cell):
+def check_cell_tensors_finite(cell, named_params=None):
     """NaN/Inf in any parameter or floating buffer of the cell (one host sync).
 
     A passing check is remembered with each tensor's storage and version counter (bumped by
@@ -83,7 +90,8 @@ def check_cell_tensors_finite(cell):
     (inference, benchmarks) skip the sync; any change re-checks.  Writes through ``tensor.data``
     bypass version counters and are not seen until the next versioned change (a NaN written that way
     still shows as a non-finite residual: the solve is then not reported converged)."""
-    named = [(f"parameter {n!r}", p) for n, p in cell.named_parameters()]
+    named_params = cell.named_parameters() if named_params is None else named_params
+    named = [(f"parameter {n!r}", p) for n, p in named_params]
     named += [(f"buffer {n!r}", b) for n, b in cell.named_buffers() if b.is_floating_point()]
     named = [(n, t) for n, t in named if t.numel() and t.device.type != "meta"]
     if not named:
@@ -102,9 +110,15 @@ def check_cell_tensors_finite(cell):
 def trusted_step(cell) -> bool:
     """Whether ``cell.step`` is one of seqpar's own (built-in cells, not wrapping a user function):
     its output shape / dtype need no probe."""
+    return _trusted_step_type(type(cell))
+
+
+@functools.lru_cache(maxsize=256)
+def _trusted_step_type(cls) -> bool:
+    """:func:`trusted_step` of a cell class (a property of the class: looked up once per class)."""
     from .cells import _UserFunctionCell
 
-    owner = next(k for k in type(cell).__mro__ if "step" in vars(k))
+    owner = next(k for k in cls.__mro__ if "step" in vars(k))
     return owner.__module__ == "seqpar.cells" and not issubclass(owner, _UserFunctionCell)
 
 
@@ -196,10 +210,11 @@ def layout_doc(batch_first: bool, last: str = "D_in") -> str:
 
 
 def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batch_first: bool = False,
-                     defer_finite: bool = False):
+                     defer_finite: bool = False, named_params=None):
     """Validate ``solve``'s tensors (in the caller's layout) against ``cell``; returns ``(h0, pending)``:
     h0 (zeros if None) and, with ``defer_finite``, the deferred NaN / Inf check of h0, inputs and
-    initial_guess (:func:`check_all_finite`; None otherwise: checked here)."""
+    initial_guess (:func:`check_all_finite`; None otherwise: checked here).  ``named_params``: the
+    cell's ``named_parameters()`` as a list, where the caller has walked them already."""
     from .cells import Cell
 
     if not isinstance(cell, Cell):
@@ -218,7 +233,7 @@ def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batc
         raise ValueError(f"inputs has D_in={D_in} features but the cell expects input_size={cell.input_size} "
                          f"(inputs of shape {tuple(inputs.shape)} are read as {layout_doc(batch_first)})")
     D = cell.state_size
-    for p_name, p in cell.named_parameters():
+    for p_name, p in (cell.named_parameters() if named_params is None else named_params):
         if p.device != inputs.device:
             raise ValueError(f"device mismatch: inputs on {inputs.device}, cell parameter {p_name!r} on {p.device}")
         ok = p.dtype == inputs.dtype or (inputs.dtype in HALF_DTYPES and p.dtype in (torch.float32,) + HALF_DTYPES)

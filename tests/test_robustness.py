@@ -1,5 +1,8 @@
 """Non-convergence never yields wrong states marked converged; bad input gets clear errors."""
 import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the backend="triton" cases run on CPU
 
 import pytest
 import torch
@@ -145,6 +148,31 @@ def test_finiteness_is_checked_before_the_solve_for_user_cells():
     x[5, 0, 1] = math.inf
     with pytest.raises(ValueError, match="inputs contains NaN or Inf"):
         seqpar.solve(cell, x, callback=lambda it, r: pytest.fail("no iteration may run"))
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_finiteness_check_is_exact_where_a_sum_of_finite_values_overflows(defer):
+    """The check reduces each tensor to its sum (one launch) and only then looks closer: finite values whose
+    sum overflows (to Inf, or to NaN through Inf - Inf) pass; a NaN or Inf is still named, with several
+    tensors of different dtypes checked together."""
+    from seqpar.validation import check_all_finite
+
+    def check(*named):
+        pending = check_all_finite(*named, defer=defer)
+        if defer and pending is not None:
+            pending()
+
+    big = torch.full((5, 3, 2), 3e38)                           # sum: Inf
+    mixed = torch.tensor([3e38, 3e38, -3e38, -3e38] * 4)       # partial sums Inf and -Inf
+    big16 = torch.full((8,), 3e38, dtype=torch.bfloat16)
+    check(("inputs", big), ("h0", mixed), ("initial_guess", big16))
+    check(("inputs", big))
+    for bad in (math.nan, math.inf, -math.inf):
+        h = torch.zeros(4, dtype=torch.float64)
+        h[2] = bad
+        with pytest.raises(ValueError, match="^h0 contains NaN or Inf"):
+            check(("inputs", big), ("h0", h), ("initial_guess", big16))
+    assert check_all_finite(("inputs", None), ("h0", torch.zeros(0)), defer=defer) is None
 
 
 def test_option_errors():
