@@ -176,7 +176,7 @@ class GraphedLoop:
 
         even.capture(even_step)
         self.graphs = [first, odd, even]
-        self.stats = [res0.stats, res1.stats]  # the residual of h^k: stats[k % 2]
+        self.residual = [res0.stats.view(-1)[0], res1.stats.view(-1)[0]]  # views: of h^k, residual[k % 2]
 
     def _capture_lookback(self, local, pool) -> None:
         h, h0 = self.h, self.h0
@@ -184,7 +184,7 @@ class GraphedLoop:
         _, err0, _ = from_0.capture(lambda: local(h[0], h0, h0, out=h[1]))
         _, err1, _ = from_1.capture(lambda: local(h[1], h0, h0, out=h[0]))
         self.graphs = [from_0, from_1]
-        self.stats = [err0, err1]
+        self.residual = [err0.view(-1)[0], err1.view(-1)[0]]
 
     def _replay(self, k: int) -> None:
         """The graph that makes the residual of ``h^k`` (and ``h^{k+1}``) available."""
@@ -208,7 +208,7 @@ class GraphedLoop:
         while True:
             self._replay(k)
             phases.mark("pass")
-            res = float(self.stats[k % 2].reshape(-1)[0])  # one host sync per iteration, as the eager loops
+            res = float(self.residual[k % 2])  # one host sync per iteration, as the eager loops
             phases.mark("exchange")
             if stopping.record(k, res):
                 return self.h[k % 2].clone(), h0, k
