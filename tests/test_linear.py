@@ -1,12 +1,8 @@
 """seqpar.kernels.linear (x W^T + b by tl.dot, 3xTF32 by default) against float64 torch.nn.functional.linear."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernel runs on CPU here
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from seqpar.kernels.linear import linear  # noqa: E402
+from seqpar.kernels.linear import linear
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 3), (37, 5, 15), (300, 17, 51), (129, 64, 192)])

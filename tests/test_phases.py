@@ -1,13 +1,9 @@
 """SolveInfo.phase_s (seqpar.phases): off by default, per-phase wall times with SEQPAR_PHASE_TIMES set."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the backend="triton" cases run on CPU
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import seqpar  # noqa: E402
-import seqpar.newton as newton  # noqa: E402
+import seqpar
+import seqpar.newton as newton
 
 
 def _solve(**kw):
