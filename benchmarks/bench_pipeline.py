@@ -259,6 +259,16 @@ def fused_rows(args):
     return rows
 
 
+def peak_MB(fn, base=None) -> float:
+    """Peak device memory (MiB) while ``fn()`` runs, over ``base`` bytes (default: what is allocated before it)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if base is None else base
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def memory_rows():
     """Peak device memory of one forward solve (no_grad, after a warm-up), pipelined loop on and off."""
     rows = []
@@ -272,12 +282,7 @@ def memory_rows():
             for flag in (False, True):
                 newton.PIPELINED = flag
                 seqpar.solve(cell, x, jacobian=jac)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                seqpar.solve(cell, x, jacobian=jac)
-                torch.cuda.synchronize()
-                row[("pipelined" if flag else "lookback") + "_peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                row[("pipelined" if flag else "lookback") + "_peak_MB"] = peak_MB(lambda: seqpar.solve(cell, x, jacobian=jac))
         newton.PIPELINED = True
         row["ratio"] = row["pipelined_peak_MB"] / row["lookback_peak_MB"]
         print(row, flush=True)
@@ -301,25 +306,18 @@ def graph_memory_rows():
             x = torch.randn(100_000, 16, D, device="cuda")
             row = {"cell": "gru", "D": D, "B": 16, "T": 100_000, "jacobian": "dense"}
             with torch.no_grad():
+                def solve():
+                    seqpar.solve(cell, x, jacobian="dense")
                 graphs.ENABLED = False
-                seqpar.solve(cell, x, jacobian="dense")
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                seqpar.solve(cell, x, jacobian="dense")
-                torch.cuda.synchronize()
-                row["eager_peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                solve()
+                row["eager_peak_MB"] = peak_MB(solve)
                 graphs.ENABLED = True
                 graphs.clear()
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 for _ in range(2):  # eager (the key is seen), then the capture
-                    seqpar.solve(cell, x, jacobian="dense")
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                seqpar.solve(cell, x, jacobian="dense")
-                torch.cuda.synchronize()
-                row["graphs_peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    solve()
+                row["graphs_peak_MB"] = peak_MB(solve, base)
                 row["graphs_held_MB"] = (torch.cuda.memory_allocated() - base) / 2**20
                 graphs.clear()
             row["ratio"] = row["graphs_peak_MB"] / row["eager_peak_MB"]
