@@ -109,9 +109,10 @@ def _compose(a1, c1, a2, c2):
 
 @triton.jit
 def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, SumA, SumC, Res,
-                               Counter, NextSt, NextCarry, Stats, T, D, N, n_runs, NPROG, XT, XB, XC,
+                               Counter, NextSt, NextCarry, Stats, Stop, T, D, N, n_runs, NPROG, XT, XB, XC,
                                R: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr,
-                               FIRST: tl.constexpr, FUSE: tl.constexpr, TB: tl.constexpr, TCH: tl.constexpr):
+                               FIRST: tl.constexpr, FUSE: tl.constexpr, TB: tl.constexpr, TCH: tl.constexpr,
+                               GUARD: tl.constexpr):
     """Program (pid_r, pid_n): group ``pid_r`` (runs ``pid_r * S + [0, S)``) x lanes ``pid_n * BN + [0, BN)``.
 
     FIRST: group prefixes of the maps at ``H`` (linearised at H_{t-1}, ``Bnd`` before step 0) and the
@@ -121,7 +122,11 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
     Group prefixes: row r of ``SumA``/``SumC`` is the composition of the group's runs up to r.
     FUSE: the last program to finish (``Counter``, zero before the launch and after it) also writes the
     next pass's carries from ``NextSt`` (``NextCarry``, as :func:`scan_groups`) and the residual
-    ``Stats`` (2,), walking TB lanes and TCH groups at a time."""
+    ``Stats`` (2,), walking TB lanes and TCH groups at a time.
+    GUARD: a no-op if ``Stop[0]`` (a :mod:`seqpar.kernels.stopping` state) is nonzero."""
+    if GUARD:
+        if tl.load(Stop) != 0:
+            return
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     lanes = pid_n * BN + tl.arange(0, BN)
@@ -348,7 +353,7 @@ def fuses(n_groups: int, N: int) -> bool:
 
 
 def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: RunConfig,
-            next_start=None, counter=None):
+            next_start=None, counter=None, stop=None):
     T, B, D = h.shape
     N = B * D
     dev = h.device
@@ -378,22 +383,24 @@ def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: R
         fuse_args = (part, boundary, part, part)  # not read
     _pipelined_diag_gru_kernel[grid](
         h, xp, w, bh, boundary, prev_a, prev_c, carry_arg, start_arg, out_arg, sums[0], sums[1], part,
-        *fuse_args, T, D, N, n_runs, n_prog, *xp.stride(), R=cfg.r, S=cfg.s, BN=cfg.bn, PF=cfg.prefetch, FIRST=first,
-        FUSE=fuse, TB=min(FUSE_TB, triton.next_power_of_2(N)), TCH=FUSE_TCH, num_warps=cfg.warps)
+        *fuse_args, part if stop is None else stop, T, D, N, n_runs, n_prog, *xp.stride(), R=cfg.r, S=cfg.s,
+        BN=cfg.bn, PF=cfg.prefetch, FIRST=first, FUSE=fuse, TB=min(FUSE_TB, triton.next_power_of_2(N)), TCH=FUSE_TCH,
+        GUARD=stop is not None, num_warps=cfg.warps)
     if fuse:
         return PassResult(None if first else out, sums[0], sums[1], stats, cfg.s, next_carry)
     return PassResult(None if first else out, sums[0], sums[1], part.amax(1), cfg.s)
 
 
 def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = None, next_start=None,
-               counter=None) -> PassResult:
+               counter=None, stop=None) -> PassResult:
     """Group summaries and residual of the iterate ``h`` (T, B, D) (maps linearised at ``h_{t-1}``,
     ``boundary`` (B, D) before step 0).  ``out`` of the result is None.  With ``next_start`` (B, D) and
     ``counter`` (a zero int32 tensor (1,), reusable) the pass also returns ``carry``, the next pass's
-    carries from ``next_start``, where :func:`fuses` allows (else ``carry`` is None)."""
+    carries from ``next_start``, where :func:`fuses` allows (else ``carry`` is None).  With ``stop`` (a
+    :mod:`seqpar.kernels.stopping` state) the pass does nothing once that state says stopped."""
     T, B, D = h.shape
     return _launch(True, h, xp, weight_hh, bias_hh, boundary, None, None, None, None,
-                   cfg or run_config(T, B * D), next_start, counter)
+                   cfg or run_config(T, B * D), next_start, counter, stop)
 
 
 def scan_groups(res: PassResult, start: torch.Tensor) -> torch.Tensor:
@@ -440,15 +447,15 @@ def compose(res: PassResult, B: int, D: int):
 
 def pipelined_step(h, xp, weight_hh, bias_hh, boundary, prev: PassResult, carry: torch.Tensor,
                    start: torch.Tensor, out=None, cfg: Optional[RunConfig] = None, next_start=None,
-                   counter=None) -> PassResult:
+                   counter=None, stop=None) -> PassResult:
     """One Newton iteration from the iterate ``h`` (T, B, D), whose maps (linearised at ``h_{t-1}``,
     ``boundary`` (B, D) before step 0) ``prev`` (the previous pass's result) summarised, with
     ``carry = scan_groups(prev, start)`` (or ``prev.carry``), ``start`` (B, D) the new iterate's state
     before step 0.  Writes the new iterate into ``out`` and returns it with its own summaries and
-    residual; ``next_start`` / ``counter``: as :func:`first_pass`."""
+    residual; ``next_start`` / ``counter`` / ``stop``: as :func:`first_pass`."""
     T, B, D = h.shape
     return _launch(False, h, xp, weight_hh, bias_hh, boundary, prev, carry, start, out,
-                   cfg or run_config(T, B * D), next_start, counter)
+                   cfg or run_config(T, B * D), next_start, counter, stop)
 
 
 @torch.no_grad()

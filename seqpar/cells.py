@@ -368,10 +368,10 @@ class GRU(_TorchWeightsCell):
         w, b = k.prepare_weights(self.weight_hh, self.bias_hh)
         B = xp.shape[1]
         return Pipeline(
-            first=lambda h, bnd, next_start=None: k.first_pass(h, xp, w, b, bnd, exact, cfg),
+            first=lambda h, bnd, next_start=None, stop=None: k.first_pass(h, xp, w, b, bnd, exact, cfg, stop),
             carries=lambda res, start: scan_runs(res.sum_a, res.sum_c, start, structure),
-            step=lambda h, bnd, res, incl, start, out=None, next_start=None: k.pipelined_step(
-                h, xp, w, b, bnd, incl, start, out, exact, cfg),
+            step=lambda h, bnd, res, incl, start, out=None, next_start=None, stop=None: k.pipelined_step(
+                h, xp, w, b, bnd, incl, start, out, exact, cfg, stop),
             compose=lambda res: shard_summary(res.sum_a, res.sum_c, structure, B, D),
             structure=structure)
 
@@ -496,11 +496,11 @@ def _diag_gru_pipeline(xp, weight_hh, bias_hh, hidden_size: int):
     weight_hh, bias_hh = k.prepare_weights(weight_hh, bias_hh)
     counter = torch.zeros(1, dtype=torch.int32, device=xp.device)  # the fused passes' completion count
     return Pipeline(
-        first=lambda h, bnd, next_start=None: k.first_pass(h, xp, weight_hh, bias_hh, bnd, cfg, next_start,
-                                                           counter),
+        first=lambda h, bnd, next_start=None, stop=None: k.first_pass(h, xp, weight_hh, bias_hh, bnd, cfg,
+                                                                      next_start, counter, stop),
         carries=k.scan_groups,
-        step=lambda h, bnd, res, carry, start, out=None, next_start=None: k.pipelined_step(
-            h, xp, weight_hh, bias_hh, bnd, res, carry, start, out, cfg, next_start, counter),
+        step=lambda h, bnd, res, carry, start, out=None, next_start=None, stop=None: k.pipelined_step(
+            h, xp, weight_hh, bias_hh, bnd, res, carry, start, out, cfg, next_start, counter, stop),
         compose=lambda res: k.compose(res, B, hidden_size),
         structure=DIAG)
 

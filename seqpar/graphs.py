@@ -38,11 +38,15 @@ from typing import Callable, Optional
 
 import torch
 
+from .kernels import stopping
+
 ENABLED = os.environ.get("SEQPAR_CUDA_GRAPHS", "1") not in ("0", "", "false", "off")
 GRAPH_MAX_ELEMENTS = 2**23  # T * B * D: static buffers of about 20 bytes per state are held per key
 GRAPH_CACHE_SIZE = 2
 SEEN_SIZE = 16
 DEVICE_TYPES = ("cuda",)
+EXPECTED_ITERATIONS = 4  # iterations queued by a key's first replayed solve (later: the previous solve's count)
+QUEUE_MORE = 2  # iterations queued at a time after that, until the device's stopping rule stops
 
 _graphs: "OrderedDict[tuple, Optional[GraphedLoop]]" = OrderedDict()
 _seen: "OrderedDict[tuple, None]" = OrderedDict()
@@ -133,6 +137,8 @@ class GraphedLoop:
 
         self.cell = weakref.ref(cell)
         self.h0 = h0.new_zeros(h0.shape)
+        self.state = None  # the device-side stopping state (pipelined loop), see _run_queued
+        self.expected = EXPECTED_ITERATIONS
         n, B = xp.shape[:2]
         self.h = [h0.new_zeros(n, B, h0.shape[1]), h0.new_zeros(n, B, h0.shape[1])]
         pool = new_pool()
@@ -143,6 +149,10 @@ class GraphedLoop:
             self.xp = torch.empty_strided(xp.shape, xp.stride(), dtype=xp.dtype, device=xp.device).zero_()
         pipe = pipelined_stepper(cell, structure, self.xp, opts.backend) if pipelined else None
         if pipe is not None:
+            self.state = stopping.new_state(xp.device, opts.tol, opts.max_iter, opts.patience)
+            self.state_init = stopping.initial_values(opts.tol, opts.max_iter, opts.patience)
+            if xp.is_cuda:  # an asynchronous copy per solve
+                self.state_init = self.state_init.pin_memory()
             self._capture_pipelined(pipe, pool)
         else:  # as the eager path: the look-back loop where the cell has no pipelined kernel
             self.xp = xp.new_zeros(xp.shape)
@@ -155,28 +165,35 @@ class GraphedLoop:
         return res.carry if res.carry is not None else pipe.carries(res, self.h0)
 
     def _capture_pipelined(self, pipe, pool) -> None:
-        h, h0 = self.h, self.h0
+        h, h0, state = self.h, self.h0, self.state
         first, odd, even = Graph(pool), Graph(pool), Graph(pool)
 
         def first_pass():
-            res = pipe.first(h[0], h0, next_start=h0)
+            res = pipe.first(h[0], h0, next_start=h0, stop=state)
+            stopping.record(res.stats, state)
             return res, self._carries(pipe, res)
 
         def step(src: int, res, carries):
-            new = pipe.step(h[src], h0, res, carries, h0, out=h[1 - src], next_start=h0)
+            new = pipe.step(h[src], h0, res, carries, h0, out=h[1 - src], next_start=h0, stop=state)
             return new, self._carries(pipe, new)
 
         res0, car0 = first.capture(first_pass)
-        res1, car1 = odd.capture(lambda: step(0, res0, car0))
+
+        def odd_step():
+            new, car = step(0, res0, car0)
+            stopping.record(new.stats, state)
+            return new, car
+
+        res1, car1 = odd.capture(odd_step)
 
         def even_step():
             new, car = step(1, res1, car1)
             _copy_into(tuple(res0), tuple(new))  # where the odd graph reads them (res0.out is None)
             _copy_into(car0, car)
+            stopping.record(res0.stats, state)
 
         even.capture(even_step)
         self.graphs = [first, odd, even]
-        self.residual = [res0.stats.view(-1)[0], res1.stats.view(-1)[0]]  # views: of h^k, residual[k % 2]
 
     def _capture_lookback(self, local, pool) -> None:
         h, h0 = self.h, self.h0
@@ -194,8 +211,8 @@ class GraphedLoop:
         else:
             g[k % 2].replay()
 
-    def run(self, xp, h0, initial_guess, stopping, phases):
-        """Iterate from ``initial_guess`` (or zeros) until ``stopping.record(k, residual)`` says stop;
+    def run(self, xp, h0, initial_guess, stop_rule, phases):
+        """Iterate from ``initial_guess`` (or zeros) until ``stop_rule.record(k, residual)`` says stop;
         returns ``(h, h0, k)``: a copy of the last iterate (whose residual was the last recorded)."""
         self.xp.copy_(xp)
         self.h0.copy_(h0)
@@ -204,12 +221,47 @@ class GraphedLoop:
         else:
             self.h[0].zero_()
         phases.mark("setup")
+        if self.state is not None:
+            return self._run_queued(h0, stop_rule, phases)
         k = 0
         while True:
             self._replay(k)
             phases.mark("pass")
             res = float(self.residual[k % 2])  # one host sync per iteration, as the eager loops
             phases.mark("exchange")
-            if stopping.record(k, res):
+            if stop_rule.record(k, res):
                 return self.h[k % 2].clone(), h0, k
             k += 1
+
+    def _run_queued(self, h0, stop_rule, phases):
+        """The pipelined graphs with the stopping rule on the device (:mod:`seqpar.kernels.stopping`):
+        queue as many iterations as the last solve took (plus its first pass), read the state once,
+        replay its residuals through ``stop_rule`` (which must stop where the device did); queue
+        ``QUEUE_MORE`` further iterations while it has not stopped."""
+        o = stop_rule.opts
+        self.state_init.copy_(stopping.initial_values(o.tol, o.max_iter, o.patience))
+        self.state[:stopping.STATE_SIZE].copy_(self.state_init, non_blocking=True)
+        queued = read = 0
+        count = min(self.expected + 1, stopping.HISTORY)
+        while True:
+            for _ in range(count):
+                self._replay(queued)
+                queued += 1
+            phases.mark("pass")
+            values = self.state.tolist()  # one host sync per queue
+            phases.mark("exchange")
+            stop = False
+            for res in stopping.recorded(values, read):
+                stop = stop_rule.record(read, res)
+                read += 1
+                if stop:
+                    break
+            if stop != bool(values[stopping.STOPPED]) or read != int(values[stopping.ITER]):
+                raise RuntimeError(f"seqpar.graphs: the device's stopping decision (stopped={values[0]}, "
+                                   f"{int(values[1])} iterates) differs from the host's ({stop}, {read}); "
+                                   f"set SEQPAR_CUDA_GRAPHS=0 and report this")
+            if stop:
+                k = read - 1
+                self.expected = k
+                return self.h[k % 2].clone(), h0, k
+            count = min(QUEUE_MORE, stopping.HISTORY)

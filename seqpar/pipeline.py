@@ -50,7 +50,8 @@ class Pipeline(NamedTuple):
     ``step(h, boundary, res, carries, start, out=None, next_start=None) -> PassResult`` computes the next
     iterate.  Given ``next_start`` (the next iterate's state before step 0, when known before the pass:
     one rank), a pass may return the next carries itself (``PassResult.carry``, not None) and
-    ``carries`` is not called;
+    ``carries`` is not called; ``first`` and ``step`` take ``stop`` (a :mod:`seqpar.kernels.stopping`
+    state, or None): given, the pass does nothing once that state says stopped (:mod:`seqpar.graphs`);
     ``compose(res) -> (Phi, c)``: the shard's map ``x -> Phi x + c`` (Phi in ``structure``'s storage
     with leading dim B, c (B, D)), exchanged between ranks;
     ``structure``: that of the maps (DIAG or DENSE).

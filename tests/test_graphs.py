@@ -109,6 +109,29 @@ def test_graphed_solves_equal_eager(cpu_graphs, monkeypatch, make, T, B, I, jaco
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("make,I,jacobian", [(lambda: DiagGRU(2, 3), 2, "diag"), (lambda: GRU(2, 3), 2, "dense")])
+def test_queued_iterations_stop_where_eager_stops(cpu_graphs, monkeypatch, make, I, jacobian):
+    """The pipelined graphs queue as many iterations as the previous solve took and stop on the device:
+    solves of one key needing more, fewer and as many iterations (tolerance, max_iter, patience vary
+    per call) give the eager loop's states, residual histories, callbacks and stopping iterate."""
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(graphs, "QUEUE_MORE", 1)
+    torch.manual_seed(5)
+    cell = make()
+    calls = [dict(), dict(), dict(tol=1e-1), dict(), dict(tol=3e-2, max_iter=1, fallback="none"), dict(tol=1e-5),
+             dict(max_iter=0, fallback="none"), dict(tol=1e-3), dict()]
+    counts = set()
+    for kw in calls:
+        x = torch.randn(47, 3, I) * 2
+        got = _solve(cell, x, True, jacobian=jacobian, **kw)
+        _assert_same(got, _solve(cell, x, False, jacobian=jacobian, **kw))
+        counts.add(got[1].iterations)
+    loop = next(iter(graphs._graphs.values()))
+    assert loop is not None and loop.state is not None
+    assert len(counts) >= 3  # the queue was too long and too short
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
 def test_in_place_weight_change_is_not_replayed_stale(cpu_graphs, monkeypatch):
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
     torch.manual_seed(1)

@@ -1,0 +1,104 @@
+"""Newton's stopping rule on the device: one iteration's decision without a host read.
+
+A short solve replayed from CUDA graphs (:mod:`seqpar.graphs`) queues several iterations at once;
+each is followed by :func:`record`, which applies the rule of ``seqpar.newton._Stopping.record``
+(the reference) to the residual the pass just wrote and, once it says stop, sets a flag that turns
+the later passes of the queue into no-ops (the pass kernels read it: ``stop`` of
+:func:`seqpar.kernels.pipelined_diag_gru.pipelined_step` and the dense pipelined kernel).  The host
+reads the state once per queue and replays the decisions through ``_Stopping.record`` (callbacks,
+the deferred argument check), which must stop at the same iterate.
+
+State: one float64 tensor (``STATE_SIZE + HISTORY``,), so that the comparisons are the reference's
+(a float32 residual against a Python float tolerance, in double precision):
+
+====  ===========================================================
+0     stopped (0 / 1): later passes and records are no-ops
+1     k: the index of the next iterate to record
+2     best residual so far (``inf`` at the start)
+3     iterations since the best residual last halved
+4     converged (0 / 1)
+5-7   tol, max_iter, patience
+8..   the residual of iterate k at ``8 + k % HISTORY``
+====  ===========================================================
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+STATE_SIZE = 8
+HISTORY = 64  # residuals kept (circular): the host reads at least once per HISTORY queued iterations
+STOPPED, ITER, BEST, SINCE, CONVERGED, TOL, MAX_ITER, PATIENCE = range(STATE_SIZE)
+
+
+@triton.jit
+def _record_kernel(Res, State, HIST: tl.constexpr):
+    """One program: record the residual ``Res[0]`` of iterate ``State[1]`` and decide (see the module)."""
+    stopped = tl.load(State + 0)
+    if stopped == 0:
+        k = tl.load(State + 1)
+        res = tl.load(Res).to(tl.float64)
+        tl.store(State + 8 + (k.to(tl.int32) % HIST), res)
+        best = tl.load(State + 2)
+        since = tl.load(State + 3)
+        conv = res <= tl.load(State + 5)
+        finite = tl.abs(res) < float("inf")  # False for NaN
+        improved = res < 0.5 * best
+        best = tl.where(improved, res, best)
+        since = tl.where(improved, 0.0, since + 1.0)
+        stop = conv | (finite == 0) | (k >= tl.load(State + 6)) | (since >= tl.load(State + 7))
+        tl.store(State + 2, best)
+        tl.store(State + 3, since)
+        tl.store(State + 4, tl.where(conv, 1.0, 0.0).to(tl.float64))
+        tl.store(State + 1, k + 1.0)
+        tl.store(State + 0, tl.where(stop, 1.0, 0.0).to(tl.float64))
+
+
+def new_state(device, tol: float, max_iter: int, patience: int) -> torch.Tensor:
+    """A fresh state (nothing recorded) for the stopping options."""
+    s = torch.zeros(STATE_SIZE + HISTORY, dtype=torch.float64, device=device)
+    reset(s, tol, max_iter, patience)
+    return s
+
+
+def initial_values(tol: float, max_iter: int, patience: int) -> torch.Tensor:
+    """The state's first ``STATE_SIZE`` entries before any record (CPU float64)."""
+    return torch.tensor([0.0, 0.0, math.inf, 0.0, 0.0, float(tol), float(max_iter), float(patience)],
+                        dtype=torch.float64)
+
+
+def reset(state: torch.Tensor, tol: float, max_iter: int, patience: int) -> None:
+    """Start ``state`` over (a host-to-device copy of ``STATE_SIZE`` values)."""
+    state[:STATE_SIZE].copy_(initial_values(tol, max_iter, patience))
+
+
+def record(residual: torch.Tensor, state: torch.Tensor) -> None:
+    """Queue the record of ``residual`` (a float32 tensor whose first element is the residual of the
+    next iterate) into ``state``."""
+    _record_kernel[(1,)](residual, state, HIST=HISTORY, num_warps=1)
+
+
+def recorded(state_values, since: int) -> list:
+    """The residuals of iterates ``since .. k - 1`` from a host copy of the state (a list)."""
+    k = int(state_values[ITER])
+    return [state_values[STATE_SIZE + j % HISTORY] for j in range(since, k)]
+
+
+def record_reference(state: torch.Tensor, res: float) -> None:
+    """What :func:`record` does, in Python on a CPU state (``seqpar.newton._Stopping.record``'s rule)."""
+    if state[STOPPED] != 0:
+        return
+    k = float(state[ITER])
+    state[STATE_SIZE + int(k) % HISTORY] = res
+    conv = res <= float(state[TOL])
+    improved = res < 0.5 * float(state[BEST])
+    if improved:
+        state[BEST] = res
+    state[SINCE] = 0.0 if improved else float(state[SINCE]) + 1.0
+    stop = conv or not math.isfinite(res) or k >= float(state[MAX_ITER]) or float(state[SINCE]) >= float(state[PATIENCE])
+    state[CONVERGED] = 1.0 if conv else 0.0
+    state[ITER] = k + 1.0
+    state[STOPPED] = 1.0 if stop else 0.0
