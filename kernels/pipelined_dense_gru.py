@@ -319,13 +319,14 @@ def _launch(first, exact, h, xp, weight_hh, bias_hh, boundary, incl, start, out,
     _kernel(D, exact)[grid](h, xp, w, bh, boundary, incl_arg, start_arg, out_arg, sum_a, sum_c, part,
                             part if stop is None else stop, T, B, n_walk, grid[0], R=cfg.r, BLOCK=cfg.block,
                             FIRST=first, GUARD=stop is not None, num_warps=cfg.warps)
-    return PassResult(None if first else out, sum_a, sum_c, part.amax(1))
+    return PassResult(None if first else out, sum_a, sum_c, part if stop is not None else part.amax(1))
 
 
 def first_pass(h, xp, weight_hh, bias_hh, boundary, exact: bool = True,
                cfg: Optional[DenseRunConfig] = None, stop=None) -> PassResult:
     """Run summaries and residual of the iterate ``h`` (T, B, D) (see :mod:`seqpar.pipeline`); with ``stop``
-    (a :mod:`seqpar.kernels.stopping` state) nothing once that state says stopped."""
+    (a :mod:`seqpar.kernels.stopping` state) nothing once that state says stopped, and ``stats`` unreduced
+    (as :func:`seqpar.kernels.pipelined_diag_gru.first_pass`)."""
     return _launch(True, exact, h, xp, weight_hh, bias_hh, boundary, None, None, None,
                    cfg or run_config(h.shape[0], h.shape[1]), stop)
 

@@ -64,6 +64,10 @@ MIN_THREADS = 2**17  # shorten runs until T * N / R reaches this many walkers (o
 MIN_RUN = 4
 # scan_groups: lanes per program, group totals per associative scan, most groups walked by one launch
 GROUP_SCAN_BN, GROUP_SCAN_CH, GROUP_SCAN_WALK = 32, 256, 1024
+# ... except that up to GROUP_SCAN_TILE totals (lanes x groups, powers of two) are scanned as one tile, with a
+# warp per GROUP_SCAN_TILE_PER_WARP of them: at B*D = 16, T = 100k (782 groups) the four-chunk walk was as
+# long as the pass itself (11.5 us against 10-14 us, H100, profile_short_solve.py)
+GROUP_SCAN_TILE, GROUP_SCAN_TILE_PER_WARP = 16384, 1024
 # a pass fuses the scan of its group totals (one launch and the residual reduction less per iteration)
 # when its last program's walk is at most this many totals; lanes and totals per step of that walk.
 # Off (0): run 38 (2 x H200 host, B=16, 5 repeats) measured the fused solves at 3.11 ms against 2.54 ms
@@ -388,7 +392,8 @@ def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: R
         GUARD=stop is not None, num_warps=cfg.warps)
     if fuse:
         return PassResult(None if first else out, sums[0], sums[1], stats, cfg.s, next_carry)
-    return PassResult(None if first else out, sums[0], sums[1], part.amax(1), cfg.s)
+    # guarded passes (graphs) leave the per-program partials to seqpar.kernels.stopping.record: one launch less
+    return PassResult(None if first else out, sums[0], sums[1], part if stop is not None else part.amax(1), cfg.s)
 
 
 def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = None, next_start=None,
@@ -397,10 +402,22 @@ def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = N
     ``boundary`` (B, D) before step 0).  ``out`` of the result is None.  With ``next_start`` (B, D) and
     ``counter`` (a zero int32 tensor (1,), reusable) the pass also returns ``carry``, the next pass's
     carries from ``next_start``, where :func:`fuses` allows (else ``carry`` is None).  With ``stop`` (a
-    :mod:`seqpar.kernels.stopping` state) the pass does nothing once that state says stopped."""
+    :mod:`seqpar.kernels.stopping` state) the pass does nothing once that state says stopped, and ``stats``
+    are the per-program partials (2, n_programs), not reduced (unless fused), for
+    :func:`seqpar.kernels.stopping.record` (of row 0)."""
     T, B, D = h.shape
     return _launch(True, h, xp, weight_hh, bias_hh, boundary, None, None, None, None,
                    cfg or run_config(T, B * D), next_start, counter, stop)
+
+
+def group_scan_tile(n_groups: int, bn: int) -> tuple:
+    """``(CH, warps)`` of the one-launch group scan: all groups in one tile where ``bn`` lanes x the groups'
+    power of two fit ``GROUP_SCAN_TILE`` (a warp per ``GROUP_SCAN_TILE_PER_WARP``), else chunks of
+    ``GROUP_SCAN_CH`` walked by 4 warps."""
+    whole = max(16, triton.next_power_of_2(n_groups))
+    if whole > GROUP_SCAN_CH and whole * bn <= GROUP_SCAN_TILE:
+        return whole, max(4, min(16, whole * bn // GROUP_SCAN_TILE_PER_WARP))
+    return min(GROUP_SCAN_CH, whole), 4
 
 
 def scan_groups(res: PassResult, start: torch.Tensor) -> torch.Tensor:
@@ -418,9 +435,9 @@ def scan_groups(res: PassResult, start: torch.Tensor) -> torch.Tensor:
     start = start.reshape(N).to(torch.float32).contiguous()
     bn = min(GROUP_SCAN_BN, triton.next_power_of_2(N))
     if n_groups <= GROUP_SCAN_WALK:
-        ch = min(GROUP_SCAN_CH, max(16, triton.next_power_of_2(n_groups)))
+        ch, warps = group_scan_tile(n_groups, bn)
         _group_scan_kernel[(triton.cdiv(N, bn),)](res.sum_a, res.sum_c, start, out, n_runs, n_groups, N,
-                                                   G=res.group, CH=ch, BN=bn, num_warps=4)
+                                                   G=res.group, CH=ch, BN=bn, num_warps=warps)
         return out
     ch = GROUP_SCAN_CH
     n_ch = triton.cdiv(n_groups, ch)

@@ -35,12 +35,20 @@ STOPPED, ITER, BEST, SINCE, CONVERGED, TOL, MAX_ITER, PATIENCE = range(STATE_SIZ
 
 
 @triton.jit
-def _record_kernel(Res, State, HIST: tl.constexpr):
-    """One program: record the residual ``Res[0]`` of iterate ``State[1]`` and decide (see the module)."""
+def _record_kernel(Res, n, State, HIST: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: record the residual of iterate ``State[1]``, the largest of ``Res[0:n]`` (NaN if any is),
+    and decide (see the module)."""
     stopped = tl.load(State + 0)
     if stopped == 0:
         k = tl.load(State + 1)
-        res = tl.load(Res).to(tl.float64)
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], tl.float32)
+        nan = tl.zeros([BLOCK], tl.int32)
+        for s in range(0, n, BLOCK):
+            v = tl.load(Res + s + offs, mask=s + offs < n, other=0.0)
+            acc = tl.maximum(acc, tl.where(v == v, v, 0.0))
+            nan = tl.maximum(nan, tl.where(v == v, 0, 1))
+        res = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(acc, 0)).to(tl.float64)  # NaN as torch.amax
         tl.store(State + 8 + (k.to(tl.int32) % HIST), res)
         best = tl.load(State + 2)
         since = tl.load(State + 3)
@@ -75,10 +83,15 @@ def reset(state: torch.Tensor, tol: float, max_iter: int, patience: int) -> None
     state[:STATE_SIZE].copy_(initial_values(tol, max_iter, patience))
 
 
+RECORD_BLOCK = 1024
+
+
 def record(residual: torch.Tensor, state: torch.Tensor) -> None:
-    """Queue the record of ``residual`` (a float32 tensor whose first element is the residual of the
-    next iterate) into ``state``."""
-    _record_kernel[(1,)](residual, state, HIST=HISTORY, num_warps=1)
+    """Queue the record into ``state`` of the next iterate's residual: the largest value (NaN if any is, as
+    ``amax``) of ``residual``, a contiguous float32 tensor (one value, or a pass's per-program partials)."""
+    if not residual.is_contiguous() or residual.dtype != torch.float32:
+        raise ValueError("residual must be a contiguous float32 tensor")
+    _record_kernel[(1,)](residual, residual.numel(), state, HIST=HISTORY, BLOCK=RECORD_BLOCK, num_warps=4)
 
 
 def recorded(state_values, since: int) -> list:

@@ -3,8 +3,8 @@
 A short solve on one GPU (e.g. GRU(1, 1), B = 16, T = 100k: ~0.2 ms of device work) is bound by
 the host: every iteration launches a pass and its carry scan (5-10 launches with their torch ops,
 ~100-200 us of host time) and then waits for the residual.  Here, on one rank, those launches are
-captured once into CUDA graphs and replayed: one graph launch per iteration instead, and the same
-host read of the residual per iteration, so the iterates, residuals, iteration counts and stopping
+captured once into CUDA graphs and replayed: one graph launch per iteration instead, and the
+same stopping decisions, so the iterates, residuals, iteration counts and stopping
 decisions are those of the eager loops (:func:`seqpar.pipeline.pipelined_iterations`,
 ``seqpar.newton._iterations``).
 
@@ -19,6 +19,16 @@ the graph of iteration k reads it and writes ``h^{k+1}`` into the other buffer.
   copies its small results (summaries, residual, carries) into the first graph's, which the odd
   graph reads.
 * Look-back loop (two graphs): the pass of iteration k reads ``h^k`` and writes ``h^{k+1}``.
+
+Pipelined graphs also run the stopping rule on the device (:mod:`seqpar.kernels.stopping`): each ends
+with a one-thread kernel that records the residual and, once the rule says stop, turns the later
+passes into no-ops.  So a solve queues as many iterations as the key's previous solve took (its
+first: ``EXPECTED_ITERATIONS``), reads the state once, and hands the residuals to the host's rule in
+order (callbacks and the deferred argument check run then); the host rule must stop at the same
+iterate (else RuntimeError).  Iterations past the queue are queued ``QUEUE_MORE`` at a time.  The
+device never waits for the host between iterations; a queue longer than needed costs a few
+microseconds of no-op launches per extra iteration.  The look-back graphs read the residual after
+every iteration.
 
 When (:func:`graphed_loop`): one rank (the caller checks), a CUDA device, the Triton backend with a
 fused or pipelined kernel for the cell, at most ``GRAPH_MAX_ELEMENTS`` states.  The first solve of a
@@ -170,7 +180,7 @@ class GraphedLoop:
 
         def first_pass():
             res = pipe.first(h[0], h0, next_start=h0, stop=state)
-            stopping.record(res.stats, state)
+            stopping.record(res.stats[0], state)
             return res, self._carries(pipe, res)
 
         def step(src: int, res, carries):
@@ -181,7 +191,7 @@ class GraphedLoop:
 
         def odd_step():
             new, car = step(0, res0, car0)
-            stopping.record(new.stats, state)
+            stopping.record(new.stats[0], state)
             return new, car
 
         res1, car1 = odd.capture(odd_step)
@@ -190,7 +200,7 @@ class GraphedLoop:
             new, car = step(1, res1, car1)
             _copy_into(tuple(res0), tuple(new))  # where the odd graph reads them (res0.out is None)
             _copy_into(car0, car)
-            stopping.record(res0.stats, state)
+            stopping.record(res0.stats[0], state)
 
         even.capture(even_step)
         self.graphs = [first, odd, even]

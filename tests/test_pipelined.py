@@ -157,18 +157,23 @@ def test_fusion_only_for_short_walks(fused):
 
 
 @cpu_only
-@pytest.mark.parametrize("n_runs,N,group,ch,walk", [
-    (37, 5, 4, 16, 1024), (1, 1, 1, 16, 1024), (300, 33, 2, 16, 1024), (64, 16, 8, 256, 1024),
-    (300, 33, 2, 16, 16), (257, 3, 1, 16, 8), (40, 2, 3, 16, 13),
+@pytest.mark.parametrize("n_runs,N,group,ch,walk,tile", [
+    (37, 5, 4, 16, 1024, 0), (1, 1, 1, 16, 1024, 0), (300, 33, 2, 16, 1024, 0), (64, 16, 8, 256, 1024, 0),
+    (300, 33, 2, 16, 16, 0), (257, 3, 1, 16, 8, 0), (40, 2, 3, 16, 13, 0),
+    (1563, 16, 2, 256, 1024, 16384), (300, 33, 2, 16, 1024, 16384), (37, 5, 4, 16, 1024, 16384),
 ])
-def test_group_scan_and_compose_match_float64(monkeypatch, n_runs, N, group, ch, walk):
-    """scan_groups: states after every group from a start, by one walking launch or (more than ``walk``
-    groups) by chunk reduce / walk / rescan, nested where the chunks are many; compose: the map of all
-    runs.  Uneven numbers of group totals per associative scan and per chunk."""
+def test_group_scan_and_compose_match_float64(monkeypatch, n_runs, N, group, ch, walk, tile):
+    """scan_groups: states after every group from a start, by one launch (walking chunks of ``ch``
+    groups, or one tile of up to ``tile`` totals) or (more than ``walk`` groups) by chunk reduce / walk /
+    rescan, nested where the chunks are many; compose: the map of all runs.  Uneven numbers of group
+    totals per associative scan and per chunk."""
     from seqpar.scan import affine_scan
 
     monkeypatch.setattr(pk, "GROUP_SCAN_CH", ch)
     monkeypatch.setattr(pk, "GROUP_SCAN_WALK", walk)
+    monkeypatch.setattr(pk, "GROUP_SCAN_TILE", tile)
+    assert (pk.group_scan_tile(-(-n_runs // group), min(32, 2 ** (N - 1).bit_length()))[0]
+            > ch) == (tile > 0 and -(-n_runs // group) > ch)  # which path runs
     g = torch.Generator().manual_seed(n_runs + N)
     a, c = torch.rand(n_runs, N, generator=g) * 1.8 - 0.9, torch.randn(n_runs, N, generator=g)
     ia, ic = a.clone().double(), c.clone().double()

@@ -109,3 +109,20 @@ def test_guarded_passes_do_nothing_once_stopped(device, D):
         else:
             ref = pipe.step(h, h0, first, carries, h0, next_start=h0)
             assert torch.equal(out, ref.out)
+
+
+@pytest.mark.skipif(not DEVICES, reason="interpreted kernels (TRITON_INTERPRET=1) or a GPU")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 7, stopping.RECORD_BLOCK, 2 * stopping.RECORD_BLOCK + 5])
+def test_record_reduces_partials_like_amax(device, n):
+    """A pass's per-program partials are reduced by the record itself: the largest, NaN if any is."""
+    g = torch.Generator().manual_seed(n)
+    for poison in (None, math.inf, math.nan):
+        vals = torch.rand(n, generator=g)
+        if poison is not None:
+            vals[int(torch.randint(n, (1,), generator=g))] = poison
+        state = stopping.new_state(device, 1e-30, 10, 10)
+        stopping.record(vals.to(device), state)
+        got = stopping.recorded(state.tolist(), 0)[0]
+        want = float(vals.amax())
+        assert got == want or (math.isnan(got) and math.isnan(want))
