@@ -248,9 +248,9 @@ class SolveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell, opts: NewtonOptions, comm: Communicator, info_out: list, inputs, h0, initial_guess, *params):
         cdt = h0.dtype if h0.dtype == torch.float64 else torch.float32
-        with torch.no_grad():
-            xp = cell.project_inputs(inputs.to(cdt)).to(cdt)
-            states, info, boundary = newton_solve(cell, xp, h0.to(cdt), opts, comm, initial_guess)
+        with torch.no_grad():  # newton_solve projects the inputs (inside its CUDA graphs where they apply)
+            states, info, boundary = newton_solve(cell, None, h0.to(cdt), opts, comm, initial_guess,
+                                                  inputs=inputs.to(cdt))
         info_out.append(info)
         ctx.cell, ctx.opts, ctx.comm, ctx.cdt, ctx.info = cell, opts, comm, cdt, info
         ctx.save_for_backward(inputs, h0, states, boundary)

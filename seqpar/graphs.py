@@ -92,23 +92,25 @@ def clear() -> None:
     _seen.clear()
 
 
-def _key(cell, structure, xp, h0, opts, chunk: int, pipelined: bool) -> tuple:
+def _key(cell, structure, src, h0, opts, chunk: int, pipelined: bool, projects: bool) -> tuple:
     tensors = list(cell.parameters()) + list(cell.buffers())
     return (id(cell), type(cell), tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors),
-            tuple(xp.shape), xp.stride(), xp.dtype, h0.dtype, str(xp.device), structure.describe(), opts.backend,
-            chunk, pipelined)
+            tuple(src.shape), src.stride(), src.dtype, h0.dtype, src.device, structure, opts.backend,
+            chunk, pipelined, projects)
 
 
-def graphed_loop(cell, structure, xp: torch.Tensor, h0: torch.Tensor, opts, chunk: int,
-                 pipelined: bool) -> Optional["GraphedLoop"]:
-    """The captured loop for this solve (one rank), or None: run the eager loop (see the module)."""
-    n, B = xp.shape[:2]
-    if (not ENABLED or xp.device.type not in DEVICE_TYPES or opts.backend != "triton" or n == 0
+def graphed_loop(cell, structure, xp: Optional[torch.Tensor], h0: torch.Tensor, opts, chunk: int,
+                 pipelined: bool, inputs: Optional[torch.Tensor] = None) -> Optional["GraphedLoop"]:
+    """The captured loop for this solve (one rank), or None: run the eager loop (see the module).
+    ``xp`` the projected inputs, or None and ``inputs`` (projected inside the graphs)."""
+    src = xp if xp is not None else inputs
+    n, B = src.shape[:2]
+    if (not ENABLED or src.device.type not in DEVICE_TYPES or opts.backend != "triton" or n == 0
             or n * B * h0.shape[1] > GRAPH_MAX_ELEMENTS):
         return None
-    if xp.is_cuda and xp.device.index not in (None, torch.cuda.current_device()):
+    if src.is_cuda and src.device.index not in (None, torch.cuda.current_device()):
         return None  # graphs capture on the current device's streams
-    key = _key(cell, structure, xp, h0, opts, chunk, pipelined)
+    key = _key(cell, structure, src, h0, opts, chunk, pipelined, xp is None)
     if key in _graphs:
         loop = _graphs[key]
         _graphs.move_to_end(key)
@@ -119,13 +121,19 @@ def graphed_loop(cell, structure, xp: torch.Tensor, h0: torch.Tensor, opts, chun
             _seen.popitem(last=False)
         return None
     try:
-        loop = GraphedLoop(cell, structure, xp, h0, opts, chunk, pipelined)
+        loop = GraphedLoop(cell, structure, src, h0, opts, chunk, pipelined, projects=xp is None)
     except Exception:  # noqa: BLE001 - not capturable (or no kernel): this key stays eager
         loop = None
     _graphs[key] = loop
     while len(_graphs) > GRAPH_CACHE_SIZE:
         _graphs.popitem(last=False)
     return loop
+
+
+def _projected(cell, x, dtype, row_major: bool) -> torch.Tensor:
+    """``xp`` of the inputs ``x``, as the eager solve projects them (row-major if asked)."""
+    xp = cell.project_inputs(x).to(dtype)
+    return xp.contiguous() if row_major else xp
 
 
 def _copy_into(dst, src) -> None:
@@ -141,7 +149,9 @@ class GraphedLoop:
     """Static buffers and captured iterations of one key (see the module).  ``run`` is the eager
     loops' ``(h, boundary, iterations)`` for one rank."""
 
-    def __init__(self, cell, structure, xp, h0, opts, chunk: int, pipelined: bool):
+    def __init__(self, cell, structure, src, h0, opts, chunk: int, pipelined: bool, projects: bool = False):
+        """``src``: the projected inputs (T, B, G), or with ``projects`` the inputs (T, B, I), which a
+        captured graph projects (``cell.project_inputs``) into the static ``xp``."""
         from .backend import pipelined_stepper
         from .newton import LocalPass
 
@@ -149,23 +159,30 @@ class GraphedLoop:
         self.h0 = h0.new_zeros(h0.shape)
         self.state = None  # the device-side stopping state (pipelined loop), see _run_queued
         self.expected = EXPECTED_ITERATIONS
-        n, B = xp.shape[:2]
+        n, B = src.shape[:2]
         self.h = [h0.new_zeros(n, B, h0.shape[1]), h0.new_zeros(n, B, h0.shape[1])]
         pool = new_pool()
-        # the pipelined kernels read xp of any strides: the caller's; the look-back steppers may copy
-        # xp to row-major once when they are built, which a graph would keep stale: row-major here
-        self.xp = None
-        if pipelined:
-            self.xp = torch.empty_strided(xp.shape, xp.stride(), dtype=xp.dtype, device=xp.device).zero_()
+        self.x = self.project = None
+        if projects:  # the static inputs, same strides as the caller's, and the graph projecting them
+            self.x = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device=src.device).zero_()
+            self.project = Graph(pool)
+            # the look-back steppers may copy xp to row-major once when they are built, which a graph
+            # would keep stale: row-major for them; the pipelined kernels read xp of any strides
+            self.xp = self.project.capture(lambda: _projected(cell, self.x, h0.dtype, row_major=not pipelined))
+        elif pipelined:
+            self.xp = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device=src.device).zero_()
         pipe = pipelined_stepper(cell, structure, self.xp, opts.backend) if pipelined else None
         if pipe is not None:
-            self.state = stopping.new_state(xp.device, opts.tol, opts.max_iter, opts.patience)
-            self.state_init = stopping.initial_values(opts.tol, opts.max_iter, opts.patience)
-            if xp.is_cuda:  # an asynchronous copy per solve
-                self.state_init = self.state_init.pin_memory()
+            self.state = stopping.new_state(src.device, opts.tol, opts.max_iter, opts.patience)
+            # the state's starting values, copied in by the first graph; rewritten when the options change
+            self.state_options = (opts.tol, opts.max_iter, opts.patience)
+            self.state_start = self.state[:stopping.STATE_SIZE].clone()
             self._capture_pipelined(pipe, pool)
         else:  # as the eager path: the look-back loop where the cell has no pipelined kernel
-            self.xp = xp.new_zeros(xp.shape)
+            if self.project is None:
+                self.xp = src.new_zeros(src.shape)
+            elif not self.xp.is_contiguous():  # projected for a pipelined kernel the cell lacks: stay eager
+                raise RuntimeError("the look-back loop needs row-major xp")
             local = LocalPass(cell, self.xp, opts, chunk)
             if local.fused is None:
                 raise RuntimeError("no fused kernel")
@@ -179,6 +196,7 @@ class GraphedLoop:
         first, odd, even = Graph(pool), Graph(pool), Graph(pool)
 
         def first_pass():
+            state[:stopping.STATE_SIZE].copy_(self.state_start)
             res = pipe.first(h[0], h0, next_start=h0, stop=state)
             stopping.record(res.stats[0], state)
             return res, self._carries(pipe, res)
@@ -223,8 +241,13 @@ class GraphedLoop:
 
     def run(self, xp, h0, initial_guess, stop_rule, phases):
         """Iterate from ``initial_guess`` (or zeros) until ``stop_rule.record(k, residual)`` says stop;
-        returns ``(h, h0, k)``: a copy of the last iterate (whose residual was the last recorded)."""
-        self.xp.copy_(xp)
+        returns ``(h, h0, k)``: a copy of the last iterate (whose residual was the last recorded).
+        ``xp``: the projected inputs, or the inputs where this loop projects them."""
+        if self.project is not None:
+            self.x.copy_(xp)
+            self.project.replay()
+        else:
+            self.xp.copy_(xp)
         self.h0.copy_(h0)
         if initial_guess is not None:
             self.h[0].copy_(initial_guess)
@@ -249,8 +272,9 @@ class GraphedLoop:
         replay its residuals through ``stop_rule`` (which must stop where the device did); queue
         ``QUEUE_MORE`` further iterations while it has not stopped."""
         o = stop_rule.opts
-        self.state_init.copy_(stopping.initial_values(o.tol, o.max_iter, o.patience))
-        self.state[:stopping.STATE_SIZE].copy_(self.state_init, non_blocking=True)
+        if (o.tol, o.max_iter, o.patience) != self.state_options:
+            self.state_options = (o.tol, o.max_iter, o.patience)
+            self.state_start.copy_(stopping.initial_values(*self.state_options))
         queued = read = 0
         count = min(self.expected + 1, stopping.HISTORY)
         while True:

@@ -31,6 +31,7 @@ that every step satisfies ``|h - f| <= tol * max(1, |f|)`` elementwise.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -130,8 +131,14 @@ def jacobian_memory_budget(device=None) -> int:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type != "cuda":
         return JACOBIAN_MEMORY_BUDGET
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = _card_memory(device.index if device.index is not None else torch.cuda.current_device())
     return max(JACOBIAN_MEMORY_BUDGET, min(JACOBIAN_MEMORY_BUDGET_CUDA, total // 32))
+
+
+@functools.lru_cache(maxsize=None)
+def _card_memory(index: int) -> int:
+    """Total memory of CUDA device ``index`` (asked once: ~15 us per query, every solve asks)."""
+    return torch.cuda.get_device_properties(index).total_memory
 
 
 def auto_chunk(structure: Structure, B: int, D: int, dtype: torch.dtype, budget: Optional[int] = None,
@@ -290,12 +297,14 @@ class LocalPass:
             s, L = e, 2 * L
 
 
-def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, comm: Communicator,
-                 initial_guess: Optional[torch.Tensor] = None):
+def newton_solve(cell, xp: Optional[torch.Tensor], h0: torch.Tensor, opts: NewtonOptions, comm: Communicator,
+                 initial_guess: Optional[torch.Tensor] = None, inputs: Optional[torch.Tensor] = None):
     """Solve the recurrence on this rank's shard.
 
     ``xp`` (n, B, P) projected inputs of the shard, ``h0`` (B, D) the global
-    initial state (same on every rank).  Returns ``(states (n, B, D), info,
+    initial state (same on every rank).  Or ``xp=None`` and ``inputs`` (n, B, I)
+    in h0's dtype: projected here by ``cell.project_inputs`` (inside the captured
+    graphs where :mod:`seqpar.graphs` replays the solve).  Returns ``(states (n, B, D), info,
     boundary (B, D))`` where ``boundary`` is the state before the shard's first
     step (h0 on rank 0).
     """
@@ -304,7 +313,7 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
 
     t_start = time.perf_counter()
     phases = PhaseTimes(h0.device)
-    n = xp.shape[0]
+    n = (xp if xp is not None else inputs).shape[0]
     B, D = h0.shape
     st = opts.structure
     P = comm.world_size
@@ -314,10 +323,12 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
                      world_size=P, seq_len=layout.total)
     stopping = _Stopping(opts, info)
     pipelined = PIPELINED and layout.total * B * D >= PIPELINE_MIN_ELEMENTS
-    graphed = graphs.graphed_loop(cell, st, xp, h0, opts, chunk, pipelined) if P == 1 else None
+    graphed = graphs.graphed_loop(cell, st, xp, h0, opts, chunk, pipelined, inputs) if P == 1 else None
     if graphed is not None:  # one rank, a short solve seen before: its iterations replayed from CUDA graphs
-        h, boundary, it = graphed.run(xp, h0, initial_guess, stopping, phases)
+        h, boundary, it = graphed.run(xp if xp is not None else inputs, h0, initial_guess, stopping, phases)
     else:
+        if xp is None:
+            xp = cell.project_inputs(inputs).to(h0.dtype)
         h = initial_guess.to(h0.dtype).clone() if initial_guess is not None else h0.new_zeros(n, B, D)
         boundary = gather_boundary(comm, h, h0)  # the initial iterate's state before this shard
         pipe = pipelined_stepper(cell, st, xp, opts.backend) if pipelined else None
@@ -342,6 +353,8 @@ def newton_solve(cell, xp: torch.Tensor, h0: torch.Tensor, opts: NewtonOptions, 
             info.residual = max(info.residual, worst) if math.isfinite(worst) else math.nan
     info.newton_converged = info.converged
     if not info.converged:
+        if xp is None:
+            xp = cell.project_inputs(inputs).to(h0.dtype)
         h, boundary = handle_non_convergence(cell, xp, h0, h, boundary, opts, comm, layout, info)
     phases.mark("finish")
     info.phase_s = phases.times

@@ -160,6 +160,27 @@ def test_unconverged_graphed_solve_is_reported_unconverged(cpu_graphs, monkeypat
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_projection_inside_the_graphs(cpu_graphs, monkeypatch, pipelined):
+    """The graphs project the inputs themselves: batch-first (strided) inputs, bfloat16 inputs, and an
+    unconverged solve finished by the sequential fallback (which projects again) equal the eager solve."""
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0 if pipelined else 10**9)
+    torch.manual_seed(6)
+    cell = GRU(2, 3)
+    for kw, dtype in ((dict(batch_first=True), torch.float32), (dict(), torch.bfloat16),
+                      (dict(max_iter=1, fallback="sequential"), torch.float32)):
+        graphs.clear()
+        for _ in range(3):
+            x = torch.randn(3, 31, 2) if kw.get("batch_first") else torch.randn(31, 3, 2)
+            x = x.to(dtype)
+            got = _solve(cell, x, True, jacobian="dense", **kw)
+            _assert_same(got, _solve(cell, x, False, jacobian="dense", **kw))
+        loop = next(iter(graphs._graphs.values()))
+        assert loop is not None and loop.project is not None
+        assert got[1].converged and (got[1].fallback is not None) == ("fallback" in kw)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
 def test_failed_capture_keeps_the_eager_loop(cpu_graphs, monkeypatch):
     monkeypatch.setattr(graphs, "Graph", FailingGraph)
     cell = DiagGRU(2, 3)
