@@ -8,10 +8,12 @@ captured by the warm-ups), it measures, median of ``--reps`` synchronised calls:
 
 * ``solve_ms``: one ``seqpar.solve``;
 * ``project_ms``: the input projection alone;
-* ``loop_ms``: the graphed loop's ``run`` alone (copies in, replays with one residual read each, clone);
+* ``loop_ms``: the graphed loop's ``run`` alone (copies in, the projection where the graphs do it, replays
+  with their residual reads, clone);
 * ``replays_ms``: the same replays back to back with no residual read between them, one sync at the
   end: the device-bound floor of the loop (``loop_ms - replays_ms`` is what the per-iteration reads cost);
-* ``entry_ms``: ``solve_ms - loop_ms - project_ms``: argument checks, options, result packaging.
+* ``entry_ms``: ``solve_ms - loop_ms - project_ms`` (``solve_ms - loop_ms`` where the graphs project):
+  argument checks, options, result packaging.
 
 and writes a torch.profiler chrome trace of one solve (``trace_d{D}.json``), summarised as GPU busy
 time, the span from the first to the last kernel, and the largest idle gaps between kernels.
@@ -109,22 +111,28 @@ def main():
                        "graphed": loop is not None, "solve_ms": median_ms(solve, a.reps),
                        "project_ms": median_ms(lambda: cell.project_inputs(x), a.reps)}
                 if loop is not None:
-                    xp = cell.project_inputs(x)
+                    projects = getattr(loop, "project", None) is not None  # the graphs project the inputs
+                    xp = x if projects else cell.project_inputs(x)
                     k = info.iterations
                     row["loop_ms"] = median_ms(lambda: loop.run(xp, h0, None, StopAt(k), NoPhases()), a.reps)
 
                     def replays():
-                        if getattr(loop, "state", None) is not None:  # the device-side stopping rule
+                        if getattr(loop, "state", None) is not None:  # the device-side stopping rule: stop at k
                             from seqpar.kernels import stopping
-                            stopping.reset(loop.state, 0.0, k, 10**9)
-                        loop.xp.copy_(xp)
+                            loop.state_options = (0.0, k, 10**9)  # (the first graph copies state_start in)
+                            loop.state_start.copy_(stopping.initial_values(*loop.state_options))
+                        if projects:
+                            loop.x.copy_(x)
+                            loop.project.replay()
+                        else:
+                            loop.xp.copy_(xp)
                         loop.h0.copy_(h0)
                         loop.h[0].zero_()
                         for j in range(k + 1):
                             loop._replay(j)
                         return loop.h[k % 2].clone()
                     row["replays_ms"] = median_ms(replays, a.reps)
-                    row["entry_ms"] = row["solve_ms"] - row["loop_ms"] - row["project_ms"]
+                    row["entry_ms"] = row["solve_ms"] - row["loop_ms"] - (0.0 if projects else row["project_ms"])
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     solve()

@@ -347,7 +347,8 @@ def test_gpu_fused_pass(fused, T, B, D):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
-@pytest.mark.parametrize("n_runs,N,group", [(100_003, 64, 4), (16_384, 16, 16), (9_001, 1024, 2)])
+@pytest.mark.parametrize("n_runs,N,group", [(100_003, 64, 4), (16_384, 16, 16), (9_001, 1024, 2),
+                                             (12_500, 16, 16), (3_000, 32, 8), (1_000, 5, 2)])  # one tile
 def test_gpu_group_scan_matches_float64(n_runs, N, group):
     from seqpar.scan import affine_scan
 
