@@ -55,7 +55,10 @@ from ._common import gru_f_jdiag, rcp_fast
 # (run_length() shortens R for short sequences).
 RUNS = {  # benchmarks/bench_pipeline.py --sweep, run 29 (H200, B=16, T=2^20): one iteration, x minimum bytes
     16: dict(r=64, bn=16, s=16, warps=4, pf=0),    # 2.85x (look-back kernel: 7.4x)
-    64: dict(r=32, bn=64, s=4, warps=4, pf=2),     # 1.85x (5.8x)
+    # 64: runs of 64, 8 per program (was 32 and 4): 2-3 % faster in every shape timed, run 50 (H200, B=16, T=1M:
+    # 1.49x against 1.53x) and run 60 (H100; B=16 T=1M / 10M, B=1 D=64 T=10M: 0.540 / 5.134 / 4.514 ms against
+    # 0.550 / 5.237 / 4.572 ms per iteration, results/n64_configs_run60.log)
+    64: dict(r=64, bn=64, s=8, warps=4, pf=2),     # run 29: 1.85x (5.8x)
     256: dict(r=64, bn=128, s=2, warps=4, pf=1),   # 1.36x (2.9x)
     1024: dict(r=64, bn=128, s=2, warps=4, pf=1),  # 1.28x (2.4x)
     "wide": dict(r=64, bn=128, s=2, warps=4, pf=1),
