@@ -121,3 +121,15 @@ def out_path(name: str) -> str:
     """Where a script writes its JSON: $OUT on the device machine, else benchmarks/results."""
     base = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
     return os.path.join(base, name)
+
+
+def gru_problem(D: int, T: int, B: int = 16, seed: int = 0):
+    """``(cell, x, h0)`` on the GPU: seqpar's GRU with torch.nn.GRU(D, D)'s initialisation (seeded), inputs
+    (T, B, D) ~ N(0, 1), zero h0; the graphs of earlier problems dropped (seqpar.graphs.clear)."""
+    import seqpar
+    import seqpar.graphs
+
+    seqpar.graphs.clear()
+    torch.manual_seed(seed)
+    cell = seqpar.cells.GRU.from_torch(torch.nn.GRU(D, D).cuda())
+    return cell, torch.randn(T, B, D, device="cuda"), torch.zeros(B, D, device="cuda")

@@ -26,7 +26,7 @@ import seqpar.autograd as sa
 import seqpar.graphs as graphs
 import seqpar.newton as newton
 import seqpar.solver as solver
-from common import env_info, out_path, write_json
+from common import env_info, gru_problem, out_path, write_json
 from seqpar.problems import parse_count
 
 SPENT = defaultdict(float)
@@ -54,11 +54,7 @@ def main():
     res = {"env": env_info(), "rows": []}
     for D in [int(d) for d in a.dims.split(",")]:
         for T in [parse_count(s) for s in a.steps.split(",")]:
-            graphs.clear()
-            torch.manual_seed(0)
-            cell = seqpar.cells.GRU.from_torch(torch.nn.GRU(D, D).cuda())
-            x = torch.randn(T, 16, D, device="cuda")
-            h0 = torch.zeros(16, D, device="cuda")
+            cell, x, h0 = gru_problem(D, T)
 
             def solve():
                 return seqpar.solve(cell, x, h0, jacobian="dense", return_info=True)

@@ -32,7 +32,7 @@ import torch
 import common  # noqa: F401
 import seqpar
 import seqpar.graphs as graphs
-from common import env_info, write_json
+from common import env_info, gru_problem, write_json
 from seqpar.problems import parse_count
 
 
@@ -96,11 +96,7 @@ def main():
     res = {"env": env_info(), "rows": []}
     for D in [int(d) for d in a.dims.split(",")]:
         for T in [parse_count(s) for s in a.steps.split(",")]:
-            graphs.clear()
-            torch.manual_seed(0)
-            cell = seqpar.cells.GRU.from_torch(torch.nn.GRU(D, D).cuda())
-            x = torch.randn(T, a.batch, D, device="cuda")
-            h0 = torch.zeros(a.batch, D, device="cuda")
+            cell, x, h0 = gru_problem(D, T, a.batch)
             with torch.no_grad():
                 def solve():
                     return seqpar.solve(cell, x, h0, jacobian="dense", return_info=True)
