@@ -3,15 +3,15 @@
 A short solve on one GPU (e.g. GRU(1, 1), B = 16, T = 100k: ~0.2 ms of device work) is bound by
 the host: every iteration launches a pass and its carry scan (5-10 launches with their torch ops,
 ~100-200 us of host time) and then waits for the residual.  Here, on one rank, those launches are
-captured once into CUDA graphs and replayed: one graph launch per iteration instead, and the
-same stopping decisions, so the iterates, residuals, iteration counts and stopping
-decisions are those of the eager loops (:func:`seqpar.pipeline.pipelined_iterations`,
-``seqpar.newton._iterations``).
+captured once into CUDA graphs and replayed: one graph launch per iteration instead.  The
+iterates, residuals, iteration counts and stopping decisions are those of the eager loops
+(:func:`seqpar.pipeline.pipelined_iterations`, ``seqpar.newton._iterations``).
 
-Graphs need fixed addresses, so a :class:`GraphedLoop` owns static buffers: the projected inputs
-``xp`` (T, B, G) (same strides as the caller's), ``h0`` (B, D) and two iterate buffers (T, B, D),
-and binds the cell's kernels to them.  A solve copies its ``xp``, ``h0`` and initial guess in,
-replays, and returns a copy of the final iterate.  The iterate ``h^k`` lives in buffer ``k % 2``;
+Graphs need fixed addresses, so a :class:`GraphedLoop` owns static buffers: the inputs (T, B, I)
+(same strides as the caller's) and the projected inputs ``xp`` (T, B, G) that a captured graph makes
+of them (``cell.project_inputs``; or, where the caller passes ``xp``, a static copy of it), ``h0``
+(B, D) and two iterate buffers (T, B, D), and binds the cell's kernels to them.  A solve copies its
+inputs, ``h0`` and initial guess in, replays, and returns a copy of the final iterate.  The iterate ``h^k`` lives in buffer ``k % 2``;
 the graph of iteration k reads it and writes ``h^{k+1}`` into the other buffer.
 
 * Pipelined loop (``first``, ``odd``, ``even`` graphs): the first pass summarises ``h^0``; the graph of
