@@ -50,7 +50,9 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
             256 MiB budget).
         group: torch.distributed process group / 1-D DeviceMesh / mpi4py communicator /
             :class:`seqpar.comm.Communicator` over which the time axis is sharded.
-        callback: ``callback(iteration, residual)`` called every Newton iteration.
+        callback: ``callback(iteration, residual)`` called every Newton iteration, in order.  A short
+            one-GPU solve replayed from CUDA graphs (:mod:`seqpar.graphs`) runs its queued iterations
+            first and then calls it for each.
         backend: "auto" (Triton kernels for CUDA tensors when triton is installed,
             the pure-PyTorch reference otherwise), "triton" (force the kernels:
             error if they cannot run) or "torch" (force the reference).
