@@ -20,14 +20,14 @@ import common  # noqa: F401  (puts the checkout on sys.path)
 from common import env_info, out_path, sync, write_json
 import seqpar
 import seqpar.autograd as seqpar_autograd
-from seqpar.newton import SolveInfo
+from seqpar.newton import SolveInfo, projected_inputs
 
 
 def stand_in_newton_solve(cell, xp, h0, opts, comm, initial_guess=None, inputs=None):
     """``newton_solve``'s return value without iterating: zero states, a converged SolveInfo (the inputs
     projected, as the eager path does)."""
     if xp is None:
-        xp = cell.project_inputs(inputs).to(h0.dtype)
+        xp = projected_inputs(cell, inputs, h0.dtype)
     info = SolveInfo(converged=True, iterations=0, residual=0.0, jacobian=opts.structure.describe(), tol=opts.tol,
                      world_size=1, seq_len=xp.shape[0])
     if opts.first_sync_check is not None:  # the deferred NaN / Inf check runs at the first residual

@@ -14,7 +14,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import time
 from collections import defaultdict
 
@@ -26,7 +25,7 @@ import seqpar.autograd as sa
 import seqpar.graphs as graphs
 import seqpar.newton as newton
 import seqpar.solver as solver
-from common import env_info, gru_problem, out_path, write_json
+from common import env_info, gru_problem, out_path, timed, write_json
 from seqpar.problems import parse_count
 
 SPENT = defaultdict(float)
@@ -59,16 +58,7 @@ def main():
             def solve():
                 return seqpar.solve(cell, x, h0, jacobian="dense", return_info=True)
             with torch.no_grad():
-                for _ in range(5):
-                    solve()
-                torch.cuda.synchronize()
-                times = []
-                for _ in range(a.calls):
-                    t0 = time.perf_counter()
-                    solve()
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                plain_us = statistics.median(times) * 1e6
+                plain_us = timed(solve, repeats=a.calls, warmup=5)["median_s"] * 1e6
                 saved = {}
                 targets = [(solver, "check_solve_args", "check_solve_args"),
                            (solver, "check_cell_tensors_finite", "check_cell_tensors_finite"),

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from types import SimpleNamespace
 
 import torch
@@ -32,19 +30,13 @@ import torch
 import common  # noqa: F401
 import seqpar
 import seqpar.graphs as graphs
-from common import env_info, gru_problem, write_json
+from common import env_info, gru_problem, timed, write_json
 from seqpar.problems import parse_count
 
 
 def median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of ``reps`` synchronised calls (no warm-up here: the caller warms up)."""
+    return timed(fn, repeats=reps, warmup=0)["median_s"] * 1e3
 
 
 class StopAt:

@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .comm import Communicator
 from .newton import (CORRECTION_CAP_FRACTION, CORRECTION_FIRST, CORRECTION_MIN_CAP, NewtonOptions, auto_chunk,
-                     correction_threshold, incoming_state, newton_solve, shift)
+                     correction_threshold, incoming_state, newton_solve, projected_inputs, shift)
 from .validation import is_exact
 from .scan import affine_scan, chunk_bounds, jacobian_product
 from .structure import Structure
@@ -266,7 +266,7 @@ class SolveFunction(torch.autograd.Function):
         B, D = h0.shape
         g = g_states.to(cdt) if g_states is not None else states.new_zeros(states.shape)
         with torch.no_grad():
-            xp = cell.project_inputs(inputs.to(cdt)).to(cdt)
+            xp = projected_inputs(cell, inputs, cdt)
             h_prev = shift(states, boundary) if n else states
             lam, iters = adjoint_solve(cell, ctx.opts, h_prev, xp, g, comm)
         ctx.info.backward_iterations = iters

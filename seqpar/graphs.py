@@ -132,7 +132,9 @@ def graphed_loop(cell, structure, xp: Optional[torch.Tensor], h0: torch.Tensor, 
 
 def _projected(cell, x, dtype, row_major: bool) -> torch.Tensor:
     """``xp`` of the inputs ``x``, as the eager solve projects them (row-major if asked)."""
-    xp = cell.project_inputs(x).to(dtype)
+    from .newton import projected_inputs
+
+    xp = projected_inputs(cell, x, dtype)
     return xp.contiguous() if row_major else xp
 
 

@@ -151,6 +151,11 @@ def auto_chunk(structure: Structure, B: int, D: int, dtype: torch.dtype, budget:
     return max(1, budget // (4 * per_step * itemsize))
 
 
+def projected_inputs(cell, inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``xp``: the cell's projection of ``inputs`` (n, B, I), computed and returned in ``dtype``."""
+    return cell.project_inputs(inputs.to(dtype)).to(dtype)
+
+
 def shift(h: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
     """``h_prev``: states shifted one step later, ``boundary`` first.  (n, B, D)."""
     return torch.cat([boundary.unsqueeze(0), h[:-1]], 0)
@@ -313,7 +318,8 @@ def newton_solve(cell, xp: Optional[torch.Tensor], h0: torch.Tensor, opts: Newto
 
     t_start = time.perf_counter()
     phases = PhaseTimes(h0.device)
-    n = (xp if xp is not None else inputs).shape[0]
+    src = xp if xp is not None else inputs  # what a graphed loop copies in (it projects inputs itself)
+    n = src.shape[0]
     B, D = h0.shape
     st = opts.structure
     P = comm.world_size
@@ -325,10 +331,10 @@ def newton_solve(cell, xp: Optional[torch.Tensor], h0: torch.Tensor, opts: Newto
     pipelined = PIPELINED and layout.total * B * D >= PIPELINE_MIN_ELEMENTS
     graphed = graphs.graphed_loop(cell, st, xp, h0, opts, chunk, pipelined, inputs) if P == 1 else None
     if graphed is not None:  # one rank, a short solve seen before: its iterations replayed from CUDA graphs
-        h, boundary, it = graphed.run(xp if xp is not None else inputs, h0, initial_guess, stopping, phases)
+        h, boundary, it = graphed.run(src, h0, initial_guess, stopping, phases)
     else:
         if xp is None:
-            xp = cell.project_inputs(inputs).to(h0.dtype)
+            xp = projected_inputs(cell, inputs, h0.dtype)
         h = initial_guess.to(h0.dtype).clone() if initial_guess is not None else h0.new_zeros(n, B, D)
         boundary = gather_boundary(comm, h, h0)  # the initial iterate's state before this shard
         pipe = pipelined_stepper(cell, st, xp, opts.backend) if pipelined else None
@@ -354,7 +360,7 @@ def newton_solve(cell, xp: Optional[torch.Tensor], h0: torch.Tensor, opts: Newto
     info.newton_converged = info.converged
     if not info.converged:
         if xp is None:
-            xp = cell.project_inputs(inputs).to(h0.dtype)
+            xp = projected_inputs(cell, inputs, h0.dtype)
         h, boundary = handle_non_convergence(cell, xp, h0, h, boundary, opts, comm, layout, info)
     phases.mark("finish")
     info.phase_s = phases.times

@@ -10,7 +10,7 @@ import torch
 from .autograd import SolveFunction
 from .distributed import get_communicator
 from .backend import resolve_backend
-from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, min_tol
+from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, min_tol, projected_inputs
 from .validation import (METHODS, check_cell_tensors_finite, trusted_step, check_declared_structure, check_options,
                          check_solve_args, check_step_output, compute_dtype, is_exact, resolve_jacobian)
 
@@ -250,7 +250,7 @@ def sequential_solve(cell, inputs, h0, comm=None):
 
     comm = comm or SINGLE
     cdt = compute_dtype(inputs.dtype)
-    xp = cell.project_inputs(inputs.to(cdt)).to(cdt)
+    xp = projected_inputs(cell, inputs, cdt)
     h = h0.to(cdt)
     for q in range(comm.world_size):
         if q == comm.rank:
