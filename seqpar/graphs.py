@@ -27,7 +27,9 @@ first: ``EXPECTED_ITERATIONS``), reads the state once, and hands the residuals t
 order (callbacks and the deferred argument check run then); the host rule must stop at the same
 iterate (else RuntimeError).  Iterations past the queue are queued ``QUEUE_MORE`` at a time.  The
 device never waits for the host between iterations; a queue longer than needed costs a few
-microseconds of no-op launches per extra iteration.  The look-back graphs read the residual after
+microseconds of no-op launches per extra iteration.  The first graph also sums the static inputs, h0
+and first iterate, read with the state: the solve's deferred NaN / Inf check of the caller's tensors
+(:class:`seqpar.validation.PendingFinite`) needs no launch or read of its own.  The look-back graphs read the residual after
 every iteration.
 
 When (:func:`graphed_loop`): one rank (the caller checks), a CUDA device, the Triton backend with a
@@ -41,6 +43,7 @@ used dropped); ``SEQPAR_CUDA_GRAPHS=0`` or ``seqpar.graphs.ENABLED = False`` tur
 """
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from collections import OrderedDict
@@ -49,6 +52,7 @@ from typing import Callable, Optional
 import torch
 
 from .kernels import stopping
+from .validation import PendingFinite, cell_tensors
 
 ENABLED = os.environ.get("SEQPAR_CUDA_GRAPHS", "1") not in ("0", "", "false", "off")
 GRAPH_MAX_ELEMENTS = 2**23  # T * B * D: static buffers of about 20 bytes per state are held per key
@@ -93,7 +97,8 @@ def clear() -> None:
 
 
 def _key(cell, structure, src, h0, opts, chunk: int, pipelined: bool, projects: bool) -> tuple:
-    tensors = list(cell.parameters()) + list(cell.buffers())
+    params, buffers = cell_tensors(cell)
+    tensors = [t for _, t in params] + [t for _, t in buffers]
     return (id(cell), type(cell), tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors),
             tuple(src.shape), src.stride(), src.dtype, h0.dtype, src.device, structure, opts.backend,
             chunk, pipelined, projects)
@@ -175,7 +180,12 @@ class GraphedLoop:
             self.xp = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device=src.device).zero_()
         pipe = pipelined_stepper(cell, structure, self.xp, opts.backend) if pipelined else None
         if pipe is not None:
-            self.state = stopping.new_state(src.device, opts.tol, opts.max_iter, opts.patience)
+            # what a solve reads back, in one copy: the stopping state, then the sums of the static inputs,
+            # h0 and first iterate (NaN / Inf checks of the caller's tensors, see _settle_finite_check)
+            n_state = stopping.STATE_SIZE + stopping.HISTORY
+            self.readback = torch.zeros(n_state + 3, dtype=torch.float64, device=src.device)
+            self.state = self.readback[:n_state]
+            stopping.reset(self.state, opts.tol, opts.max_iter, opts.patience)
             # the state's starting values, copied in by the first graph; rewritten when the options change
             self.state_options = (opts.tol, opts.max_iter, opts.patience)
             self.state_start = self.state[:stopping.STATE_SIZE].clone()
@@ -197,8 +207,12 @@ class GraphedLoop:
         h, h0, state = self.h, self.h0, self.state
         first, odd, even = Graph(pool), Graph(pool), Graph(pool)
 
+        sums, inputs = self.readback[state.numel():], (self.x if self.x is not None else self.xp)
+
         def first_pass():
             state[:stopping.STATE_SIZE].copy_(self.state_start)
+            sums.copy_(torch.stack([inputs.sum(dtype=torch.float64), h0.sum(dtype=torch.float64),
+                                    h[0].sum(dtype=torch.float64)]))
             res = pipe.first(h[0], h0, next_start=h0, stop=state)
             stopping.record(res.stats[0], state)
             return res, self._carries(pipe, res)
@@ -268,6 +282,16 @@ class GraphedLoop:
                 return self.h[k % 2].clone(), h0, k
             k += 1
 
+    def _settle_finite_check(self, opts, sums) -> None:
+        """The solve's deferred NaN / Inf check of inputs, h0 and initial guess (``opts.first_sync_check``,
+        a :class:`seqpar.validation.PendingFinite`), from the first graph's sums of their static copies:
+        no launch or read of its own.  Where this loop is given projected inputs (not the inputs), the
+        check is left to run itself."""
+        pending = opts.first_sync_check
+        if isinstance(pending, PendingFinite) and self.x is not None:
+            opts.first_sync_check = None
+            pending.settle(all(math.isfinite(v) for v in sums))
+
     def _run_queued(self, h0, stop_rule, phases):
         """The pipelined graphs with the stopping rule on the device (:mod:`seqpar.kernels.stopping`):
         queue as many iterations as the last solve took (plus its first pass), read the state once,
@@ -284,8 +308,9 @@ class GraphedLoop:
                 self._replay(queued)
                 queued += 1
             phases.mark("pass")
-            values = self.state.tolist()  # one host sync per queue
+            values = self.readback.tolist()  # one host sync per queue
             phases.mark("exchange")
+            self._settle_finite_check(stop_rule.opts, values[self.state.numel():])
             stop = False
             for res in stopping.recorded(values, read):
                 stop = stop_rule.record(read, res)

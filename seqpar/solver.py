@@ -11,8 +11,9 @@ from .autograd import SolveFunction
 from .distributed import get_communicator
 from .backend import resolve_backend
 from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, min_tol, projected_inputs
-from .validation import (METHODS, check_cell_tensors_finite, trusted_step, check_declared_structure, check_options,
-                         check_solve_args, check_step_output, compute_dtype, is_exact, resolve_jacobian)
+from .validation import (METHODS, cell_tensors, check_cell_tensors_finite, trusted_step, check_declared_structure,
+                         check_options, check_solve_args, check_step_output, compute_dtype, is_exact,
+                         resolve_jacobian)
 
 DEFAULT_MAX_ITER_NEWTON = 50
 DEFAULT_MAX_ITER_QUASI = 200
@@ -84,7 +85,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
 
         defer = comm.world_size == 1 and method == "newton" and isinstance(cell, Cell) and trusted_step(cell)
         # the cell's parameters, walked once per solve (each walk of a module tree costs host time)
-        named_params = list(cell.named_parameters()) if isinstance(cell, Cell) else None
+        named_params, named_buffers = cell_tensors(cell) if isinstance(cell, Cell) else (None, None)
         h0, pending_finite = check_solve_args(cell, inputs, h0, initial_guess, allow_empty=comm.world_size > 1,
                                               batch_first=batch_first, defer_finite=defer, named_params=named_params)
         if batch_first:  # everything below is time-major
@@ -93,7 +94,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
                 initial_guess = initial_guess.transpose(0, 1)
         structure = resolve_jacobian(jacobian, cell)
         resolved_backend = resolve_backend(backend, inputs.device if torch.is_tensor(inputs) else "cpu")
-        check_cell_tensors_finite(cell, named_params)
+        check_cell_tensors_finite(cell, named_params, named_buffers)
         needs_grad = torch.is_grad_enabled() and (
             inputs.requires_grad or h0.requires_grad or any(p.requires_grad for _, p in named_params))
         if torch.is_grad_enabled() and method == "newton" and hasattr(cell, "check_captured"):

@@ -39,28 +39,54 @@ def check_all_finite(*named, defer: bool = False):
     """``(name, tensor)`` pairs: ValueError naming the first that holds NaN or Inf.  One device sync for
     all of them (a short solve's argument checks are host-bound).
 
-    ``defer=True``: only queue the reductions and return a function that raises (or returns None) when
-    called, to be called where the caller waits for the device anyway (a solve's first residual), so the
-    check costs no sync of its own; None when there is nothing to check."""
+    ``defer=True``: return a :class:`PendingFinite` instead (None when there is nothing to check), to be
+    called where the caller waits for the device anyway (a solve's first residual), so the check costs
+    no sync of its own; it launches nothing before then, so a CUDA-graph replay can check the tensors'
+    copies inside its graph instead (:meth:`PendingFinite.settle`)."""
     named = [(n, t) for n, t in named if t is not None and t.numel()]
     if not named:
         return None
-    # one reduction launch per tensor: NaN / Inf make its sum NaN / Inf; a sum of finite values that
-    # overflows is told apart by the exact check, which runs only when a sum is not finite
-    sums = [t.sum() for _, t in named]
-    sums = sums[0] if len(sums) == 1 else torch.stack(sums)
+    pending = PendingFinite(named)
+    if defer:
+        return pending
+    pending()
+    return None
 
-    def raise_if_not_finite():
-        if all(math.isfinite(v) for v in sums.reshape(-1).tolist()):
+
+class PendingFinite:
+    """A NaN / Inf check of named tensors, run later: ``pending()`` reduces them (one launch per tensor:
+    NaN / Inf make its sum NaN / Inf) and reads the sums (one sync); ``settle(all_finite)`` takes the
+    verdict of sums made elsewhere (e.g. of static copies, inside a CUDA graph).  A sum that is not
+    finite is followed by the exact check (``isfinite``), which tells NaN / Inf from a sum of finite
+    values that overflowed and names the tensor."""
+
+    def __init__(self, named):
+        self.named = named
+
+    def __call__(self) -> None:
+        sums = [t.sum() for _, t in self.named]
+        sums = sums[0] if len(sums) == 1 else torch.stack(sums)
+        self.settle(all(math.isfinite(v) for v in sums.reshape(-1).tolist()))
+
+    def settle(self, all_finite: bool) -> None:
+        if all_finite:
             return
-        for name, t in named:
+        for name, t in self.named:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf")
 
-    if defer:
-        return raise_if_not_finite
-    raise_if_not_finite()
-    return None
+
+def cell_tensors(cell):
+    """``(named_parameters, named floating buffers)`` of a cell as lists, read straight from the module's
+    own dicts when it has no submodules (a module-tree walk costs host time on every solve)."""
+    if not cell._modules:  # as named_parameters / named_buffers: None skipped, a shared tensor listed once
+        seen = set()
+        params = [(n, p) for n, p in cell._parameters.items()
+                  if p is not None and id(p) not in seen and not seen.add(id(p))]
+        buffers = [(n, b) for n, b in cell._buffers.items()
+                   if b is not None and b.is_floating_point() and id(b) not in seen and not seen.add(id(b))]
+        return params, buffers
+    return list(cell.named_parameters()), [(n, b) for n, b in cell.named_buffers() if b.is_floating_point()]
 
 
 def check_options(tol, max_iter, chunk_size, callback):
@@ -82,17 +108,19 @@ def check_options(tol, max_iter, chunk_size, callback):
         raise TypeError(f"callback must be callable as callback(iteration, residual); got {type(callback).__name__}")
 
 
-def check_cell_tensors_finite(cell, named_params=None):
+def check_cell_tensors_finite(cell, named_params=None, named_buffers=None):
     """NaN/Inf in any parameter or floating buffer of the cell (one host sync).
 
     A passing check is remembered with each tensor's storage and version counter (bumped by
     every in-place change, e.g. an optimizer step), so repeated solves with unchanged weights
     (inference, benchmarks) skip the sync; any change re-checks.  Writes through ``tensor.data``
     bypass version counters and are not seen until the next versioned change (a NaN written that way
-    still shows as a non-finite residual: the solve is then not reported converged)."""
-    named_params = cell.named_parameters() if named_params is None else named_params
+    still shows as a non-finite residual: the solve is then not reported converged).
+    ``named_params`` / ``named_buffers``: :func:`cell_tensors`' lists, where the caller has them."""
+    if named_params is None or named_buffers is None:
+        named_params, named_buffers = cell_tensors(cell)
     named = [(f"parameter {n!r}", p) for n, p in named_params]
-    named += [(f"buffer {n!r}", b) for n, b in cell.named_buffers() if b.is_floating_point()]
+    named += [(f"buffer {n!r}", b) for n, b in named_buffers]
     named = [(n, t) for n, t in named if t.numel() and t.device.type != "meta"]
     if not named:
         return
@@ -213,8 +241,8 @@ def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batc
                      defer_finite: bool = False, named_params=None):
     """Validate ``solve``'s tensors (in the caller's layout) against ``cell``; returns ``(h0, pending)``:
     h0 (zeros if None) and, with ``defer_finite``, the deferred NaN / Inf check of h0, inputs and
-    initial_guess (:func:`check_all_finite`; None otherwise: checked here).  ``named_params``: the
-    cell's ``named_parameters()`` as a list, where the caller has walked them already."""
+    initial_guess (a :class:`PendingFinite`, see :func:`check_all_finite`; None otherwise: checked here).
+    ``named_params``: the cell's ``named_parameters()`` as a list, where the caller has them already."""
     from .cells import Cell
 
     if not isinstance(cell, Cell):
@@ -233,8 +261,9 @@ def check_solve_args(cell, inputs, h0, initial_guess, *, allow_empty: bool, batc
         raise ValueError(f"inputs has D_in={D_in} features but the cell expects input_size={cell.input_size} "
                          f"(inputs of shape {tuple(inputs.shape)} are read as {layout_doc(batch_first)})")
     D = cell.state_size
+    device = inputs.device
     for p_name, p in (cell.named_parameters() if named_params is None else named_params):
-        if p.device != inputs.device:
+        if p.device != device:
             raise ValueError(f"device mismatch: inputs on {inputs.device}, cell parameter {p_name!r} on {p.device}")
         ok = p.dtype == inputs.dtype or (inputs.dtype in HALF_DTYPES and p.dtype in (torch.float32,) + HALF_DTYPES)
         if not ok:

@@ -181,6 +181,45 @@ def test_projection_inside_the_graphs(cpu_graphs, monkeypatch, pipelined):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
+def test_replayed_solve_checks_its_tensors_for_nan(cpu_graphs, monkeypatch):
+    """A replayed solve's NaN / Inf check of inputs, h0 and initial_guess comes from the first graph's sums
+    (no reduction of its own) and names the argument; a finite input whose sum overflows passes; the next
+    clean solve replays and equals the eager one."""
+    from seqpar.validation import PendingFinite
+
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
+    torch.manual_seed(7)
+    cell = DiagGRU(2, 3)
+    T, B = 40, 2
+    for _ in range(2):  # seen, captured
+        _solve(cell, torch.randn(T, B, 2), True)
+    loop = next(iter(graphs._graphs.values()))
+    assert loop is not None and loop.project is not None and loop.state is not None
+    own = []
+    call = PendingFinite.__call__
+    monkeypatch.setattr(PendingFinite, "__call__", lambda self: own.append(1) or call(self))
+    bad = torch.randn(T, B, 2)
+    bad[17, 1, 0] = float("nan")
+    h0_inf = torch.zeros(B, 3)
+    h0_inf[1, 2] = -float("inf")
+    guess = torch.zeros(T, B, 3)
+    guess[T - 1, 0, 1] = float("nan")
+    for name, x, kw in (("inputs", bad, {}), ("h0", torch.randn(T, B, 2), dict(h0=h0_inf)),
+                        ("initial_guess", torch.randn(T, B, 2), dict(initial_guess=guess))):
+        replays = EagerGraph.replays
+        with pytest.raises(ValueError, match=f"^{name} contains NaN or Inf"):
+            _solve(cell, x, True, **kw)
+        assert EagerGraph.replays > replays  # it was the replayed loop that raised
+    assert not own  # the graph's sums decided every time
+    for x in (torch.full((T, B, 2), 3e38), torch.randn(T, B, 2)):  # finite (the first one's sum overflows)
+        got = _solve(cell, x, True)
+        assert not own
+        _assert_same(got, _solve(cell, x, False))
+        assert len(own) == 1  # the eager solve's check reduces on its own
+        own.clear()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
 def test_failed_capture_keeps_the_eager_loop(cpu_graphs, monkeypatch):
     monkeypatch.setattr(graphs, "Graph", FailingGraph)
     cell = DiagGRU(2, 3)
