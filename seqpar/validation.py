@@ -79,7 +79,8 @@ class PendingFinite:
 def cell_tensors(cell):
     """``(named_parameters, named floating buffers)`` of a cell as lists, read straight from the module's
     own dicts when it has no submodules (a module-tree walk costs host time on every solve)."""
-    if not cell._modules:  # as named_parameters / named_buffers: None skipped, a shared tensor listed once
+    if not cell._modules and _plain_members(type(cell)):
+        # as named_parameters / named_buffers: None skipped, a shared tensor listed once
         seen = set()
         params = [(n, p) for n, p in cell._parameters.items()
                   if p is not None and id(p) not in seen and not seen.add(id(p))]
@@ -106,6 +107,15 @@ def check_options(tol, max_iter, chunk_size, callback):
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(iteration, residual); got {type(callback).__name__}")
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_members(cls) -> bool:
+    """Whether a cell class lists its tensors as ``torch.nn.Module`` does (no override of
+    ``named_parameters`` / ``named_buffers``, e.g. FunctionCell's ``params=``)."""
+    from torch import nn
+
+    return cls.named_parameters is nn.Module.named_parameters and cls.named_buffers is nn.Module.named_buffers
 
 
 def check_cell_tensors_finite(cell, named_params=None, named_buffers=None):

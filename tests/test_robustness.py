@@ -401,3 +401,26 @@ def test_nan_inf_in_cell_parameters(bad):
     cell.register_buffer("scale", torch.tensor([1.0, bad]))
     with pytest.raises(ValueError, match="cell buffer 'scale' contains NaN or Inf"):
         seqpar.solve(cell, x, h)
+
+
+def test_cell_tensors_lists_what_named_parameters_lists():
+    """validation.cell_tensors (the one walk of a solve) lists the tensors torch's walks list: its shortcut
+    for cells without submodules must agree with named_parameters / named_buffers, overrides included."""
+    from seqpar.validation import cell_tensors
+
+    W = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    shared = seqpar.cells.GRU(2, 3)
+    shared.register_parameter("alias", shared.weight_hh)  # the same tensor under two names: listed once
+    shared.register_buffer("scale", torch.ones(3))
+    shared.register_buffer("count", torch.zeros(1, dtype=torch.long))  # not floating: not listed
+    shared.register_parameter("gone", None)
+    cells = [seqpar.cells.GRU(2, 3), seqpar.cells.DiagGRU(3, 3), shared,
+             seqpar.FunctionCell(lambda h, u: torch.tanh(h @ W.T + u), 4, params=[W]),
+             seqpar.ODECell(_CatNet(torch.nn.Linear(8, 4).double()), 4, dt=0.1)]
+    for cell in cells:
+        params, buffers = cell_tensors(cell)
+        assert [(n, id(p)) for n, p in params] == [(n, id(p)) for n, p in cell.named_parameters()]
+        assert [(n, id(b)) for n, b in buffers] == [(n, id(b)) for n, b in cell.named_buffers()
+                                                   if b.is_floating_point()]
+    assert any(p is W for _, p in cell_tensors(cells[3])[0])
+    assert [n for n, _ in cell_tensors(shared)[1]] == ["scale"]
