@@ -17,7 +17,11 @@ from typing import Callable, Dict, List
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+# this checkout's seqpar first, unless PYTHONPATH names a tree holding a seqpar package (a baseline tree timed
+# in the same call: `PYTHONPATH=peers/baseline python profile_short_solve.py`; before run 61 this line put the
+# checkout first regardless, so runs 57 and 59 timed this tree under both names)
+_TREES = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if ROOT not in sys.path and not any(os.path.isdir(os.path.join(p, "seqpar")) for p in _TREES):
     sys.path.insert(0, ROOT)
 
 

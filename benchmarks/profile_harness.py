@@ -2,7 +2,8 @@
 """Why one short solve times differently under different harnesses (GPU): the same graph-replayed solve,
 timed in one process several ways, with the GPU's clocks logged beside it.
 
-    python benchmarks/profile_harness.py [--dims 1] [--steps 100k] [--inits torch,flax] [--out $OUT/harness.json]
+    python benchmarks/profile_harness.py [--dims 1] [--steps 100k] [--inits torch,flax] [--phases short,long,...]
+        [--set seqpar.kernels.pipelined_diag_gru.FUSE_MAX_ELEMENTS=65536] [--out $OUT/harness.json]
 
 Session 8 timed GRU(1, 1), B = 16, T = 100k at 0.37 ms (profile_short_solve.py: 4 warm-ups, 21 calls), 0.50 ms
 (profile_host.py: 300 calls) and 0.55 ms (bench_vs_deer.py: flax weights, 3 warm-ups, 9 calls) in one device
@@ -16,13 +17,16 @@ call.  Here, per weight initialisation (torch.nn.GRU's, or DEER's flax GRUCell: 
 * ``no_gc``: 100 calls with Python's garbage collector off;
 * ``replays``: the graphed loop's replays alone (no host rule, no entry path), 21 times.
 
-Each phase records its wall-clock start (``t_wall``) so that the clock log of run_harness.sh
+``--set module.NAME=value`` (repeatable) overrides a module constant first (a Python literal), to time a
+variant in the same call.  Each phase records its wall-clock start (``t_wall``) so that the clock log of run_harness.sh
 (``nvidia-smi --query-gpu=clocks.sm,... -lms 20``) can be lined up with it.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
+import importlib
 import statistics
 import time
 
@@ -74,11 +78,19 @@ def main():
     p.add_argument("--steps", default="100k")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--inits", default="torch,flax")
+    p.add_argument("--phases", default="short,long,deer_harness,after_spin,idle_gaps,no_gc,replays")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     from bench_vs_deer import time_calls
 
-    res = {"env": env_info(), "rows": []}
+    for item in a.set:
+        target, value = item.split("=", 1)
+        mod, name = target.rsplit(".", 1)
+        setattr(importlib.import_module(mod), name, ast.literal_eval(value))
+    want = set(a.phases.split(","))
+
+    res = {"env": env_info(), "seqpar": seqpar.__file__, "set": a.set, "rows": []}
     for D in [int(d) for d in a.dims.split(",")]:
         for T in [parse_count(s) for s in a.steps.split(",")]:
             for init in a.inits.split(","):
@@ -96,49 +108,62 @@ def main():
                     box["out"], box["info"] = seqpar.solve(cell, x, h0, jacobian="dense", return_info=True,
                                                            fallback="none")
 
-                def phase(name, times):
-                    row["phases"][name] = {"t_wall": t_wall, "median_us": statistics.median(times),
-                                           "min_us": min(times), "times_us": [round(v, 1) for v in times]}
-                    print(f"D={D} T={T} init={init} {name}: median {statistics.median(times):.1f} us, "
-                          f"min {min(times):.1f} us", flush=True)
+                def replays_us():
+                    loop = next((g for g in graphs._graphs.values() if g is not None), None)
+                    if loop is None or getattr(loop, "state", None) is None:
+                        return None
+                    k = row["iterations"]
 
+                    def replays():  # the device-side rule told to stop after k iterations
+                        loop.state_start.copy_(seqpar.kernels.stopping.initial_values(0.0, k, 10**9))
+                        loop.state_options = (0.0, k, 10**9)
+                        for j in range(k + 1):
+                            loop._replay(j)
+                    return [v * 1e6 for v in timed(replays, repeats=21, warmup=2)["times_s"]]
+
+                def no_gc_us():
+                    gc.disable()
+                    try:
+                        return per_call_us(solve, 100)
+                    finally:
+                        gc.enable()
+
+                def deer_harness_us():
+                    t = time_calls(lambda: (solve(), torch.cuda.synchronize()), 9, 15.0)
+                    return [v * 1e6 for v in t["times_s"]]
+
+                def after_spin_us():
+                    spin()
+                    return per_call_us(solve, 21)
+
+                phases = [("short", lambda: per_call_us(solve, 21)), ("long", lambda: per_call_us(solve, 300)),
+                          ("deer_harness", deer_harness_us), ("after_spin", after_spin_us),
+                          ("idle_gaps", lambda: per_call_us(solve, 21, before=lambda: time.sleep(0.02))),
+                          ("no_gc", no_gc_us), ("replays", replays_us)]
                 with torch.no_grad():
                     for _ in range(4):
                         solve()
                     row["iterations"] = box["info"].iterations
-                    t_wall = time.time()
-                    phase("short", per_call_us(solve, 21))
-                    t_wall = time.time()
-                    long = per_call_us(solve, 300)
-                    phase("long", long)
-                    row["phases"]["long"]["window_medians_us"] = [round(statistics.median(long[i:i + 30]), 1)
-                                                                  for i in range(0, 300, 30)]
-                    print("   windows of 30:", row["phases"]["long"]["window_medians_us"], flush=True)
-                    t_wall = time.time()
-                    t = time_calls(lambda: (solve(), torch.cuda.synchronize()), 9, 15.0)
-                    phase("deer_harness", [v * 1e6 for v in t["times_s"]])
-                    spin()
-                    t_wall = time.time()
-                    phase("after_spin", per_call_us(solve, 21))
-                    t_wall = time.time()
-                    phase("idle_gaps", per_call_us(solve, 21, before=lambda: time.sleep(0.02)))
-                    gc.disable()
-                    try:
+                    for name, measure in phases:
+                        if name not in want:
+                            continue
                         t_wall = time.time()
-                        phase("no_gc", per_call_us(solve, 100))
-                    finally:
-                        gc.enable()
-                    loop = next((g for g in graphs._graphs.values() if g is not None), None)
-                    if loop is not None and getattr(loop, "state", None) is not None:
-                        k = row["iterations"]
-
-                        def replays():
-                            loop.state_start.copy_(seqpar.kernels.stopping.initial_values(0.0, k, 10**9))
-                            loop.state_options = (0.0, k, 10**9)
-                            for j in range(k + 1):
-                                loop._replay(j)
-                        t_wall = time.time()
-                        phase("replays", [v * 1e6 for v in timed(replays, repeats=21, warmup=2)["times_s"]])
+                        try:
+                            times = measure()
+                        except Exception as e:  # noqa: BLE001 - a phase a baseline tree lacks: say so, go on
+                            print(f"D={D} T={T} init={init} {name}: failed: {type(e).__name__}: {e}", flush=True)
+                            continue
+                        if not times:
+                            continue
+                        row["phases"][name] = {"t_wall": t_wall, "median_us": statistics.median(times),
+                                               "min_us": min(times), "times_us": [round(v, 1) for v in times]}
+                        line = f"D={D} T={T} init={init} {name}: median {statistics.median(times):.1f} us, " \
+                               f"min {min(times):.1f} us"
+                        if name == "long":
+                            w = [round(statistics.median(times[i:i + 30]), 1) for i in range(0, len(times), 30)]
+                            row["phases"][name]["window_medians_us"] = w
+                            line += f"; windows of 30: {w}"
+                        print(line, flush=True)
                 res["rows"].append(row)
     write_json(a.out or out_path("harness.json"), res)
 
