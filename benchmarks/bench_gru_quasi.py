@@ -15,6 +15,19 @@ For each (D, B) at T steps (torch.nn.GRU weights, input size D, fp32):
   and with the defaults, its iterations, the wall-clock median of --solve-reps after a warm-up,
   and the float64 elementwise residual of the returned states (the reported residual is trusted only if
   it agrees); ``torch.nn.GRU`` (cuDNN) on chunks of 65,535 steps in the same call.
+
+With ``--epilogue`` (default shape D=64, B=8; benchmarks/run_quasi_epilogue.sh) it times instead the
+``recurrent="epilogue"`` variant (:mod:`seqpar.kernels.quasi_gru_gemm`: the GEMM with the GRU step as its
+epilogue writes only the diagonal maps a, b; ``scan_diag`` scans them) against ``recurrent="gemm"``:
+
+* ``epilogue_iteration``: one iteration of each (CUDA-event median of --reps after two warm-ups, the
+  largest difference from "gemm"), the GEMM-epilogue kernel alone at each of --epilogue-tiles
+  (BM:BD:BK:warps) and the scan alone, with the bytes each variant moves at minimum;
+* ``epilogue_solve``: ``seqpar.solve(..., jacobian="diag", backend="triton")`` with ``QUASI_EPILOGUE_MIN_D``
+  off ("off": the default variant, "gemm" at D = 64) and set to D ("on": "epilogue"), for each of --inits
+  ("torch": torch.nn.GRU's init; "flax": DEER's flax.linen GRUCell init, ``bench_vs_deer.make_weights``):
+  iterations, wall-clock median of --solve-reps after the measured first solve, float64 residual, the
+  largest state difference between the two, and cuDNN on chunks of 65,535 steps.
 """
 from __future__ import annotations
 
@@ -26,9 +39,12 @@ import torch
 
 import common  # noqa: F401
 import seqpar
+import seqpar.graphs
 from common import env_info, event_ms, out_path, timed, write_json
 from seqpar.kernels import fused_diag_gru as k
+from seqpar.kernels import quasi_gru_gemm as q
 from seqpar.kernels.linear import linear
+from seqpar.kernels.scan_diag import scan_diag
 from seqpar.problems import parse_count
 
 CUDNN_CHUNK = 65535
@@ -74,9 +90,125 @@ def cudnn_ms(m: torch.nn.GRU, x, h0, reps: int) -> float:
         return timed(run, repeats=reps)["median_s"] * 1e3
 
 
+# floats moved per state (T x B x D) at minimum by one iteration.  gemm: the GEMM reads h_prev (1) and writes
+# W_hh h_prev + b (3); the fused kernel reads h (h_prev is the same array), that (3), xp (3), writes h_new (1).
+# epilogue: the kernel reads h (1, h_prev again from L2), xp (3), writes a, b (2); the scan reads a, b, writes h_new.
+ITERATION_FLOATS = {"gemm": 4 + 8, "epilogue": 6 + 3}
+
+
+def gru_module(D: int, init: str, dev) -> torch.nn.GRU:
+    """torch.nn.GRU(D, D) seeded with torch's init, or ("flax") DEER's flax.linen GRUCell init in torch.nn.GRU's
+    layout (``bench_vs_deer.make_weights(D, D, "flax", 0)``)."""
+    torch.manual_seed(0)
+    m = torch.nn.GRU(D, D)
+    if init == "flax":
+        from bench_vs_deer import make_weights  # (imports no JAX)
+
+        w = make_weights(D, D, "flax", 0)
+        with torch.no_grad():
+            for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
+                              ("bias_hh_l0", "b_hh")):
+                getattr(m, name).copy_(torch.from_numpy(w[key]))
+    elif init != "torch":
+        raise ValueError(f"init must be 'torch' or 'flax'; got {init!r}")
+    return m.to(dev)
+
+
+@torch.no_grad()
+def epilogue_iteration(D: int, B: int, T: int, a, dev) -> dict:
+    """One iteration, recurrent="gemm" vs "epilogue", and the epilogue's parts (kernel at each tile, scan)."""
+    cell = seqpar.cells.GRU.from_torch(gru_module(D, "torch", dev))
+    xp = cell.project_inputs(torch.randn(T, B, D, device=dev)).contiguous()
+    h = torch.tanh(torch.randn(T, B, D, device=dev))
+    bnd = torch.zeros(B, D, device=dev)
+    w, b = cell.weight_hh, cell.bias_hh
+    row = dict(D=D, B=B, T=T)
+
+    def step(rec, **kw):
+        return k.fused_gru_quasi_step(h, xp, w, b, bnd, recurrent=rec, **kw)
+
+    ref = step("gemm")[0]
+    row["gemm_ms"] = event_ms(lambda: step("gemm"), a.reps)
+    time_variant(row, "epilogue", lambda: step("epilogue")[0], ref, a.reps)
+    for name, floats in ITERATION_FLOATS.items():
+        row[f"{name}_min_GB"] = T * B * D * 4 * floats / 1e9
+        if f"{name}_ms" in row:
+            row[f"{name}_GBps"] = row[f"{name}_min_GB"] / row[f"{name}_ms"] * 1e3
+    ref = None
+    a_ref, b_ref, _ = q.quasi_gru_epilogue(h, xp, w, b, bnd)
+    for et in a.epilogue_tiles.split(","):
+        tiles = tuple(int(v) for v in et.split(":"))
+        time_variant(row, f"epi_kernel_{et}", lambda: q.quasi_gru_epilogue(h, xp, w, b, bnd, tiles=tiles)[0],
+                     a_ref, a.reps)
+        if f"epi_kernel_{et}_ms" in row:  # reads h, xp, writes a, b
+            row[f"epi_kernel_{et}_GBps"] = T * B * D * 4 * 6 / 1e9 / row[f"epi_kernel_{et}_ms"] * 1e3
+    out = torch.empty_like(h)
+    row["scan_ms"] = event_ms(lambda: scan_diag(a_ref, b_ref, bnd, out=out), a.reps)
+    return row
+
+
+def solve_once(cell, x, h0, m, min_d, reps: int):
+    """``(states, info row)`` of seqpar.solve(jacobian="diag") with ``QUASI_EPILOGUE_MIN_D = min_d``: the first
+    solve (compiles, gives iterations and residuals), then the wall-clock median of ``reps`` more."""
+    default = k.QUASI_EPILOGUE_MIN_D
+    k.QUASI_EPILOGUE_MIN_D = min_d
+    recurrent = k.default_quasi_recurrent(h0.shape[-1])
+    try:
+        seqpar.graphs.clear()  # (a graph captured under the other setting would be replayed)
+        out, info = seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none", return_info=True)
+        out = out.detach()
+        t = timed(lambda: seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none"),
+                  repeats=reps, warmup=0)
+    finally:
+        k.QUASI_EPILOGUE_MIN_D = default
+        seqpar.graphs.clear()
+    return out, dict(recurrent=recurrent, ms=t["median_s"] * 1e3, times_ms=[v * 1e3 for v in t["times_s"]],
+                     iterations=info.iterations, converged=info.converged, residual=info.residual,
+                     residual_f64=float64_residual(m, x, h0, out))
+
+
+@torch.no_grad()
+def epilogue_solves(D: int, B: int, T: int, init: str, a, dev) -> dict:
+    """Whole solves with QUASI_EPILOGUE_MIN_D off and = D, and cuDNN, for one init."""
+    m = gru_module(D, init, dev)
+    cell = seqpar.cells.GRU.from_torch(m)
+    torch.manual_seed(1)
+    x = torch.randn(T, B, D, device=dev)
+    h0 = torch.zeros(B, D, device=dev)
+    srow = dict(D=D, B=B, T=T, init=init)
+    ref, srow["off"] = solve_once(cell, x, h0, m, None, a.solve_reps)
+    out, srow["on"] = solve_once(cell, x, h0, m, D, a.solve_reps)
+    srow["max_state_diff"] = float((out - ref).abs().max())
+    out = ref = None
+    srow["cudnn_ms"] = cudnn_ms(m, x, h0, a.solve_reps)
+    return srow
+
+
+def run_epilogue(a, dev) -> None:
+    """--epilogue: the tables ``epilogue_iteration`` and ``epilogue_solve`` (module docstring)."""
+    T = parse_count(a.steps)
+    res = {"env": env_info(), "T": T, "epilogue_iteration": [], "epilogue_solve": []}
+    for shape in (a.shapes or "64:8").split(","):
+        D, B = (int(v) for v in shape.split(":"))
+        row = epilogue_iteration(D, B, T, a, dev)
+        print(row, flush=True)
+        res["epilogue_iteration"].append(row)
+        torch.cuda.empty_cache()
+        write_json(a.out, res)
+        if a.no_solves:
+            continue
+        for init in a.inits.split(","):
+            srow = epilogue_solves(D, B, T, init, a, dev)
+            print(srow, flush=True)
+            res["epilogue_solve"].append(srow)
+            torch.cuda.empty_cache()
+            write_json(a.out, res)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shapes", default="4:16,8:16,16:16,32:16,64:16,64:8", help="D:B pairs")
+    ap.add_argument("--shapes", default=None,
+                    help="D:B pairs (default 4:16,8:16,16:16,32:16,64:16,64:8; with --epilogue 64:8)")
     ap.add_argument("--steps", default="1M")
     ap.add_argument("--tiles", default="32:4,64:4,128:4,64:8", help="TT:warps of the dot variant")
     ap.add_argument("--precisions", default="tf32x3")
@@ -86,9 +218,17 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--solve-reps", type=int, default=3)
     ap.add_argument("--no-solves", action="store_true")
+    ap.add_argument("--epilogue", action="store_true",
+                    help='time recurrent="epilogue" against "gemm" instead (module docstring)')
+    ap.add_argument("--epilogue-tiles", default="64:64:32:4,64:64:32:8,128:64:32:8,128:32:32:4,64:32:64:4,128:64:64:8",
+                    help="BM:BD:BK:warps of the GEMM-epilogue kernel (--epilogue)")
+    ap.add_argument("--inits", default="torch,flax", help="weight inits of the --epilogue solves")
     ap.add_argument("--out", default=out_path("gru_quasi.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")
+    if a.epilogue:
+        return run_epilogue(a, dev)
+    a.shapes = a.shapes or "4:16,8:16,16:16,32:16,64:16,64:8"
     T = parse_count(a.steps)
     res = {"env": env_info(), "T": T, "iteration": [], "solve": []}
     tiles = [tuple(int(v) for v in t.split(":")) for t in a.tiles.split(",") if t]

@@ -565,9 +565,13 @@ def build_parser():
     p.add_argument("--batch", default=None, help="batch sizes B, comma-separated (default 16; --quick: 4)")
     p.add_argument("--extra", action="append", default=None,
                    help="extra configuration D:T:B[:solver+solver] (repeatable); default 64:1M:8 with "
-                        "seqpar-diag, seqpar-dense, deer and cudnn (the cuDNN target at D=64, B=8)")
+                        "seqpar-diag, seqpar-dense, deer and cudnn (the cuDNN target at D=64, B=8); 'none': no extra")
     p.add_argument("--solvers", default=",".join(SOLVERS))
     p.add_argument("--repeats", type=int, default=None, help="timed calls after the warm-up (default 3; --quick: 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, in turn (seqpar, then DEER, then the next "
+                        "configuration, then again): each *_ms is the median of the rounds' medians, so a slow "
+                        "spell of the machine does not fall on one solver only")
     p.add_argument("--max-call-s", type=float, default=15.0,
                    help="skip a solver predicted above this per call; a warm-up above it is the only timed call")
     p.add_argument("--max-total-s", type=float, default=480.0, help="launch no new work after this many seconds")
@@ -697,15 +701,15 @@ def main(argv=None):
         dims = parse_list(a.dims, int)
         batches = parse_list(a.batch, int)
         a.extras = [parse_extra(e) for e in (a.extra if a.extra is not None else
-                                              ["64:1M:8:seqpar-diag+seqpar-dense+deer+cudnn"])]
+                                              ["64:1M:8:seqpar-diag+seqpar-dense+deer+cudnn"]) if e != "none"]
     except ValueError as e:
         p.error(str(e))
     solvers = parse_list(a.solvers, str)
     bad = [s for s in solvers + [s for e in a.extras for s in (e[3] or [])] if s not in SOLVERS]
     if bad:
         p.error(f"unknown solver(s) {bad}; choose from {','.join(SOLVERS)}")
-    if any(v < 1 for v in Ts + dims + batches) or a.repeats < 1:
-        p.error("--steps, --dims, --batch and --repeats must be positive")
+    if any(v < 1 for v in Ts + dims + batches) or a.repeats < 1 or a.rounds < 1:
+        p.error("--steps, --dims, --batch, --repeats and --rounds must be positive")
 
     t_start = time.perf_counter()
     deadline = t_start + a.max_total_s
@@ -764,7 +768,8 @@ def main(argv=None):
                               "rows": rows})
 
     try:
-        for D, T, B, cfg_solvers in configs_of(a, dims, Ts, batches, solvers):
+        for rnd, (D, T, B, cfg_solvers) in [(r, c) for r in range(a.rounds) for c in configs_of(a, dims, Ts, batches,
+                                                                                             solvers)]:
             res = run_config(a, seqpar, D, T, B, cfg_solvers, dev, est, worker, tmp, deadline, sync, free)
             res["gpu"] = gpu
             jac_rows = [j for j in ("dense", "diag") if f"seqpar-{j}" in cfg_solvers] or [None]
@@ -793,16 +798,38 @@ def main(argv=None):
                            reference=res.get("reference"), jax_samples=res.get("samples"),
                            deer_reference_ms=DEER_REFERENCE_H200.get((D, T)) if B == 16 else None,
                            sequential_reference_ms=SCAN_REFERENCE_H200.get((D, T)) if B == 16 else None)
+                row = merge_round(rows, row, rnd)
                 for name, col in (("deer", "deer_ms"), ("cudnn", "cudnn_ms"), ("sequential", "sequential_ms")):
                     row[f"speedup_vs_{name}"] = (row[col] / row["seqpar_ms"]
                                                  if row.get(col) and row.get("seqpar_ms") else None)
-                rows.append(row)
-                print(_line(row), flush=True)
+                print(("" if a.rounds == 1 else f"round {rnd + 1}/{a.rounds}: ") + _line(row), flush=True)
             save()
     finally:
         worker.stop()
     save()
     return 0
+
+
+TIMED = ("seqpar", "deer", "sequential", "cudnn")
+
+
+def merge_round(rows: list, row: dict, rnd: int) -> dict:
+    """Add ``row`` (one round of one configuration) to ``rows``: the first round appends it; later rounds
+    fold into the row of the same (D, T, B, jacobian): ``<solver>_round_ms`` lists each round's median,
+    ``<solver>_ms`` becomes their median, ``<solver>_times_ms`` holds every timed call.  Returns the row."""
+    for k in TIMED:
+        row[f"{k}_round_ms"] = [row[f"{k}_ms"]] if row.get(f"{k}_ms") is not None else []
+    old = next((r for r in rows if rnd > 0 and all(r[k] == row[k] for k in ("D", "T", "B", "jacobian"))), None)
+    if old is None:
+        rows.append(row)
+        return row
+    for k in TIMED:
+        if row.get(f"{k}_ms") is None:
+            continue
+        old[f"{k}_round_ms"].append(row[f"{k}_ms"])
+        old[f"{k}_ms"] = statistics.median(old[f"{k}_round_ms"])
+        old[f"{k}_times_ms"] = (old.get(f"{k}_times_ms") or []) + (row.get(f"{k}_times_ms") or [])
+    return old
 
 
 def run_config(a, seqpar, D, T, B, solvers, dev, est, worker, tmp, deadline, sync, free):

@@ -145,6 +145,16 @@ def gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn):
 
 
 @triton.jit
+def rel_residual(hc, f, m):
+    """Elementwise ``(|hc - f| / max(1, |f|), |f|)`` where ``m``, 0 elsewhere, NaN reported as inf
+    (divergence): the inputs of the look-back kernels' partial maxima ``[residual, max|f|]``."""
+    fab = tl.where(m, tl.abs(f), 0.0)
+    rel = tl.abs(hc - f) / tl.maximum(fab, 1.0)
+    rel = tl.where(m, tl.where(rel == rel, rel, float("inf")), 0.0)
+    return rel, tl.where(fab == fab, fab, float("inf"))
+
+
+@triton.jit
 def ticket(Counter, n_lb, MODE: tl.constexpr):
     """(chunk, lane block) of this program; in MODE 0 in order of program start."""
     if MODE == 0:

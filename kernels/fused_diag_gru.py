@@ -22,6 +22,8 @@ import triton.language as tl
 from ._common import (DOT_PRECISIONS, comb_diag, dot, gru_f_jdiag, last_row, lookback_buffers, lookback_diag,
                       pick_tiles, ticket)
 from .linear import linear
+from .quasi_gru_gemm import quasi_gru_epilogue
+from .scan_diag import scan_diag
 
 DEFAULT_TT, DEFAULT_BN, DEFAULT_WARPS = 16, 256, 4  # best of a sweep on H100 at N = 1024 (benchmarks/)
 # Tile variant (DiagGRU and the quasi-Newton dense GRU): tile shape, warps and look-back window
@@ -50,6 +52,10 @@ QUASI_DOT_PRECISION = "tf32x3"
 # (torch.mm: IEEE fp32 on CUDA cores, or whatever torch's matmul precision allows)
 QUASI_GEMM = "tf32x3"
 QUASI_DOT_TT, QUASI_DOT_WARPS = 64, 4
+# "epilogue" variant (seqpar.kernels.quasi_gru_gemm: the GEMM writes only the diagonal map (a, b), a diagonal scan
+# follows): the default for D >= QUASI_EPILOGUE_MIN_D when set to an int (before the "dot" range); None: never by
+# default (unmeasured; benchmarks/bench_gru_quasi.py --epilogue decides)
+QUASI_EPILOGUE_MIN_D = None
 
 
 @triton.jit
@@ -200,7 +206,7 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
                          block_t: Optional[int] = None, block_n: Optional[int] = None,
                          num_warps: Optional[int] = None, *, start=None, want_summary: bool = False,
                          lookback_w: Optional[int] = None, recurrent: Optional[str] = None,
-                         precision: str = QUASI_DOT_PRECISION):
+                         precision: str = QUASI_DOT_PRECISION, epilogue_tiles: Optional[tuple] = None):
     """One quasi-Newton iteration (diagonal Jacobian) of the *dense* :class:`seqpar.cells.GRU`.
 
     The recurrent pre-activations ``W_hh h_prev + b_hh`` (``h_prev = [boundary, h[:-1]]``) come,
@@ -211,24 +217,34 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
       "tf32"); one program per (tile, batch row).  Nothing of size
       T x B x 3D is written.
     * ``"gemm"``: one GEMM (T, B, 3D) before the launch, read back by the kernel.
+    * ``"epilogue"``: the GEMM with the GRU step as its epilogue
+      (:func:`seqpar.kernels.quasi_gru_gemm.quasi_gru_epilogue`, inputs as ``precision``, tile
+      ``epilogue_tiles`` = (BM, BD, BK, warps)) writes only the diagonal maps (a, b) (T, B, D) and the
+      residual; :func:`seqpar.kernels.scan_diag.scan_diag` scans them (``block_t``, ``block_n``,
+      ``num_warps``, ``lookback_w`` are the scan's); phi = the product of a over time.
 
-    None: "dot" where ``QUASI_DOT_MIN_D <= D <= QUASI_DOT_MAX_D`` (where it measured faster), else
-    "gemm".  Gates, the diagonal of J, b, the residual and the scan (from ``start``) are fused as for
-    DiagGRU.  ``weight_hh`` (3D, D).
+    None: "epilogue" where ``QUASI_EPILOGUE_MIN_D`` (an int) <= D, else "dot" where
+    ``QUASI_DOT_MIN_D <= D <= QUASI_DOT_MAX_D`` (where it measured faster), else "gemm".  With "dot"
+    and "gemm" the gates, the diagonal of J, b, the residual and the scan (from ``start``) are fused as
+    for DiagGRU.  ``weight_hh`` (3D, D).
     Returns ``(h_new, stats)`` or ``(h_new, stats, phi)`` like :func:`fused_diag_gru_step` (same
     tile / look-back arguments; with "dot" the lane block is one batch row, ``block_n`` >= D a
     power of two >= 16).  Reference: ``GRU.step`` / ``GRU.jacobian(.., diag)``.
     """
     T, B, D = h.shape
     if recurrent is None:
-        recurrent = "dot" if QUASI_DOT_MIN_D <= D <= QUASI_DOT_MAX_D else "gemm"
-    if recurrent not in ("dot", "gemm"):
-        raise ValueError(f"recurrent must be 'dot', 'gemm' or None; got {recurrent!r}")
+        recurrent = default_quasi_recurrent(D)
+    if recurrent not in ("dot", "gemm", "epilogue"):
+        raise ValueError(f"recurrent must be 'dot', 'gemm', 'epilogue' or None; got {recurrent!r}")
     if precision not in DOT_PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(DOT_PRECISIONS)}; got {precision!r}")
     if T == 0:
         return fused_diag_gru_step(h, xp, weight_hh.new_zeros(3 * D), None, boundary, out,
                                    start=start, want_summary=want_summary)  # T == 0: no launch
+    if recurrent == "epilogue":
+        return _quasi_epilogue_step(h, xp, weight_hh, bias_hh, boundary, start, out, want_summary, precision,
+                                    epilogue_tiles, dict(block_t=block_t, block_n=block_n, num_warps=num_warps,
+                                                         lookback_w=lookback_w))
     W = weight_hh.detach().to(h.dtype)
     wdiag = torch.cat([W[g * D:(g + 1) * D].diagonal() for g in range(3)])
     bias = None if bias_hh is None else bias_hh.detach().to(h.dtype)
@@ -256,6 +272,25 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
     hh[0] = torch.nn.functional.linear(boundary.to(h.dtype), W, bias)
     return _launch(h, xp, wdiag, hh, boundary, start, out, block_t, block_n, num_warps, hh=1,
                    want_summary=want_summary, lookback_w=lookback_w)
+
+
+def default_quasi_recurrent(D: int) -> str:
+    """The quasi-Newton GRU's ``recurrent`` variant for state size ``D`` when none is asked for
+    (module constants ``QUASI_EPILOGUE_MIN_D``, ``QUASI_DOT_MIN_D``, ``QUASI_DOT_MAX_D``)."""
+    if QUASI_EPILOGUE_MIN_D is not None and D >= QUASI_EPILOGUE_MIN_D:
+        return "epilogue"
+    return "dot" if QUASI_DOT_MIN_D <= D <= QUASI_DOT_MAX_D else "gemm"
+
+
+def _quasi_epilogue_step(h, xp, weight_hh, bias_hh, boundary, start, out, want_summary, precision, tiles,
+                         scan_tiles):
+    """``recurrent="epilogue"`` of :func:`fused_gru_quasi_step` (T >= 1): (a, b) and the stats from the GEMM
+    epilogue, then the diagonal scan of h_t = a_t h_{t-1} + b_t from ``start`` (default ``boundary``) into
+    ``out`` (h's dtype, any strides).  phi (B, D) float32: the product of a over time."""
+    a, b, stats = quasi_gru_epilogue(h, xp, weight_hh, bias_hh, boundary, precision=precision, tiles=tiles)
+    out = torch.empty_like(h) if out is None else out
+    scan_diag(a, b, boundary if start is None else start, out=out, **scan_tiles)
+    return (out, stats, a.prod(0)) if want_summary else (out, stats)
 
 
 def fused_diag_gru_step(h, xp, weight_hh, bias_hh, boundary, out=None,

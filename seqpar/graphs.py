@@ -27,8 +27,8 @@ first: ``EXPECTED_ITERATIONS``), reads the state once, and hands the residuals t
 order (callbacks and the deferred argument check run then); the host rule must stop at the same
 iterate (else RuntimeError).  Iterations past the queue are queued ``QUEUE_MORE`` at a time.  The
 device never waits for the host between iterations; a queue longer than needed costs a few
-microseconds of no-op launches per extra iteration.  The first graph also sums the static inputs, h0
-and first iterate, read with the state: the solve's deferred NaN / Inf check of the caller's tensors
+microseconds of no-op launches per extra iteration.  The first graph also counts the NaN / Inf of the
+static inputs, h0 and first iterate (:mod:`seqpar.kernels.finite`), read with the state: the solve's deferred NaN / Inf check of the caller's tensors
 (:class:`seqpar.validation.PendingFinite`) needs no launch or read of its own.  The look-back graphs read the residual after
 every iteration.
 
@@ -43,7 +43,6 @@ used dropped); ``SEQPAR_CUDA_GRAPHS=0`` or ``seqpar.graphs.ENABLED = False`` tur
 """
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from collections import OrderedDict
@@ -51,7 +50,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .kernels import stopping
+from .kernels import finite, stopping
 from .validation import PendingFinite, cell_tensors
 
 ENABLED = os.environ.get("SEQPAR_CUDA_GRAPHS", "1") not in ("0", "", "false", "off")
@@ -165,6 +164,7 @@ class GraphedLoop:
         self.cell = weakref.ref(cell)
         self.h0 = h0.new_zeros(h0.shape)
         self.state = None  # the device-side stopping state (pipelined loop), see _run_queued
+        self.checks_finite = False  # whether the first graph counts NaN / Inf of the caller's tensors' copies
         self.expected = EXPECTED_ITERATIONS
         n, B = src.shape[:2]
         self.h = [h0.new_zeros(n, B, h0.shape[1]), h0.new_zeros(n, B, h0.shape[1])]
@@ -180,8 +180,8 @@ class GraphedLoop:
             self.xp = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device=src.device).zero_()
         pipe = pipelined_stepper(cell, structure, self.xp, opts.backend) if pipelined else None
         if pipe is not None:
-            # what a solve reads back, in one copy: the stopping state, then the sums of the static inputs,
-            # h0 and first iterate (NaN / Inf checks of the caller's tensors, see _settle_finite_check)
+            # what a solve reads back, in one copy: the stopping state, then the NaN / Inf counts of the static
+            # inputs, h0 and first iterate (checks of the caller's tensors, see _settle_finite_check)
             n_state = stopping.STATE_SIZE + stopping.HISTORY
             self.readback = torch.zeros(n_state + 3, dtype=torch.float64, device=src.device)
             self.state = self.readback[:n_state]
@@ -207,12 +207,16 @@ class GraphedLoop:
         h, h0, state = self.h, self.h0, self.state
         first, odd, even = Graph(pool), Graph(pool), Graph(pool)
 
-        sums, inputs = self.readback[state.numel():], (self.x if self.x is not None else self.xp)
+        counts = self.readback[state.numel():]
+        checked = [t for t in (self.x, h0, h[0]) if t is not None and finite.dense_flat(t) is not None]
+        self.checks_finite = len(checked) == 3  # inputs, h0, first iterate: see _settle_finite_check
 
         def first_pass():
             state[:stopping.STATE_SIZE].copy_(self.state_start)
-            sums.copy_(torch.stack([inputs.sum(dtype=torch.float64), h0.sum(dtype=torch.float64),
-                                    h[0].sum(dtype=torch.float64)]))
+            if self.checks_finite:
+                counts.zero_()
+                for i, t in enumerate(checked):
+                    finite.count_nonfinite(t, counts[i:])
             res = pipe.first(h[0], h0, next_start=h0, stop=state)
             stopping.record(res.stats[0], state)
             return res, self._carries(pipe, res)
@@ -284,13 +288,13 @@ class GraphedLoop:
 
     def _settle_finite_check(self, opts, sums) -> None:
         """The solve's deferred NaN / Inf check of inputs, h0 and initial guess (``opts.first_sync_check``,
-        a :class:`seqpar.validation.PendingFinite`), from the first graph's sums of their static copies:
-        no launch or read of its own.  Where this loop is given projected inputs (not the inputs), the
-        check is left to run itself."""
+        a :class:`seqpar.validation.PendingFinite`), from the first graph's counts of NaN / Inf in their
+        static copies (``sums``): no launch or read of its own.  Where this loop is given projected inputs
+        (not the inputs), the check is left to run itself."""
         pending = opts.first_sync_check
-        if isinstance(pending, PendingFinite) and self.x is not None:
+        if isinstance(pending, PendingFinite) and self.checks_finite:
             opts.first_sync_check = None
-            pending.settle(all(math.isfinite(v) for v in sums))
+            pending.settle(not any(sums))
 
     def _run_queued(self, h0, stop_rule, phases):
         """The pipelined graphs with the stopping rule on the device (:mod:`seqpar.kernels.stopping`):
