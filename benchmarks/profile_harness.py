@@ -103,10 +103,13 @@ def main():
                 row = {"D": D, "T": T, "B": a.batch, "init": init, "phases": {}}
                 box = {}
 
+                walls = []  # seqpar's own account of each call (info.wall_time_s: entry to return, host clock)
+
                 def solve():
                     box.pop("out", None)
                     box["out"], box["info"] = seqpar.solve(cell, x, h0, jacobian="dense", return_info=True,
                                                            fallback="none")
+                    walls.append(box["info"].wall_time_s)
 
                 def replays_us():
                     loop = next((g for g in graphs._graphs.values() if g is not None), None)
@@ -148,6 +151,7 @@ def main():
                         if name not in want:
                             continue
                         t_wall = time.time()
+                        n_walls = len(walls)
                         try:
                             times = measure()
                         except Exception as e:  # noqa: BLE001 - a phase a baseline tree lacks: say so, go on
@@ -159,6 +163,10 @@ def main():
                                                "min_us": min(times), "times_us": [round(v, 1) for v in times]}
                         line = f"D={D} T={T} init={init} {name}: median {statistics.median(times):.1f} us, " \
                                f"min {min(times):.1f} us"
+                        if len(walls) > n_walls:
+                            w = statistics.median(walls[n_walls:]) * 1e6
+                            row["phases"][name]["solve_wall_us"] = w
+                            line += f", inside solve {w:.1f} us"
                         if name == "long":
                             w = [round(statistics.median(times[i:i + 30]), 1) for i in range(0, len(times), 30)]
                             row["phases"][name]["window_medians_us"] = w
