@@ -31,7 +31,7 @@ part of every timed call.  Solvers (``--solvers``):
 * ``cudnn``: ``torch.nn.GRU`` (cuDNN on CUDA) called on chunks of 65,535 steps, carrying h.
 
 Timing: median of ``--repeats`` calls after at least three warm-up calls (two where the second takes over a
-second), and for calls under 50 ms after at least 0.5 s of warm-up calls (``time_calls``), device
+second), and for calls under 50 ms after at least 0.5 s of such short warm-up calls (``time_calls``), device
 synchronised around each call (``torch.cuda.synchronize`` / ``jax.block_until_ready``).  A call whose warm-up alone took more
 than ``--max-call-s`` is reported from that single call (``*_warmup_only``).  All JAX work runs
 in one helper process (``XLA_PYTHON_CLIENT_PREALLOCATE=false``, so torch and JAX share the GPU),
@@ -160,10 +160,13 @@ def describe_error(e: BaseException) -> str:
 
 WARMUPS = 3  # warm-up calls of a solver under a second (the first compiles; run 36's single warm-up left
 # seqpar's first timed calls 20-60 % slow: 1.83, 1.52, 1.18 ms for one solve, GPU clocks and allocator warming)
-WARMUP_MIN_S = 0.5  # ... and further warm-up calls (of calls under WARMUP_MAX_CALL_S) until this much time has
-WARMUP_MAX_CALL_S = 0.05  # passed: run 61 (H100, profile_harness.py) timed GRU(1, 1), T = 100k at 572 us per
-# call in the first 30 calls after four warm-ups and 401-414 us from then on (a sub-millisecond call after
-# three warm-ups is timed while the host and GPU are still ramping up).  The same rule for every solver.
+WARMUP_MIN_S = 0.5  # ... and further warm-up calls (of calls under WARMUP_MAX_CALL_S) until they have run this
+WARMUP_MAX_CALL_S = 0.05  # long, counted from the first short call (a compile or a graph capture does not warm
+# the host up): run 61 (H100, profile_harness.py) timed GRU(1, 1), T = 100k at 572 us per call in the first 30
+# calls after four warm-ups and 401-414 us from then on (a sub-millisecond call after three warm-ups is timed
+# while the host and GPU are still ramping up).  The same rule for every solver.  (Run 63's rule counted the
+# 0.5 s from the first call, whose compile alone took longer: seqpar's D = 1 row had three warm-ups, DEER,
+# compiled beforehand, 0.5 s of them.)
 
 
 def time_calls(call, repeats: int, max_call_s: float, deadline: float = math.inf) -> dict:
@@ -171,8 +174,8 @@ def time_calls(call, repeats: int, max_call_s: float, deadline: float = math.inf
     until ``WARMUP_MIN_S`` has passed), then ``repeats`` timed calls (``call`` synchronises the device
     itself).  A warm-up longer than ``max_call_s`` is the only measurement (``warmup_only``); repeats that
     would run past ``deadline`` (perf_counter seconds) are left out."""
-    t_warm = time.perf_counter()
     k = 0
+    t_warm = None  # when the current run of short warm-up calls began (a slow call, e.g. a compile, restarts it)
     while True:
         t0 = time.perf_counter()
         call()
@@ -182,7 +185,13 @@ def time_calls(call, repeats: int, max_call_s: float, deadline: float = math.inf
             return dict(median_s=warm, times_s=[warm], warmup_s=warm, warmup_only=True)
         if warm > 1.0 and k >= 2:  # (the first call may be compiling: a second one always warms up)
             break
-        if k >= WARMUPS and (warm > WARMUP_MAX_CALL_S or time.perf_counter() - t_warm >= WARMUP_MIN_S):
+        if warm > WARMUP_MAX_CALL_S:
+            t_warm = None
+            if k >= WARMUPS:
+                break
+        elif t_warm is None:
+            t_warm = t0
+        if k >= WARMUPS and t_warm is not None and time.perf_counter() - t_warm >= WARMUP_MIN_S:
             break
     times = []
     for _ in range(repeats):
