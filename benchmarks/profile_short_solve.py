@@ -45,7 +45,7 @@ class StopAt:
 
     def __init__(self, k: int):
         self.k = k
-        self.opts = SimpleNamespace(tol=0.0, max_iter=k, patience=10**9)
+        self.opts = SimpleNamespace(tol=0.0, max_iter=k, patience=10**9, first_sync_check=None)
 
     def record(self, it: int, res: float) -> bool:
         return it >= self.k

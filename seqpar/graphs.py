@@ -25,7 +25,10 @@ with a one-thread kernel that records the residual and, once the rule says stop,
 passes into no-ops.  So a solve queues as many iterations as the key's previous solve took (its
 first: ``EXPECTED_ITERATIONS``), reads the state once, and hands the residuals to the host's rule in
 order (callbacks and the deferred argument check run then); the host rule must stop at the same
-iterate (else RuntimeError).  Iterations past the queue are queued ``QUEUE_MORE`` at a time.  The
+iterate (else RuntimeError).  That first queue is one chained graph (first pass and iterations captured
+together, each pass's small results in fresh buffers: one launch, no copies between passes), captured
+per queue length on first use; a handoff graph moves its last results to where the single-iteration
+graphs read them, only when the solve goes on past it.  Iterations past the queue are queued ``QUEUE_MORE`` at a time.  The
 device never waits for the host between iterations; a queue longer than needed costs a few
 microseconds of no-op launches per extra iteration.  The first graph also counts the NaN / Inf of the
 static inputs, h0 and first iterate (:mod:`seqpar.kernels.finite`), read with the state: the solve's deferred NaN / Inf check of the caller's tensors
@@ -60,6 +63,11 @@ SEEN_SIZE = 16
 DEVICE_TYPES = ("cuda",)
 EXPECTED_ITERATIONS = 4  # iterations queued by a key's first replayed solve (later: the previous solve's count)
 QUEUE_MORE = 2  # iterations queued at a time after that, until the device's stopping rule stops
+# a solve's first queue of n passes replays as one chained graph (first pass + n - 1 iterations, results in
+# fresh buffers: no copies between passes, one launch) where its results fit CHAIN_MAX_BYTES; CHAIN_CACHE lengths
+# are kept per key
+CHAIN_MAX_BYTES = 64 << 20
+CHAIN_CACHE = 2
 
 _graphs: "OrderedDict[tuple, Optional[GraphedLoop]]" = OrderedDict()
 _seen: "OrderedDict[tuple, None]" = OrderedDict()
@@ -145,7 +153,8 @@ def _projected(cell, x, dtype, row_major: bool) -> torch.Tensor:
 def _copy_into(dst, src) -> None:
     """Copy the tensors of ``src`` into those of ``dst`` (tensors, or tuples of them; None skipped)."""
     if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
+        if dst.data_ptr() != src.data_ptr():  # (an iterate buffer both name: nothing to copy)
+            dst.copy_(src)
     elif isinstance(dst, tuple):
         for d, s in zip(dst, src):
             _copy_into(d, s)
@@ -242,6 +251,48 @@ class GraphedLoop:
 
         even.capture(even_step)
         self.graphs = [first, odd, even]
+        self._pool, self._passes, self._handoff = pool, (first_pass, step), ((res0, car0), (res1, car1))
+        self._pass_bytes = sum(t.numel() * t.element_size() for t in (*res0, car0)
+                               if isinstance(t, torch.Tensor) and t.data_ptr() not in (h[0].data_ptr(),
+                                                                                       h[1].data_ptr()))
+        self.chains: "OrderedDict[int, Optional[tuple]]" = OrderedDict()
+
+    def _chain(self, n: int) -> Optional[tuple]:
+        """``(graph, handoff)`` replaying passes 0 .. n-1 as one graph, or None (n < 2, too large, or its
+        capture failed).  ``handoff`` copies the chain's last results to where the single-iteration graphs
+        read them: replayed only when the solve needs pass n and later.  Captured on first use, before the
+        solve copies its inputs in (a capture runs the passes once)."""
+        if n < 2 or n * self._pass_bytes > CHAIN_MAX_BYTES:
+            return None
+        if n in self.chains:
+            self.chains.move_to_end(n)
+            return self.chains[n]
+        first_pass, step = self._passes
+        state = self.state
+        graph, handoff = Graph(self._pool), Graph(self._pool)
+
+        def chain():
+            res, car = first_pass()
+            for k in range(1, n):
+                res, car = step((k - 1) % 2, res, car)
+                stopping.record(res.stats[0], state)
+            return res, car
+
+        try:
+            last = graph.capture(chain)
+            dst = self._handoff[0 if n % 2 else 1]  # pass n is odd: the odd graph reads the first's results
+
+            def hand_off():
+                _copy_into(tuple(dst[0]), tuple(last[0]))
+                _copy_into(dst[1], last[1])
+            handoff.capture(hand_off)
+            entry = (graph, handoff)
+        except Exception:  # noqa: BLE001 - not capturable here: the single-pass graphs
+            entry = None
+        self.chains[n] = entry
+        while len(self.chains) > CHAIN_CACHE:
+            self.chains.popitem(last=False)
+        return entry
 
     def _capture_lookback(self, local, pool) -> None:
         h, h0 = self.h, self.h0
@@ -263,6 +314,7 @@ class GraphedLoop:
         """Iterate from ``initial_guess`` (or zeros) until ``stop_rule.record(k, residual)`` says stop;
         returns ``(h, h0, k)``: a copy of the last iterate (whose residual was the last recorded).
         ``xp``: the projected inputs, or the inputs where this loop projects them."""
+        chain = self._chain(self._first_queue()) if self.state is not None else None  # (captures: before copy-in)
         if self.project is not None:
             self.x.copy_(xp)
             self.project.replay()
@@ -275,7 +327,7 @@ class GraphedLoop:
             self.h[0].zero_()
         phases.mark("setup")
         if self.state is not None:
-            return self._run_queued(h0, stop_rule, phases)
+            return self._run_queued(h0, stop_rule, phases, chain)
         k = 0
         while True:
             self._replay(k)
@@ -296,21 +348,32 @@ class GraphedLoop:
             opts.first_sync_check = None
             pending.settle(not any(sums))
 
-    def _run_queued(self, h0, stop_rule, phases):
+    def _first_queue(self) -> int:
+        """Passes in a solve's first queue: as many iterations as the previous solve took, plus the first."""
+        return min(self.expected + 1, stopping.HISTORY)
+
+    def _run_queued(self, h0, stop_rule, phases, chain=None):
         """The pipelined graphs with the stopping rule on the device (:mod:`seqpar.kernels.stopping`):
         queue as many iterations as the last solve took (plus its first pass), read the state once,
         replay its residuals through ``stop_rule`` (which must stop where the device did); queue
-        ``QUEUE_MORE`` further iterations while it has not stopped."""
+        ``QUEUE_MORE`` further iterations while it has not stopped.  ``chain``: :meth:`_chain` of the first
+        queue's length (one launch for it), or None."""
         o = stop_rule.opts
         if (o.tol, o.max_iter, o.patience) != self.state_options:
             self.state_options = (o.tol, o.max_iter, o.patience)
             self.state_start.copy_(stopping.initial_values(*self.state_options))
         queued = read = 0
-        count = min(self.expected + 1, stopping.HISTORY)
+        count = self._first_queue()
         while True:
-            for _ in range(count):
-                self._replay(queued)
-                queued += 1
+            if queued == 0 and chain is not None:
+                chain[0].replay()
+                queued = count
+            else:
+                if chain is not None and queued == count:  # past the chain: its results where the next reads them
+                    chain[1].replay()
+                for _ in range(count if queued == 0 else min(QUEUE_MORE, stopping.HISTORY)):
+                    self._replay(queued)
+                    queued += 1
             phases.mark("pass")
             values = self.readback.tolist()  # one host sync per queue
             phases.mark("exchange")
@@ -329,4 +392,3 @@ class GraphedLoop:
                 k = read - 1
                 self.expected = k
                 return self.h[k % 2].clone(), h0, k
-            count = min(QUEUE_MORE, stopping.HISTORY)

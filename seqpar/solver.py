@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from .autograd import SolveFunction
+from .cells import Cell
 from .distributed import get_communicator
 from .backend import resolve_backend
 from .newton import FALLBACKS, NewtonOptions, SolveInfo, default_tol, min_tol, projected_inputs
@@ -81,8 +82,6 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
             raise TypeError(f"batch_first must be True or False; got {batch_first!r}")
         # one rank, Newton, a built-in cell: the NaN / Inf check of the tensors waits for the first residual
         # sync instead of a sync of its own (ranks of a group must agree on errors before the solve)
-        from .cells import Cell
-
         defer = comm.world_size == 1 and method == "newton" and isinstance(cell, Cell) and trusted_step(cell)
         # the cell's parameters, walked once per solve (each walk of a module tree costs host time)
         named_params, named_buffers = cell_tensors(cell) if isinstance(cell, Cell) else (None, None)
