@@ -577,6 +577,8 @@ def build_parser():
                         "seqpar-diag, seqpar-dense, deer and cudnn (the cuDNN target at D=64, B=8); 'none': no extra")
     p.add_argument("--solvers", default=",".join(SOLVERS))
     p.add_argument("--repeats", type=int, default=None, help="timed calls after the warm-up (default 3; --quick: 1)")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="override a seqpar module constant first (benchmarks/common.apply_sets)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every configuration this many times, in turn (seqpar, then DEER, then the next "
                         "configuration, then again): each *_ms is the median of the rounds' medians, so a slow "
@@ -736,6 +738,7 @@ def main(argv=None):
 
     import seqpar
 
+    common.apply_sets(a.set)
     env = env_info()
     env.update(deer_path=os.path.abspath(a.deer_path), deer_commit=deer_commit(a.deer_path),
                deer_source_sha256=source_hash(a.deer_path), deer_site=a.deer_site,

@@ -24,9 +24,7 @@ variant in the same call.  Each phase records its wall-clock start (``t_wall``) 
 from __future__ import annotations
 
 import argparse
-import ast
 import gc
-import importlib
 import statistics
 import time
 
@@ -35,7 +33,7 @@ import torch
 import common  # noqa: F401
 import seqpar
 import seqpar.graphs as graphs
-from common import env_info, out_path, timed, write_json
+from common import apply_sets, env_info, out_path, timed, write_json
 from seqpar.problems import parse_count
 
 
@@ -84,10 +82,7 @@ def main():
     a = p.parse_args()
     from bench_vs_deer import time_calls
 
-    for item in a.set:
-        target, value = item.split("=", 1)
-        mod, name = target.rsplit(".", 1)
-        setattr(importlib.import_module(mod), name, ast.literal_eval(value))
+    apply_sets(a.set)
     want = set(a.phases.split(","))
 
     res = {"env": env_info(), "seqpar": seqpar.__file__, "set": a.set, "rows": []}

@@ -17,7 +17,7 @@ import argparse
 import torch
 
 import common  # noqa: F401
-from common import graph_ms
+from common import apply_sets, graph_ms
 from seqpar.cells import DiagGRU
 from seqpar.kernels import pipelined_diag_gru as k
 from seqpar.problems import parse_count
@@ -35,7 +35,10 @@ p.add_argument("--warps", type=int, default=None)
 p.add_argument("--prefetch", type=int, default=None)
 p.add_argument("--repeats", type=int, default=11)
 p.add_argument("--gbps", type=float, default=4230.0)
+p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+               help="override a module constant first (common.apply_sets)")
 a = p.parse_args()
+apply_sets(a.set)
 T, B, D = parse_count(a.steps), a.batch, a.dim
 torch.manual_seed(0)
 cell = DiagGRU(a.inputs, D).cuda()
