@@ -66,7 +66,12 @@ RUNS = {  # benchmarks/bench_pipeline.py --sweep, run 29 (H200, B=16, T=2^20): o
 MIN_THREADS = 2**17  # shorten runs until T * N / R reaches this many walkers (or R reaches MIN_RUN)
 MIN_RUN = 4
 # scan_groups: lanes per program, group totals per associative scan, most groups walked by one launch
-GROUP_SCAN_BN, GROUP_SCAN_CH, GROUP_SCAN_WALK = 32, 256, 1024
+GROUP_SCAN_BN, GROUP_SCAN_CH, GROUP_SCAN_WALK = 32, 256, 64
+# ... in chunks of GROUP_SCAN_CH_SHORT up to GROUP_SCAN_SHORT groups: run 66 (H100, B*D = 16) took one GRU(1, 1)
+# solve's graphed passes (T = 100k, 782 groups) from 182 to 145 us and one T = 1M iteration (977 groups) from 0.171
+# to 0.161 ms with three launches over 64-group chunks instead of one program scanning all groups as one tile
+# (15-17 us per pass in run 65's timeline); beyond that, chunks of GROUP_SCAN_CH as before
+GROUP_SCAN_CH_SHORT, GROUP_SCAN_SHORT = 64, 1024
 # ... except that up to GROUP_SCAN_TILE totals (lanes x groups, powers of two) are scanned as one tile, with a
 # warp per GROUP_SCAN_TILE_PER_WARP of them: at B*D = 16, T = 100k (782 groups) the four-chunk walk was as
 # long as the pass itself (11.5 us against 10-14 us, H100, profile_short_solve.py)
@@ -427,8 +432,9 @@ def scan_groups(res: PassResult, start: torch.Tensor) -> torch.Tensor:
     """States (n_groups, N) float32 after each group of ``res``'s runs, from ``start`` (B, D) or (N,):
     the carries of the next pass.  Up to ``GROUP_SCAN_WALK`` groups: one launch, each program walking
     the group totals of ``GROUP_SCAN_BN`` lanes ``GROUP_SCAN_CH`` at a time (an in-register associative
-    scan each).  More: reduce chunks of ``GROUP_SCAN_CH`` group totals in parallel, walk the chunk maps
-    (the launch above), rescan the chunks from their carries (three launches, none serial in T)."""
+    scan each).  More: reduce chunks of group totals (``GROUP_SCAN_CH_SHORT`` up to ``GROUP_SCAN_SHORT``
+    groups, else ``GROUP_SCAN_CH``) in parallel, walk the chunk maps (the launch above), rescan the chunks
+    from their carries (three launches, none serial in T)."""
     n_runs, N = res.sum_a.shape
     n_groups = triton.cdiv(n_runs, res.group)
     dev = res.sum_a.device
@@ -442,7 +448,7 @@ def scan_groups(res: PassResult, start: torch.Tensor) -> torch.Tensor:
         _group_scan_kernel[(triton.cdiv(N, bn),)](res.sum_a, res.sum_c, start, out, n_runs, n_groups, N,
                                                    G=res.group, CH=ch, BN=bn, num_warps=warps)
         return out
-    ch = GROUP_SCAN_CH
+    ch = GROUP_SCAN_CH_SHORT if n_groups <= GROUP_SCAN_SHORT else GROUP_SCAN_CH
     n_ch = triton.cdiv(n_groups, ch)
     grid = (n_ch, triton.cdiv(N, bn))
     tot = torch.empty(2, n_ch, N, dtype=torch.float32, device=dev)

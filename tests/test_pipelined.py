@@ -161,14 +161,20 @@ def test_fusion_only_for_short_walks(fused):
     (37, 5, 4, 16, 1024, 0), (1, 1, 1, 16, 1024, 0), (300, 33, 2, 16, 1024, 0), (64, 16, 8, 256, 1024, 0),
     (300, 33, 2, 16, 16, 0), (257, 3, 1, 16, 8, 0), (40, 2, 3, 16, 13, 0),
     (1563, 16, 2, 256, 1024, 16384), (300, 33, 2, 16, 1024, 16384), (37, 5, 4, 16, 1024, 16384),
+    (1563, 16, 2, None, None, None),  # the defaults: 782 groups in 13 chunks of 64 (GRU(1, 1), B = 16, 100k)
 ])
 def test_group_scan_and_compose_match_float64(monkeypatch, n_runs, N, group, ch, walk, tile):
     """scan_groups: states after every group from a start, by one launch (walking chunks of ``ch``
     groups, or one tile of up to ``tile`` totals) or (more than ``walk`` groups) by chunk reduce / walk /
-    rescan, nested where the chunks are many; compose: the map of all runs.  Uneven numbers of group
-    totals per associative scan and per chunk."""
+    rescan in chunks of ``ch``, nested where the chunks are many; compose: the map of all runs.  Uneven
+    numbers of group totals per associative scan and per chunk.  None: the module's settings."""
     from seqpar.scan import affine_scan
 
+    if ch is None:
+        ch, walk, tile = pk.GROUP_SCAN_CH, pk.GROUP_SCAN_WALK, pk.GROUP_SCAN_TILE
+        assert walk < -(-n_runs // group) <= pk.GROUP_SCAN_SHORT  # the chunked path, chunks of CH_SHORT
+    else:
+        monkeypatch.setattr(pk, "GROUP_SCAN_CH_SHORT", ch)
     monkeypatch.setattr(pk, "GROUP_SCAN_CH", ch)
     monkeypatch.setattr(pk, "GROUP_SCAN_WALK", walk)
     monkeypatch.setattr(pk, "GROUP_SCAN_TILE", tile)
