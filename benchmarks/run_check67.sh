@@ -3,11 +3,7 @@
 #   1. GPU tests of the pipelined kernels;
 #   2. profile_harness.py, GRU(1, 1), T = 100k: the defaults, and with MIN_THREADS = 2^16 on top (runs of 16).
 # Results: the log on stdout.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-R=$PWD
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$R
-nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
+source "$(dirname "$0")/device_env.sh"
 timeout 60 python -m pytest -m gpu -q -x tests/test_pipelined.py -p no:cacheprovider 2>&1 | tail -2
 K=seqpar.kernels.pipelined_diag_gru
 for v in "" "--set $K.MIN_THREADS=65536"; do

@@ -4,13 +4,7 @@
 #   2. profile_harness.py, long and deer_harness phases with seqpar's own wall time per call;
 #   3. bench_vs_deer.py, D = 1 and 4, T = 100k, seqpar-dense and DEER, two rounds (needs peers/deer).
 # Results under $OUT (few files: the call returns a limited number).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-R=$PWD
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$R
-OUT=${OUT:-$R/benchmarks/results}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
+source "$(dirname "$0")/device_env.sh"
 (cd benchmarks && timeout 90 python profile_short_solve.py --dims 1,4 --steps 100k --out-dir "$OUT" --trace-dir /tmp) \
   2>&1 | grep -v -i warn | tee "$OUT/diag.log"
 (cd benchmarks && timeout 90 python profile_harness.py --dims 1,4 --inits torch,flax --phases long,deer_harness,replays \

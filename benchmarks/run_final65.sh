@@ -5,14 +5,9 @@
 #   3. profile_harness.py, GRU(1, 1) / GRU(4, 4): session 8's tree (peers/s8) and this one, alternating twice;
 #   4. profile_short_solve.py, GRU(1, 1): the GPU timeline of one solve.
 # Results: $OUT/results.tgz (the call returns few files) and the log on stdout.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-R=$PWD
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$R
-OUT=${OUT:-$R/benchmarks/results}
+source "$(dirname "$0")/device_env.sh"
 D=$OUT/r
 mkdir -p "$D"
-nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
 echo "== 1. GPU tests"
 timeout 150 python -m pytest -m gpu -q -x tests/test_graphs.py tests/test_finite.py tests/test_stopping.py \
   -p no:cacheprovider > "$D/gpu_tests.log" 2>&1
@@ -24,15 +19,7 @@ if [ -d peers/deer ]; then
     | grep -E "^round|^  D=|done"
 fi
 echo "== 3. short solves, session 8's tree and this one, alternating"
-for round in 1 2; do
-  for tree in peers/s8 .; do
-    [ -d "$R/$tree/seqpar" ] || continue
-    name=$(basename "$(cd "$R/$tree" && pwd)")
-    echo "-- round $round: $tree"
-    (cd benchmarks && PYTHONPATH=$R/$tree timeout 100 python profile_harness.py --dims 1,4 --inits torch \
-      --phases long,replays --out "$D/harness_${name}_$round.json") 2>&1 | grep -v -i warn
-  done
-done
+alternate_trees 2 "$D" --dims 1,4 --inits torch --phases long,replays
 echo "== 4. one solve's GPU timeline"
 (cd benchmarks && timeout 90 python profile_short_solve.py --dims 1 --steps 100k --out-dir "$D" --trace-dir /tmp) \
   2>&1 | grep -v -i warn

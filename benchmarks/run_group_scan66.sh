@@ -7,14 +7,9 @@
 # timed by profile_harness.py (T = 100k solves: long, replays) and profile_pipelined.py (T = 1M: pass, iteration);
 # then bench_vs_deer.py, D = 1, T = 100k, three rounds, with the default and with the variant of the fastest replays.
 # Results: $OUT/results.tgz and the log on stdout.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-R=$PWD
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$R
-OUT=${OUT:-$R/benchmarks/results}
+source "$(dirname "$0")/device_env.sh"
 D=$OUT/r
 mkdir -p "$D"
-nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
 K=seqpar.kernels.pipelined_diag_gru
 VARIANTS=("" "--set $K.MIN_THREADS=65536" "--set $K.MIN_THREADS=32768"
           "--set $K.GROUP_SCAN_WALK=64 --set $K.GROUP_SCAN_CH=64")

@@ -2,12 +2,7 @@
 # One device-machine call (one GPU, ~1 minute): benchmarks/profile_harness.py with the GPU's clocks logged
 # every 20 ms beside it (nvidia-smi), so that a harness's slow phase can be matched with the clocks.
 # Results under $OUT: harness.json, harness.log, clocks.csv.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-R=$PWD
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$R
-OUT=${OUT:-$R/benchmarks/results}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv 2>/dev/null || true
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu --format=csv -lms 20 \
   > "$OUT/clocks.csv" 2>/dev/null &

@@ -7,14 +7,7 @@
 #      session 8) and on this one; then this tree with the pass-fused group scan (FUSE_MAX_ELEMENTS);
 #   3. seqpar against DEER at T = 100k, D = 1 and 4 (needs peers/deer: benchmarks/README.md).
 # Results under $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-R=$PWD
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$R
-OUT=${OUT:-$R/benchmarks/results}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source "$(dirname "$0")/device_env.sh"
 echo "== 1. GPU tests"
 timeout 200 python -m pytest -m gpu -q -x tests/test_graphs.py tests/test_stopping.py -p no:cacheprovider \
   > "$OUT/gpu_tests.log" 2>&1

@@ -6,12 +6,7 @@
 #      each variant, the GEMM-epilogue kernel alone at six tiles and the scan alone, then seqpar.solve with
 #      QUASI_EPILOGUE_MIN_D off / on for torch's and DEER's flax init (iterations, float64 residual), and cuDNN.
 # Results under $OUT: gpu_tests.log, quasi_epilogue.json, quasi_epilogue.log.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-R=$PWD
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$R
-OUT=${OUT:-$R/benchmarks/results}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 echo "== 1. GPU tests"

@@ -8,14 +8,7 @@
 #      `git archive <commit> kernels seqpar`, if present) and on this one, same call;
 #   4. bench_short_solves.py (look-back / pipelined x graphs off / on) and profile_host.py (host time by piece).
 # Results under $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-R=$PWD
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$R
-OUT=${OUT:-$R/benchmarks/results}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source "$(dirname "$0")/device_env.sh"
 echo "== 1. GPU tests"
 timeout 240 python -m pytest -m gpu -q -x tests/test_stopping.py tests/test_graphs.py tests/test_pipelined.py \
   tests/test_robustness.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1

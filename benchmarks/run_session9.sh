@@ -6,28 +6,13 @@
 #   3. benchmarks/run_quasi_epilogue.sh (the "epilogue" quasi-Newton variant against "gemm", D = 64, B = 8, 1M);
 #   4. seqpar against DEER at T = 100k, D = 1 and 4, three rounds (needs peers/deer).
 # Results under $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-R=$PWD
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$R
-OUT=${OUT:-$R/benchmarks/results}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source "$(dirname "$0")/device_env.sh"
 echo "== 1. GPU tests"
 timeout 150 python -m pytest -m gpu -q -x tests/test_finite.py tests/test_graphs.py tests/test_stopping.py \
   -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 echo "tests rc=$?"; tail -2 "$OUT/gpu_tests.log"
 echo "== 2. short solves, session 8's tree and this one, alternating"
-for round in 1 2; do
-  for tree in peers/s8 .; do
-    [ -d "$R/$tree/seqpar" ] || continue
-    name=$(basename "$(cd "$R/$tree" && pwd)")
-    echo "-- round $round: $tree"
-    (cd benchmarks && PYTHONPATH=$R/$tree timeout 100 python profile_harness.py --dims 1,4 --inits torch \
-      --phases long,replays --out "$OUT/harness_${name}_$round.json") 2>&1 | grep -v -i warn
-  done
-done | tee "$OUT/harness_trees.log"
+alternate_trees 2 "$OUT" --dims 1,4 --inits torch --phases long,replays | tee "$OUT/harness_trees.log"
 echo "== 3. quasi-Newton epilogue"
 OUT=$OUT timeout 330 bash benchmarks/run_quasi_epilogue.sh
 echo "== 4. against DEER"

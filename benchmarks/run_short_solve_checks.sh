@@ -8,13 +8,7 @@
 #      --graph-memory-only);
 #   5. the B*D = 64 pipelined pass: the table's config against 64-step runs, 8 runs per program, prefetch 2
 #      (run 50's sweep: 1.49x against 1.53x at 1M) at 1M and at 10M, both N = 64 shapes.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$PWD
-OUT=${OUT:-$PWD/benchmarks/results}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source "$(dirname "$0")/device_env.sh"
 echo "== 1. GPU tests"
 timeout 240 python -m pytest -m gpu -q -x tests/test_graphs.py tests/test_robustness.py tests/test_pipelined.py \
   -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/gpu_tests_short_solves.log"
