@@ -64,10 +64,12 @@ DEVICE_TYPES = ("cuda",)
 EXPECTED_ITERATIONS = 4  # iterations queued by a key's first replayed solve (later: the previous solve's count)
 QUEUE_MORE = 2  # iterations queued at a time after that, until the device's stopping rule stops
 # a solve's first queue of n passes replays as one chained graph (first pass + n - 1 iterations, results in
-# fresh buffers: no copies between passes, one launch) where its results fit CHAIN_MAX_BYTES; CHAIN_CACHE lengths
-# are kept per key
-CHAIN_MAX_BYTES = 64 << 20
-CHAIN_CACHE = 2
+# fresh buffers: no copies between passes, one launch) where those results take at most CHAIN_MAX_FRACTION of the
+# loop's static buffers (GRU(1, 1), B = 16, T = 100k: 4 passes of 1.7 MB against 38 MB; GRU(4, 4): 5-6 of 4.8 MB
+# against 154 MB), so that graphs stay under twice the eager loop's peak memory (1.62-1.69x without chains, run
+# 57); one length is kept per key (a solve needing another count recaptures, a few milliseconds)
+CHAIN_MAX_FRACTION = 0.2
+CHAIN_CACHE = 1
 
 _graphs: "OrderedDict[tuple, Optional[GraphedLoop]]" = OrderedDict()
 _seen: "OrderedDict[tuple, None]" = OrderedDict()
@@ -255,6 +257,8 @@ class GraphedLoop:
         self._pass_bytes = sum(t.numel() * t.element_size() for t in (*res0, car0)
                                if isinstance(t, torch.Tensor) and t.data_ptr() not in (h[0].data_ptr(),
                                                                                        h[1].data_ptr()))
+        self._static_bytes = sum(t.numel() * t.element_size() for t in (h[0], h[1], h0, self.xp, self.x)
+                                 if t is not None)
         self.chains: "OrderedDict[int, Optional[tuple]]" = OrderedDict()
 
     def _chain(self, n: int) -> Optional[tuple]:
@@ -262,7 +266,7 @@ class GraphedLoop:
         capture failed).  ``handoff`` copies the chain's last results to where the single-iteration graphs
         read them: replayed only when the solve needs pass n and later.  Captured on first use, before the
         solve copies its inputs in (a capture runs the passes once)."""
-        if n < 2 or n * self._pass_bytes > CHAIN_MAX_BYTES:
+        if n < 2 or n * self._pass_bytes > CHAIN_MAX_FRACTION * self._static_bytes:
             return None
         if n in self.chains:
             self.chains.move_to_end(n)
