@@ -11,8 +11,9 @@ Graphs need fixed addresses, so a :class:`GraphedLoop` owns static buffers: the 
 (same strides as the caller's) and the projected inputs ``xp`` (T, B, G) that a captured graph makes
 of them (``cell.project_inputs``; or, where the caller passes ``xp``, a static copy of it), ``h0``
 (B, D) and two iterate buffers (T, B, D), and binds the cell's kernels to them.  A solve copies its
-inputs, ``h0`` and initial guess in, replays, and returns a copy of the final iterate.  The iterate ``h^k`` lives in buffer ``k % 2``;
-the graph of iteration k reads it and writes ``h^{k+1}`` into the other buffer.
+inputs, ``h0`` and initial guess in, replays, and returns a copy of the final iterate.  The iterate
+``h^k`` lives in buffer ``k % 2``; the graph of iteration k reads it and writes ``h^{k+1}`` into the
+other buffer.
 
 * Pipelined loop (``first``, ``odd``, ``even`` graphs): the first pass summarises ``h^0``; the graph of
   iteration k >= 1 (odd or even k) runs the pass from ``h^{k-1}`` plus the next carries.  The even graph
@@ -20,20 +21,19 @@ the graph of iteration k reads it and writes ``h^{k+1}`` into the other buffer.
   graph reads.
 * Look-back loop (two graphs): the pass of iteration k reads ``h^k`` and writes ``h^{k+1}``.
 
-Pipelined graphs also run the stopping rule on the device (:mod:`seqpar.kernels.stopping`): each ends
-with a one-thread kernel that records the residual and, once the rule says stop, turns the later
-passes into no-ops.  So a solve queues as many iterations as the key's previous solve took (its
-first: ``EXPECTED_ITERATIONS``), reads the state once, and hands the residuals to the host's rule in
-order (callbacks and the deferred argument check run then); the host rule must stop at the same
-iterate (else RuntimeError).  That first queue is one chained graph (first pass and iterations captured
-together, each pass's small results in fresh buffers: one launch, no copies between passes), captured
-per queue length on first use; a handoff graph moves its last results to where the single-iteration
-graphs read them, only when the solve goes on past it.  Iterations past the queue are queued ``QUEUE_MORE`` at a time.  The
-device never waits for the host between iterations; a queue longer than needed costs a few
-microseconds of no-op launches per extra iteration.  The first graph also counts the NaN / Inf of the
-static inputs, h0 and first iterate (:mod:`seqpar.kernels.finite`), read with the state: the solve's deferred NaN / Inf check of the caller's tensors
-(:class:`seqpar.validation.PendingFinite`) needs no launch or read of its own.  The look-back graphs read the residual after
-every iteration.
+Pipelined graphs also run the stopping rule on the device (:mod:`seqpar.kernels.stopping`): each ends with a
+one-thread kernel that records the residual and, once the rule says stop, turns the later passes into no-ops.
+So a solve queues as many iterations as the key's previous solve took (its first: ``EXPECTED_ITERATIONS``),
+reads the state once, and hands the residuals to the host's rule in order (callbacks and the deferred argument
+check run then); the host rule must stop at the same iterate (else RuntimeError). That first queue is one
+chained graph (first pass and iterations captured together, each pass's small results in fresh buffers: one
+launch, no copies between passes), captured per queue length on first use; a handoff graph moves its last
+results to where the single-iteration graphs read them, only when the solve goes on past it. Iterations past
+the queue are queued ``QUEUE_MORE`` at a time. The device never waits for the host between iterations; a queue
+longer than needed costs a few microseconds of no-op launches per extra iteration. The first graph also counts
+the NaN / Inf of the static inputs, h0 and first iterate (:mod:`seqpar.kernels.finite`), read with the state:
+the solve's deferred NaN / Inf check of the caller's tensors (:class:`seqpar.validation.PendingFinite`) needs
+no launch or read of its own. The look-back graphs read the residual after every iteration.
 
 When (:func:`graphed_loop`): one rank (the caller checks), a CUDA device, the Triton backend with a
 fused or pipelined kernel for the cell, at most ``GRAPH_MAX_ELEMENTS`` states.  The first solve of a
