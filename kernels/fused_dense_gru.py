@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISIONS, dot, sigmoid, tanh
+from ._common import DOT_PRECISIONS, dot, rel_residual, sigmoid, tanh
 
 MAX_D = 64
 PRECISIONS = DOT_PRECISIONS
@@ -159,10 +159,7 @@ def _fused_dense_gru_kernel(H, XP, W, BH, Bnd, Carry, SumA, SumC, Out, Res,
             else:
                 JA = tl.sum(J[:, :, None] * A[None, :, :], 1)
             A = tl.where(valid[:, None], JA, A)
-            fab = tl.where(m, tl.abs(f), 0.0)
-            rel = tl.abs(hc - f) / tl.maximum(fab, 1.0)
-            rel = tl.where(m, tl.where(rel == rel, rel, float("inf")), 0.0)  # NaN -> inf: divergence
-            fab = tl.where(fab == fab, fab, float("inf"))
+            rel, fab = rel_residual(hc, f, m)  # NaN -> inf: divergence
             rmax = tl.maximum(rmax, rel)
             fmax = tl.maximum(fmax, fab)
         else:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (DOT_PRECISIONS, comb_diag, dot, gru_f_jdiag, last_row, lookback_buffers, lookback_diag,
-                      pick_tiles, ticket)
+                      pick_tiles, rel_residual, ticket)
 from .linear import linear
 from .quasi_gru_gemm import quasi_gru_epilogue
 from .scan_diag import scan_diag
@@ -102,10 +102,7 @@ def _fused_diag_gru_seq_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl
         jd = tl.where(m, jd, 1.0)
         A = jd * A
         C = jd * C + bb
-        fab = tl.where(m, tl.abs(f), 0.0)
-        r = tl.abs(hc - f) / tl.maximum(fab, 1.0)
-        r = tl.where(m, tl.where(r == r, r, float("inf")), 0.0)  # NaN -> inf: reported as divergence
-        fab = tl.where(fab == fab, fab, float("inf"))
+        r, fab = rel_residual(hc, f, m)  # NaN -> inf: reported as divergence
         rel = tl.maximum(rel, r)
         fmx = tl.maximum(fmx, fab)
         hp = hc
@@ -188,10 +185,7 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
     jd = tl.where(m, jd, 1.0)
     bb = tl.where(m, bb, 0.0)
     # elementwise relative residual |h - f| / max(1, |f|); NaN -> inf: reported as divergence
-    fab = tl.where(m, tl.abs(f), 0.0)
-    rel = tl.abs(hc - f) / tl.maximum(fab, 1.0)
-    rel = tl.where(m, tl.where(rel == rel, rel, float("inf")), 0.0)
-    fab = tl.where(fab == fab, fab, float("inf"))
+    rel, fab = rel_residual(hc, f, m)
     # per-program partial maxima (reduced on the host side of the launch): no same-address atomics
     tl.store(Res + c * n_lb + lb, tl.max(tl.max(rel, 1), 0))
     tl.store(Res + NP + c * n_lb + lb, tl.max(tl.max(fab, 1), 0))
