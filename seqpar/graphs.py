@@ -318,7 +318,8 @@ class GraphedLoop:
         """Iterate from ``initial_guess`` (or zeros) until ``stop_rule.record(k, residual)`` says stop;
         returns ``(h, h0, k)``: a copy of the last iterate (whose residual was the last recorded).
         ``xp``: the projected inputs, or the inputs where this loop projects them."""
-        chain = self._chain(self._first_queue()) if self.state is not None else None  # (captures: before copy-in)
+        first = min(self.expected + 1, stopping.HISTORY)  # passes queued first: the last solve's iterations + 1
+        chain = self._chain(first) if self.state is not None else None  # (a capture: before the copy-in)
         if self.project is not None:
             self.x.copy_(xp)
             self.project.replay()
@@ -331,7 +332,7 @@ class GraphedLoop:
             self.h[0].zero_()
         phases.mark("setup")
         if self.state is not None:
-            return self._run_queued(h0, stop_rule, phases, chain)
+            return self._run_queued(h0, stop_rule, phases, first, chain)
         k = 0
         while True:
             self._replay(k)
@@ -352,32 +353,28 @@ class GraphedLoop:
             opts.first_sync_check = None
             pending.settle(not any(sums))
 
-    def _first_queue(self) -> int:
-        """Passes in a solve's first queue: as many iterations as the previous solve took, plus the first."""
-        return min(self.expected + 1, stopping.HISTORY)
-
-    def _run_queued(self, h0, stop_rule, phases, chain=None):
+    def _run_queued(self, h0, stop_rule, phases, first: int, chain=None):
         """The pipelined graphs with the stopping rule on the device (:mod:`seqpar.kernels.stopping`):
-        queue as many iterations as the last solve took (plus its first pass), read the state once,
-        replay its residuals through ``stop_rule`` (which must stop where the device did); queue
-        ``QUEUE_MORE`` further iterations while it has not stopped.  ``chain``: :meth:`_chain` of the first
-        queue's length (one launch for it), or None."""
+        queue ``first`` passes (as many iterations as the last solve took, plus its first pass), read the
+        state once, replay its residuals through ``stop_rule`` (which must stop where the device did); queue
+        ``QUEUE_MORE`` further iterations while it has not stopped.  ``chain``: :meth:`_chain` of ``first``
+        passes (one launch for them), or None."""
         o = stop_rule.opts
         if (o.tol, o.max_iter, o.patience) != self.state_options:
             self.state_options = (o.tol, o.max_iter, o.patience)
             self.state_start.copy_(stopping.initial_values(*self.state_options))
         queued = read = 0
-        count = self._first_queue()
+        count = first
         while True:
-            if queued == 0 and chain is not None:
+            if chain is not None and queued == 0:
                 chain[0].replay()
-                queued = count
             else:
-                if chain is not None and queued == count:  # past the chain: its results where the next reads them
+                if chain is not None and queued == first:  # past the chain: its results where the next reads them
                     chain[1].replay()
-                for _ in range(count if queued == 0 else min(QUEUE_MORE, stopping.HISTORY)):
-                    self._replay(queued)
-                    queued += 1
+                for k in range(queued, queued + count):
+                    self._replay(k)
+            queued += count
+            count = min(QUEUE_MORE, stopping.HISTORY)
             phases.mark("pass")
             values = self.readback.tolist()  # one host sync per queue
             phases.mark("exchange")
