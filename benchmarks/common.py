@@ -12,7 +12,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -54,13 +54,16 @@ def sync(device=None):
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable, repeats: int = 5, warmup: int = 1) -> Dict:
-    """Run ``fn`` ``warmup`` times, then time ``repeats`` calls: median/min/all in seconds."""
+def timed(fn: Callable, repeats: int = 5, warmup: int = 1, before: Optional[Callable] = None) -> Dict:
+    """Run ``fn`` ``warmup`` times, then time ``repeats`` calls: median/min/all in seconds.  ``before``: called
+    (untimed) ahead of each timed call."""
     for _ in range(warmup):
         fn()
     sync()
     times: List[float] = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         sync()
         t0 = time.perf_counter()
         fn()

@@ -49,16 +49,8 @@ def flax_cell(D: int):
 
 
 def per_call_us(fn, n: int, before=None) -> list:
-    out = []
-    for _ in range(n):
-        if before is not None:
-            before()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t0) * 1e6)
-    return out
+    """Microseconds of each of ``n`` synchronised calls of ``fn`` (no warm-up: the caller warms up)."""
+    return [v * 1e6 for v in timed(fn, repeats=n, warmup=0, before=before)["times_s"]]
 
 
 def spin(seconds: float = 0.2) -> None:
