@@ -15,7 +15,9 @@ call.  Here, per weight initialisation (torch.nn.GRU's, or DEER's flax GRUCell: 
 * ``after_spin``: 21 calls right after 0.2 s of GPU matmuls (clocks raised by load);
 * ``idle_gaps``: 21 calls with 20 ms of host sleep before each (clocks lowered by idleness);
 * ``no_gc``: 100 calls with Python's garbage collector off;
-* ``replays``: the graphed loop's replays alone (no host rule, no entry path), 21 times.
+* ``replays``: the graphed loop's replays alone (no host rule, no entry path), 21 times;
+* ``split``: 100 calls with host timestamps at the solve's stages (:func:`split_us`): where the host time of
+  a call goes, and how long the host waits for the device's queued passes.
 
 ``--set module.NAME=value`` (repeatable) overrides a module constant first (a Python literal), to time a
 variant in the same call.  Each phase records its wall-clock start (``t_wall``) so that the clock log of run_harness.sh
@@ -53,6 +55,66 @@ def per_call_us(fn, n: int, before=None) -> list:
     return [v * 1e6 for v in timed(fn, repeats=n, warmup=0, before=before)["times_s"]]
 
 
+SPLIT_STAGES = ("newton_solve", "loop.run", "first replay", "last replay", "read back", "loop.run done",
+                "newton_solve done", "solve done", "synchronised")
+
+
+def split_us(solve, n: int) -> tuple:
+    """``(per-call us, {segment: median us})`` of ``n`` synchronised calls of ``solve`` (a graph-replayed one),
+    with perf_counter stamps at the entry of ``newton_solve``, ``GraphedLoop.run``, each graph replay, the read
+    of the stopping state (``_settle_finite_check`` runs right after it) and the returns.  A segment is named by
+    the stage that ends it: "first replay" is the host time from ``run``'s entry to its first launch (copies in,
+    the projection), "last replay" the launches, "read back" the wait for the device (queued passes), "loop.run
+    done" the host rule and the result's copy."""
+    import seqpar.autograd as sa
+
+    stamps: list = []
+    saved = [(sa, "newton_solve"), (graphs.GraphedLoop, "run"), (graphs.CudaGraph, "replay"),
+             (graphs.GraphedLoop, "_settle_finite_check")]
+    originals = {key: getattr(*key) for key in saved}
+
+    def stamped(fn, enter, leave=None):
+        def wrapped(*a, **k):
+            stamps.append((enter, time.perf_counter()))
+            out = fn(*a, **k)
+            if leave:
+                stamps.append((leave, time.perf_counter()))
+            return out
+        return wrapped
+
+    sa.newton_solve = stamped(originals[saved[0]], "newton_solve", "newton_solve done")
+    graphs.GraphedLoop.run = stamped(originals[saved[1]], "loop.run", "loop.run done")
+    graphs.CudaGraph.replay = stamped(originals[saved[2]], "replay")
+    graphs.GraphedLoop._settle_finite_check = stamped(originals[saved[3]], "read back")
+    segments = {name: [] for name in SPLIT_STAGES}
+    totals = []
+    try:
+        for _ in range(n):
+            torch.cuda.synchronize()
+            stamps.clear()
+            t0 = time.perf_counter()
+            solve()
+            stamps.append(("solve done", time.perf_counter()))
+            torch.cuda.synchronize()
+            stamps.append(("synchronised", time.perf_counter()))
+            replays = [i for i, (name, _) in enumerate(stamps) if name == "replay"]
+            if not replays:
+                continue  # not replayed (eager): no split
+            named = [(("first replay" if i == replays[0] else "last replay" if i == replays[-1] else None)
+                      if name == "replay" else name, t) for i, (name, t) in enumerate(stamps)]
+            prev = t0
+            for name, t in named:
+                if name is None:
+                    continue
+                segments[name].append((t - prev) * 1e6)
+                prev = t
+            totals.append((prev - t0) * 1e6)
+    finally:
+        for key, fn in originals.items():
+            setattr(*key, fn)
+    return totals, {k: round(statistics.median(v), 1) for k, v in segments.items() if v}
+
+
 def spin(seconds: float = 0.2) -> None:
     a = torch.randn(4096, 4096, device="cuda")
     end = time.perf_counter() + seconds
@@ -68,7 +130,7 @@ def main():
     p.add_argument("--steps", default="100k")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--inits", default="torch,flax")
-    p.add_argument("--phases", default="short,long,deer_harness,after_spin,idle_gaps,no_gc,replays")
+    p.add_argument("--phases", default="short,long,deer_harness,after_spin,idle_gaps,no_gc,replays,split")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -126,10 +188,16 @@ def main():
                     spin()
                     return per_call_us(solve, 21)
 
+                segments = {}
+
+                def split_phase():
+                    times, segments["split"] = split_us(solve, 100)
+                    return times
+
                 phases = [("short", lambda: per_call_us(solve, 21)), ("long", lambda: per_call_us(solve, 300)),
                           ("deer_harness", deer_harness_us), ("after_spin", after_spin_us),
                           ("idle_gaps", lambda: per_call_us(solve, 21, before=lambda: time.sleep(0.02))),
-                          ("no_gc", no_gc_us), ("replays", replays_us)]
+                          ("no_gc", no_gc_us), ("replays", replays_us), ("split", split_phase)]
                 with torch.no_grad():
                     for _ in range(4):
                         solve()
@@ -154,6 +222,9 @@ def main():
                             w = statistics.median(walls[n_walls:]) * 1e6
                             row["phases"][name]["solve_wall_us"] = w
                             line += f", inside solve {w:.1f} us"
+                        if name in segments:
+                            row["phases"][name]["segments_us"] = segments[name]
+                            line += f"; segments {segments[name]}"
                         if name == "long":
                             w = [round(statistics.median(times[i:i + 30]), 1) for i in range(0, len(times), 30)]
                             row["phases"][name]["window_medians_us"] = w
