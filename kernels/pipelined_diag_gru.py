@@ -54,7 +54,10 @@ from ._common import gru_f_jdiag, rcp_fast
 # Runs of R steps: the summaries cost 2/R of a state per pass, and T * N / R threads must fill the GPU
 # (run_length() shortens R for short sequences).
 RUNS = {  # benchmarks/bench_pipeline.py --sweep, run 29 (H200, B=16, T=2^20): one iteration, x minimum bytes
-    16: dict(r=64, bn=16, s=16, warps=4, pf=0),    # 2.85x (look-back kernel: 7.4x)
+    # 16: one step's loads in flight (pf=1; was 0): run 68 (H100, copy bandwidth 3036 GB/s measured in the same
+    # process) timed one iteration at T = 1M / 10M at 0.1460 / 1.2965 ms (1.38x / 1.23x min bytes) against
+    # 0.1614 / 1.4121 ms (1.53x / 1.34x) without; 1, 2 or 8 warps and 8 or 32 runs per program were slower
+    16: dict(r=64, bn=16, s=16, warps=4, pf=1),    # run 29 (H200, pf=0): 2.85x (look-back kernel: 7.4x)
     # 64: runs of 64, 8 per program (was 32 and 4): 2-3 % faster in every shape timed, run 50 (H200, B=16, T=1M:
     # 1.49x against 1.53x) and run 60 (H100; B=16 T=1M / 10M, B=1 D=64 T=10M: 0.540 / 5.134 / 4.514 ms against
     # 0.550 / 5.237 / 4.572 ms per iteration, results/n64_configs_run60.log)

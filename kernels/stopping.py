@@ -6,7 +6,9 @@ each is followed by :func:`record`, which applies the rule of ``seqpar.newton._S
 the later passes of the queue into no-ops (the pass kernels read it: ``stop`` of
 :func:`seqpar.kernels.pipelined_diag_gru.pipelined_step` and the dense pipelined kernel).  The host
 reads the state once per queue and replays the decisions through ``_Stopping.record`` (callbacks,
-the deferred argument check), which must stop at the same iterate.
+the deferred argument check), which must stop at the same iterate.  :func:`take_final` copies the last
+recorded iterate out of the loop's two iterate buffers once the state says stopped (a no-op before),
+so that the result's copy is queued behind the passes instead of after the host's read.
 
 State: one float64 tensor (``STATE_SIZE + HISTORY``,), so that the comparisons are the reference's
 (a float32 residual against a Python float tolerance, in double precision):
@@ -63,6 +65,49 @@ def _record_kernel(Res, n, State, HIST: tl.constexpr, BLOCK: tl.constexpr):
         tl.store(State + 4, tl.where(conv, 1.0, 0.0).to(tl.float64))
         tl.store(State + 1, k + 1.0)
         tl.store(State + 0, tl.where(stop, 1.0, 0.0).to(tl.float64))
+
+
+@triton.jit
+def _take_final_kernel(State, H0, H1, Out, n, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+    """Once ``State`` says stopped: ``Out`` = the last recorded iterate (iterate k lives in ``H0`` for even k,
+    ``H1`` for odd), then (ZERO) ``H0`` = 0.  Else nothing."""
+    if tl.load(State + 0) != 0:
+        k = tl.load(State + 1).to(tl.int64) - 1
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        if k % 2 == 1:
+            v = tl.load(H1 + offs, mask=m)
+        else:
+            v = tl.load(H0 + offs, mask=m)
+        tl.store(Out + offs, v, mask=m)
+        if ZERO:
+            tl.store(H0 + offs, tl.zeros_like(v), mask=m)
+
+
+TAKE_BLOCK = 4096
+
+
+def take_final(state: torch.Tensor, h_even: torch.Tensor, h_odd: torch.Tensor, out: torch.Tensor,
+               zero_even: bool) -> None:
+    """Queue: if ``state`` says stopped, copy the last recorded iterate (number ``state[ITER] - 1``; even ones
+    in ``h_even``, odd ones in ``h_odd``) into ``out`` and, with ``zero_even``, zero ``h_even`` afterwards (the
+    next solve's initial iterate, without a launch of its own); else do nothing.  All three tensors contiguous,
+    of one shape and dtype."""
+    if not all(t.is_contiguous() and t.shape == out.shape and t.dtype == out.dtype for t in (h_even, h_odd)):
+        raise ValueError("h_even, h_odd and out must be contiguous tensors of one shape and dtype")
+    n = out.numel()
+    if n:
+        _take_final_kernel[(triton.cdiv(n, TAKE_BLOCK),)](state, h_even, h_odd, out, n, ZERO=zero_even,
+                                                          BLOCK=TAKE_BLOCK, num_warps=8)
+
+
+def take_final_reference(state: torch.Tensor, h_even, h_odd, out, zero_even: bool) -> None:
+    """What :func:`take_final` does, in torch."""
+    if float(state[STOPPED]) != 0:
+        k = int(state[ITER]) - 1
+        out.copy_(h_odd if k % 2 else h_even)
+        if zero_even:
+            h_even.zero_()
 
 
 def new_state(device, tol: float, max_iter: int, patience: int) -> torch.Tensor:

@@ -177,6 +177,9 @@ class GraphedLoop:
         self.state = None  # the device-side stopping state (pipelined loop), see _run_queued
         self.checks_finite = False  # whether the first graph counts NaN / Inf of the caller's tensors' copies
         self.expected = EXPECTED_ITERATIONS
+        # whether h[0] holds zeros (a solve without initial guess starts there): a pipelined solve's take_final
+        # leaves it so; captures (which run passes) and initial guesses overwrite it
+        self.guess_zeroed = False
         n, B = src.shape[:2]
         self.h = [h0.new_zeros(n, B, h0.shape[1]), h0.new_zeros(n, B, h0.shape[1])]
         pool = new_pool()
@@ -200,6 +203,10 @@ class GraphedLoop:
             # the state's starting values, copied in by the first graph; rewritten when the options change
             self.state_options = (opts.tol, opts.max_iter, opts.patience)
             self.state_start = self.state[:stopping.STATE_SIZE].clone()
+            # its host copy (pinned: the read is queued, then waited for with an event)
+            cuda = self.readback.is_cuda
+            self.host_readback = torch.empty(self.readback.shape, dtype=self.readback.dtype, pin_memory=cuda)
+            self.read_event = torch.cuda.Event() if cuda else None
             self._capture_pipelined(pipe, pool)
         else:  # as the eager path: the look-back loop where the cell has no pipelined kernel
             if self.project is None:
@@ -283,6 +290,7 @@ class GraphedLoop:
             return res, car
 
         try:
+            self.guess_zeroed = False  # the capture's warm-up runs the passes
             last = graph.capture(chain)
             dst = self._handoff[0 if n % 2 else 1]  # pass n is odd: the odd graph reads the first's results
 
@@ -328,7 +336,8 @@ class GraphedLoop:
         self.h0.copy_(h0)
         if initial_guess is not None:
             self.h[0].copy_(initial_guess)
-        else:
+            self.guess_zeroed = False
+        elif not self.guess_zeroed:
             self.h[0].zero_()
         phases.mark("setup")
         if self.state is not None:
@@ -365,6 +374,9 @@ class GraphedLoop:
             self.state_start.copy_(stopping.initial_values(*self.state_options))
         queued = read = 0
         count = first
+        h = self.h
+        out = torch.empty_like(h[0])
+        self.guess_zeroed = False
         while True:
             if chain is not None and queued == 0:
                 chain[0].replay()
@@ -376,7 +388,15 @@ class GraphedLoop:
             queued += count
             count = min(QUEUE_MORE, stopping.HISTORY)
             phases.mark("pass")
-            values = self.readback.tolist()  # one host sync per queue
+            # the state's read is queued before the result's copy (stopping.take_final: a no-op unless the device
+            # stopped; then h[0] is zeroed for the next solve), so the host reads while the copy runs
+            self.host_readback.copy_(self.readback, non_blocking=True)
+            if self.read_event is not None:
+                self.read_event.record()
+            stopping.take_final(self.state, h[0], h[1], out, zero_even=True)
+            if self.read_event is not None:
+                self.read_event.synchronize()  # one host sync per queue
+            values = self.host_readback.tolist()
             phases.mark("exchange")
             self._settle_finite_check(stop_rule.opts, values[self.state.numel():])
             stop = False
@@ -392,4 +412,5 @@ class GraphedLoop:
             if stop:
                 k = read - 1
                 self.expected = k
-                return self.h[k % 2].clone(), h0, k
+                self.guess_zeroed = True
+                return out, h0, k

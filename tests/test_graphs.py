@@ -98,7 +98,7 @@ def test_graphed_solves_equal_eager(cpu_graphs, monkeypatch, make, T, B, I, jaco
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0 if pipelined else 10**9)
     torch.manual_seed(T + I)
     cell = make()
-    for call in range(4):  # eager (seen), capture + replay, replay, replay: fresh inputs every time
+    for call in range(5):  # eager (seen), capture + replay, replays: fresh inputs every time; a guess at call 3
         x = torch.randn(T, B, I)
         guess = 0.1 * torch.randn(T, B, cell.hidden_size) if call == 3 else None
         got = _solve(cell, x, True, jacobian=jacobian, initial_guess=guess)

@@ -126,3 +126,32 @@ def test_record_reduces_partials_like_amax(device, n):
         got = stopping.recorded(state.tolist(), 0)[0]
         want = float(vals.amax())
         assert got == want or (math.isnan(got) and math.isnan(want))
+
+
+@pytest.mark.skipif(not DEVICES, reason="interpreted kernels (TRITON_INTERPRET=1) or a GPU")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,dtype", [((3,), torch.float32), ((37, 2, 3), torch.float32),
+                                         ((stopping.TAKE_BLOCK + 9, 1, 1), torch.float64)])
+def test_take_final_copies_the_last_recorded_iterate_once_stopped(device, shape, dtype):
+    """take_final against its reference: nothing before the state says stopped; then the iterate of the
+    last record (even: h_even, odd: h_odd) in ``out``, and h_even zeroed when asked."""
+    g = torch.Generator().manual_seed(len(shape))
+    for records, stop in [(1, False), (1, True), (2, True), (3, True), (4, True), (5, False)]:
+        for zero in (True, False):
+            state = stopping.new_state("cpu", 1e-30, 10**6, 10**6)
+            for _ in range(records):
+                stopping.record_reference(state, 0.5)
+            state[stopping.STOPPED] = float(stop)
+            even, odd = (torch.randn(shape, generator=g, dtype=dtype) for _ in range(2))
+            out = torch.full(shape, 7.0, dtype=dtype)
+            want = [t.clone() for t in (even, odd, out)]
+            stopping.take_final_reference(state, *want, zero_even=zero)
+            got = [t.clone().to(device) for t in (even, odd, out)]
+            stopping.take_final(state.to(device), *got, zero_even=zero)
+            for w, t in zip(want, got):
+                assert torch.equal(t.cpu(), w)
+            if stop:  # the reference itself: the right buffer
+                assert torch.equal(want[2], (odd if (records - 1) % 2 else even))
+                assert torch.equal(want[0], torch.zeros_like(even) if zero else even)
+            else:
+                assert torch.equal(want[2], torch.full(shape, 7.0, dtype=dtype))
