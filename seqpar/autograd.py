@@ -15,6 +15,7 @@ gradient; dL/dh0 is rank 0's and is broadcast to all ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List
 
@@ -238,6 +239,11 @@ def _all_reduce_grads(dparams, params, comm: Communicator):
     return out
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where ``t`` has it (a short solve's host time counts)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class SolveFunction(torch.autograd.Function):
     """states = solve(cell, inputs, h0); backward by the adjoint scan.
 
@@ -248,13 +254,14 @@ class SolveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell, opts: NewtonOptions, comm: Communicator, info_out: list, inputs, h0, initial_guess, *params):
         cdt = h0.dtype if h0.dtype == torch.float64 else torch.float32
-        with torch.no_grad():  # newton_solve projects the inputs (inside its CUDA graphs where they apply)
-            states, info, boundary = newton_solve(cell, None, h0.to(cdt), opts, comm, initial_guess,
-                                                  inputs=inputs.to(cdt))
+        # newton_solve projects the inputs (inside its CUDA graphs where they apply); no autograd graph
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            states, info, boundary = newton_solve(cell, None, _as(h0, cdt), opts, comm, initial_guess,
+                                                  inputs=_as(inputs, cdt))
         info_out.append(info)
         ctx.cell, ctx.opts, ctx.comm, ctx.cdt, ctx.info = cell, opts, comm, cdt, info
         ctx.save_for_backward(inputs, h0, states, boundary)
-        return states.to(inputs.dtype)
+        return _as(states, inputs.dtype)
 
     @staticmethod
     @once_differentiable  # double backward (create_graph=True) raises instead of dropping second-order terms

@@ -54,7 +54,7 @@ from typing import Callable, Optional
 import torch
 
 from .kernels import finite, stopping
-from .validation import PendingFinite, cell_tensors
+from .validation import PendingFinite, cell_tensors, tensors_key
 
 ENABLED = os.environ.get("SEQPAR_CUDA_GRAPHS", "1") not in ("0", "", "false", "off")
 GRAPH_MAX_ELEMENTS = 2**23  # T * B * D: static buffers of about 20 bytes per state are held per key
@@ -106,11 +106,9 @@ def clear() -> None:
 
 
 def _key(cell, structure, src, h0, opts, chunk: int, pipelined: bool, projects: bool) -> tuple:
-    params, buffers = cell_tensors(cell)
-    tensors = [t for _, t in params] + [t for _, t in buffers]
-    return (id(cell), type(cell), tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors),
-            tuple(src.shape), src.stride(), src.dtype, h0.dtype, src.device, structure, opts.backend,
-            chunk, pipelined, projects)
+    tensors = opts.cell_key if opts.cell_key is not None else tensors_key(*cell_tensors(cell))
+    return (id(cell), type(cell), tensors, src.shape, src.stride(), src.dtype, h0.dtype, src.device, structure,
+            opts.backend, chunk, pipelined, projects)
 
 
 def graphed_loop(cell, structure, xp: Optional[torch.Tensor], h0: torch.Tensor, opts, chunk: int,

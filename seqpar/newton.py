@@ -109,6 +109,7 @@ class NewtonOptions:
     patience: int = 10          # iterations without halving the best residual before giving up
     backend: str = "torch"      # resolved backend: "torch" (reference scans) or "triton" (seqpar.kernels)
     first_sync_check: Optional[Callable[[], None]] = None  # called (may raise) once the first residual is known
+    cell_key: Optional[tuple] = None  # validation.tensors_key of the cell's tensors, where the caller has it
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -145,7 +146,18 @@ def auto_chunk(structure: Structure, B: int, D: int, dtype: torch.dtype, budget:
                device=None) -> int:
     """Steps per chunk of the torch (reference-Jacobian) path: ``budget`` bytes (default
     :func:`jacobian_memory_budget` of ``device``) over the per-step Jacobian and scan temporaries."""
-    budget = jacobian_memory_budget(device) if budget is None else budget
+    if budget is None:  # the usual call: the same few arguments every solve (host time of short solves)
+        return _auto_chunk_cached(structure, B, D, dtype, device, JACOBIAN_MEMORY_BUDGET, JACOBIAN_MEMORY_BUDGET_CUDA)
+    return _auto_chunk(structure, B, D, dtype, budget)
+
+
+@functools.lru_cache(maxsize=256)
+def _auto_chunk_cached(structure: Structure, B: int, D: int, dtype: torch.dtype, device, *budgets) -> int:
+    """``auto_chunk`` at the default budget; ``budgets``: the module's budget constants (part of the key)."""
+    return _auto_chunk(structure, B, D, dtype, jacobian_memory_budget(device))
+
+
+def _auto_chunk(structure: Structure, B: int, D: int, dtype: torch.dtype, budget: int) -> int:
     per_step = math.prod(structure.jac_shape((B,), D)) + 2 * B * D
     itemsize = torch.finfo(dtype).bits // 8
     return max(1, budget // (4 * per_step * itemsize))

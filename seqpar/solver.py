@@ -72,6 +72,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
     error = None
     fingerprint = None
     pending_finite = None
+    cell_key = None
     try:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
@@ -93,7 +94,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
                 initial_guess = initial_guess.transpose(0, 1)
         structure = resolve_jacobian(jacobian, cell)
         resolved_backend = resolve_backend(backend, inputs.device if torch.is_tensor(inputs) else "cpu")
-        check_cell_tensors_finite(cell, named_params, named_buffers)
+        cell_key = check_cell_tensors_finite(cell, named_params, named_buffers)
         needs_grad = torch.is_grad_enabled() and (
             inputs.requires_grad or h0.requires_grad or any(p.requires_grad for _, p in named_params))
         if torch.is_grad_enabled() and method == "newton" and hasattr(cell, "check_captured"):
@@ -128,7 +129,7 @@ def solve(cell, inputs: torch.Tensor, h0: Optional[torch.Tensor] = None, *, jaco
         tol=float(tol) if tol is not None else default_tol(cdt),
         max_iter=max_iter if max_iter is not None else (DEFAULT_MAX_ITER_NEWTON if exact else DEFAULT_MAX_ITER_QUASI),
         fallback=fallback, chunk_size=chunk_size, callback=callback, backend=resolved_backend,
-        first_sync_check=pending_finite,
+        first_sync_check=pending_finite, cell_key=cell_key,
     )
     if opts.tol < min_tol(cdt):  # same on every rank (dtype and tol agree), so no rank is left waiting
         raise ValueError(f"tol={opts.tol:g} is below what {cdt} arithmetic can reach (min {min_tol(cdt):.1e}); "

@@ -109,6 +109,13 @@ def check_options(tol, max_iter, chunk_size, callback):
         raise TypeError(f"callback must be callable as callback(iteration, residual); got {type(callback).__name__}")
 
 
+def tensors_key(named_params, named_buffers) -> tuple:
+    """What identifies the values of a cell's tensors (:func:`cell_tensors`' lists) between solves: each
+    tensor's identity, storage, version counter (bumped by every in-place change), dtype and shape."""
+    return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.shape)
+                 for named in (named_params, named_buffers) for _, t in named)
+
+
 @functools.lru_cache(maxsize=256)
 def _plain_members(cls) -> bool:
     """Whether a cell class lists its tensors as ``torch.nn.Module`` does (no override of
@@ -126,23 +133,26 @@ def check_cell_tensors_finite(cell, named_params=None, named_buffers=None):
     (inference, benchmarks) skip the sync; any change re-checks.  Writes through ``tensor.data``
     bypass version counters and are not seen until the next versioned change (a NaN written that way
     still shows as a non-finite residual: the solve is then not reported converged).
-    ``named_params`` / ``named_buffers``: :func:`cell_tensors`' lists, where the caller has them."""
+    ``named_params`` / ``named_buffers``: :func:`cell_tensors`' lists, where the caller has them.  Returns
+    their :func:`tensors_key`."""
     if named_params is None or named_buffers is None:
         named_params, named_buffers = cell_tensors(cell)
+    key = tensors_key(named_params, named_buffers)
+    if cell.__dict__.get("_seqpar_finite_key") == key:
+        return key
     named = [(f"parameter {n!r}", p) for n, p in named_params]
     named += [(f"buffer {n!r}", b) for n, b in named_buffers]
     named = [(n, t) for n, t in named if t.numel() and t.device.type != "meta"]
     if not named:
-        return
-    key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.shape) for _, t in named)
-    if cell.__dict__.get("_seqpar_finite_key") == key:
-        return
+        cell.__dict__["_seqpar_finite_key"] = key
+        return key
     with torch.no_grad():
         ok = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
     if not bool(ok.all()):
         bad = [n for (n, _), v in zip(named, ok.tolist()) if not v]
         raise ValueError(f"cell {', '.join(bad)} contains NaN or Inf")
     cell.__dict__["_seqpar_finite_key"] = key
+    return key
 
 
 def trusted_step(cell) -> bool:
