@@ -10,14 +10,15 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>/dev/null || true
 
-# alternate_trees ROUNDS DIR ARGS...: benchmarks/profile_harness.py ARGS on session 8's tree (peers/s8, `git archive
-# e603306 kernels seqpar`) and on this one, in turn, ROUNDS times, JSON to DIR/harness_<tree>_<round>.json (separate
-# processes differ by +-20-30 % on one machine: alternating spreads a slow spell over both trees)
+# alternate_trees ROUNDS DIR ARGS...: benchmarks/profile_harness.py ARGS on a baseline tree ($BASE_TREE, default
+# peers/s8: `git archive e603306 kernels seqpar`, session 8's) and on this one, in turn, ROUNDS times, JSON to
+# DIR/harness_<tree>_<round>.json (separate processes differ by +-20-30 % on one machine: alternating spreads a
+# slow spell over both trees)
 alternate_trees() {
   local rounds=$1 dir=$2 round tree name
   shift 2
   for round in $(seq 1 "$rounds"); do
-    for tree in peers/s8 .; do
+    for tree in "${BASE_TREE:-peers/s8}" .; do
       [ -d "$R/$tree/seqpar" ] || continue
       name=$(basename "$(cd "$R/$tree" && pwd)")
       echo "-- round $round: $tree"
