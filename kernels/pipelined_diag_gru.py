@@ -37,6 +37,9 @@ gate-major layout of :meth:`seqpar.cells.GRU.project_inputs` at D = 1 makes ever
 contiguous across lanes), ``weight_hh`` (3D,), ``bias_hh``
 (3D,) or None, boundaries (B, D); group prefixes float32 (n_runs, B*D) with
 ``n_runs = ceil(T / R)``; carries (n_groups, B*D), ``n_groups = ceil(n_runs / S)``.
+A cell with one input feature can skip the projected inputs altogether: with ``proj``
+(:func:`prepare_projection`) ``xp`` is the raw inputs (T, B, 1), projected inside each pass (it reads 4
+bytes of input per batch row and step instead of 12 per state, and no projection runs before the solve).
 Reference: :func:`pipelined_step_reference` (and
 ``seqpar.newton``'s ``cell.step`` / ``cell.jacobian`` + ``affine_scan``).
 """
@@ -103,17 +106,30 @@ def _gru_f_jdiag(hp, xr, xz, xn, wr, wz, wn, br, bz, bn):
 
 
 @triton.jit
-def _load_step(H, XP, t0, k, R: tl.constexpr, T, N, XT, XG, lanes, xcol, m0):
+def _load_step(H, XP, t0, k, R: tl.constexpr, T, N, XT, XG, lanes, xcol, m0, PROJ: tl.constexpr):
     """h and the three projected gate inputs of step ``k`` of every run (zeros past the run / T):
-    gate g of a lane at ``XP + t * XT + xcol + g * XG``."""
+    gate g of a lane at ``XP + t * XT + xcol + g * XG``.  PROJ: ``XP`` holds the raw scalar input of
+    each batch row, loaded once and returned for the three gates (:func:`_project` maps it)."""
     t = t0 + k
     m = m0 & ((t < T) & (k < R))[:, None]
     xo = t[:, None] * XT + xcol
     hk = tl.load(H + t[:, None] * N + lanes[None, :], mask=m, other=0.0).to(tl.float32)
     xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
-    xz = tl.load(XP + xo + XG, mask=m, other=0.0).to(tl.float32)
-    xn = tl.load(XP + xo + 2 * XG, mask=m, other=0.0).to(tl.float32)
+    if PROJ:
+        xz = xr
+        xn = xr
+    else:
+        xz = tl.load(XP + xo + XG, mask=m, other=0.0).to(tl.float32)
+        xn = tl.load(XP + xo + 2 * XG, mask=m, other=0.0).to(tl.float32)
     return hk, xr, xz, xn
+
+
+@triton.jit
+def _project(xr, xz, xn, pwr, pwz, pwn, pbr, pbz, pbn, PROJ: tl.constexpr):
+    """The gates' projected inputs: as loaded, or (PROJ) ``pw * x + pb`` per gate of the raw input x."""
+    if PROJ:
+        return pwr * xr + pbr, pwz * xz + pbz, pwn * xn + pbn
+    return xr, xz, xn
 
 
 @triton.jit
@@ -123,11 +139,11 @@ def _compose(a1, c1, a2, c2):
 
 
 @triton.jit
-def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, SumA, SumC, Res,
+def _pipelined_diag_gru_kernel(H, XP, W, BH, WI, BI, Bnd, PrevA, PrevC, Carry, St, Out, SumA, SumC, Res,
                                Counter, NextSt, NextCarry, Stats, Stop, T, D, N, n_runs, NPROG, XT, XB, XC,
                                R: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr,
                                FIRST: tl.constexpr, FUSE: tl.constexpr, TB: tl.constexpr, TCH: tl.constexpr,
-                               GUARD: tl.constexpr):
+                               GUARD: tl.constexpr, PROJ: tl.constexpr):
     """Program (pid_r, pid_n): group ``pid_r`` (runs ``pid_r * S + [0, S)``) x lanes ``pid_n * BN + [0, BN)``.
 
     FIRST: group prefixes of the maps at ``H`` (linearised at H_{t-1}, ``Bnd`` before step 0) and the
@@ -138,7 +154,9 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
     FUSE: the last program to finish (``Counter``, zero before the launch and after it) also writes the
     next pass's carries from ``NextSt`` (``NextCarry``, as :func:`scan_groups`) and the residual
     ``Stats`` (2,), walking TB lanes and TCH groups at a time.
-    GUARD: a no-op if ``Stop[0]`` (a :mod:`seqpar.kernels.stopping` state) is nonzero."""
+    GUARD: a no-op if ``Stop[0]`` (a :mod:`seqpar.kernels.stopping` state) is nonzero.
+    PROJ: ``XP`` holds the raw inputs of a one-feature cell (read at ``t * XT + b * XB``, ``XC`` = 0), projected
+    here: gate g of unit d gets ``WI[g * D + d] * x + BI[g * D + d]`` (no projected-inputs tensor at all)."""
     if GUARD:
         if tl.load(Stop) != 0:
             return
@@ -156,6 +174,15 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
     br = tl.load(BH + d, mask=lmask, other=0.0)[None, :]
     bz = tl.load(BH + D + d, mask=lmask, other=0.0)[None, :]
     bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)[None, :]
+    if PROJ:
+        pwr = tl.load(WI + d, mask=lmask, other=0.0)[None, :]
+        pwz = tl.load(WI + D + d, mask=lmask, other=0.0)[None, :]
+        pwn = tl.load(WI + 2 * D + d, mask=lmask, other=0.0)[None, :]
+        pbr = tl.load(BI + d, mask=lmask, other=0.0)[None, :]
+        pbz = tl.load(BI + D + d, mask=lmask, other=0.0)[None, :]
+        pbn = tl.load(BI + 2 * D + d, mask=lmask, other=0.0)[None, :]
+    else:  # (not read)
+        pwr, pwz, pwn, pbr, pbz, pbn = wr, wz, wn, br, bz, bn
     xcol = ((lanes // D).to(tl.int64) * XB + d * XC)[None, :]  # xp of lane (b, d), gate 0: b * XB + d * XC
     XG = D * XC
     t0 = runs.to(tl.int64) * R                     # first step of each run (S,)
@@ -175,9 +202,9 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
     fmx = tl.zeros([S, BN], tl.float32)
     # software prefetch: the loads of the next PF steps are in flight while a step is computed
     # (the store to Out between steps would otherwise keep the compiler from hoisting them)
-    ha, ra, za, na = _load_step(H, XP, t0, 0, R, T, N, XT, XG, lanes, xcol, m0)
+    ha, ra, za, na = _load_step(H, XP, t0, 0, R, T, N, XT, XG, lanes, xcol, m0, PROJ)
     if PF == 2:
-        hb, rb, zb, nb = _load_step(H, XP, t0, 1, R, T, N, XT, XG, lanes, xcol, m0)
+        hb, rb, zb, nb = _load_step(H, XP, t0, 1, R, T, N, XT, XG, lanes, xcol, m0, PROJ)
     for k in range(R):
         t = t0 + k
         m = m0 & (t < T)[:, None]
@@ -185,11 +212,12 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, Bnd, PrevA, PrevC, Carry, St, Out, 
         hk, xr, xz, xn = ha, ra, za, na
         if PF == 2:
             ha, ra, za, na = hb, rb, zb, nb
-            hb, rb, zb, nb = _load_step(H, XP, t0, k + 2, R, T, N, XT, XG, lanes, xcol, m0)
+            hb, rb, zb, nb = _load_step(H, XP, t0, k + 2, R, T, N, XT, XG, lanes, xcol, m0, PROJ)
         elif PF == 1:
-            ha, ra, za, na = _load_step(H, XP, t0, k + 1, R, T, N, XT, XG, lanes, xcol, m0)
+            ha, ra, za, na = _load_step(H, XP, t0, k + 1, R, T, N, XT, XG, lanes, xcol, m0, PROJ)
         else:
-            hk, xr, xz, xn = _load_step(H, XP, t0, k, R, T, N, XT, XG, lanes, xcol, m0)
+            hk, xr, xz, xn = _load_step(H, XP, t0, k, R, T, N, XT, XG, lanes, xcol, m0, PROJ)
+        xr, xz, xn = _project(xr, xz, xn, pwr, pwz, pwn, pbr, pbz, pbn, PROJ)
         if FIRST:
             hc = hk
             hp = hk_prev
@@ -361,6 +389,12 @@ def prepare_weights(weight_hh, bias_hh):
     return w, b
 
 
+def prepare_projection(weight_ih, bias_ih):
+    """``(w, b)`` (3D,) float32 each: the input projection ``xp = w * x + b`` of a one-feature cell
+    (``weight_ih`` (3D, 1), ``bias_ih`` (3D,) or None: zeros), as the passes read it with ``proj``."""
+    return prepare_weights(weight_ih.reshape(-1), bias_ih)
+
+
 def fuses(n_groups: int, N: int) -> bool:
     """Whether a pass also scans its group totals in its last program (``next_start`` given): only where
     that one program's walk (n_groups x N totals) is short; else :func:`scan_groups` launches."""
@@ -368,7 +402,7 @@ def fuses(n_groups: int, N: int) -> bool:
 
 
 def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: RunConfig,
-            next_start=None, counter=None, stop=None):
+            next_start=None, counter=None, stop=None, proj=None):
     T, B, D = h.shape
     N = B * D
     dev = h.device
@@ -396,11 +430,19 @@ def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: R
         fuse_args = (counter, next_start.reshape(N).to(torch.float32).contiguous(), next_carry, stats)
     else:
         fuse_args = (part, boundary, part, part)  # not read
+    XT, XB, XC = xp.stride()
+    if proj is not None:  # xp: the raw inputs (T, B, 1), projected in the kernel
+        if xp.shape != (T, B, 1):
+            raise ValueError(f"proj: xp must be the raw inputs (T, B, 1) = ({T}, {B}, 1); got {tuple(xp.shape)}")
+        wi, bi = proj
+        XC = 0
+    else:
+        wi, bi = w, bh  # (not read)
     _pipelined_diag_gru_kernel[grid](
-        h, xp, w, bh, boundary, prev_a, prev_c, carry_arg, start_arg, out_arg, sums[0], sums[1], part,
-        *fuse_args, part if stop is None else stop, T, D, N, n_runs, n_prog, *xp.stride(), R=cfg.r, S=cfg.s,
+        h, xp, w, bh, wi, bi, boundary, prev_a, prev_c, carry_arg, start_arg, out_arg, sums[0], sums[1], part,
+        *fuse_args, part if stop is None else stop, T, D, N, n_runs, n_prog, XT, XB, XC, R=cfg.r, S=cfg.s,
         BN=cfg.bn, PF=cfg.prefetch, FIRST=first, FUSE=fuse, TB=min(FUSE_TB, triton.next_power_of_2(N)), TCH=FUSE_TCH,
-        GUARD=stop is not None, num_warps=cfg.warps)
+        GUARD=stop is not None, PROJ=proj is not None, num_warps=cfg.warps)
     if fuse:
         return PassResult(None if first else out, sums[0], sums[1], stats, cfg.s, next_carry)
     # guarded passes (graphs) leave the per-program partials to seqpar.kernels.stopping.record: one launch less
@@ -408,17 +450,18 @@ def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: R
 
 
 def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = None, next_start=None,
-               counter=None, stop=None) -> PassResult:
+               counter=None, stop=None, proj=None) -> PassResult:
     """Group summaries and residual of the iterate ``h`` (T, B, D) (maps linearised at ``h_{t-1}``,
     ``boundary`` (B, D) before step 0).  ``out`` of the result is None.  With ``next_start`` (B, D) and
     ``counter`` (a zero int32 tensor (1,), reusable) the pass also returns ``carry``, the next pass's
     carries from ``next_start``, where :func:`fuses` allows (else ``carry`` is None).  With ``stop`` (a
     :mod:`seqpar.kernels.stopping` state) the pass does nothing once that state says stopped, and ``stats``
     are the per-program partials (2, n_programs), not reduced (unless fused), for
-    :func:`seqpar.kernels.stopping.record` (of row 0)."""
+    :func:`seqpar.kernels.stopping.record` (of row 0).  With ``proj`` (:func:`prepare_projection`) ``xp`` is
+    the raw inputs (T, B, 1) of a one-feature cell, projected inside the pass."""
     T, B, D = h.shape
     return _launch(True, h, xp, weight_hh, bias_hh, boundary, None, None, None, None,
-                   cfg or run_config(T, B * D), next_start, counter, stop)
+                   cfg or run_config(T, B * D), next_start, counter, stop, proj)
 
 
 def group_scan_tile(n_groups: int, bn: int) -> tuple:
@@ -476,15 +519,15 @@ def compose(res: PassResult, B: int, D: int):
 
 def pipelined_step(h, xp, weight_hh, bias_hh, boundary, prev: PassResult, carry: torch.Tensor,
                    start: torch.Tensor, out=None, cfg: Optional[RunConfig] = None, next_start=None,
-                   counter=None, stop=None) -> PassResult:
+                   counter=None, stop=None, proj=None) -> PassResult:
     """One Newton iteration from the iterate ``h`` (T, B, D), whose maps (linearised at ``h_{t-1}``,
     ``boundary`` (B, D) before step 0) ``prev`` (the previous pass's result) summarised, with
     ``carry = scan_groups(prev, start)`` (or ``prev.carry``), ``start`` (B, D) the new iterate's state
     before step 0.  Writes the new iterate into ``out`` and returns it with its own summaries and
-    residual; ``next_start`` / ``counter`` / ``stop``: as :func:`first_pass`."""
+    residual; ``next_start`` / ``counter`` / ``stop`` / ``proj``: as :func:`first_pass`."""
     T, B, D = h.shape
     return _launch(False, h, xp, weight_hh, bias_hh, boundary, prev, carry, start, out,
-                   cfg or run_config(T, B * D), next_start, counter, stop)
+                   cfg or run_config(T, B * D), next_start, counter, stop, proj)
 
 
 @torch.no_grad()

@@ -93,17 +93,32 @@ def fused_stepper(cell, structure: Structure, xp: torch.Tensor, backend: str) ->
     return cell.fused_newton_step(structure, xp)
 
 
-def pipelined_stepper(cell, structure: Structure, xp: torch.Tensor, backend: str):
+# a cell with a pipelined kernel that projects its one input feature itself (Cell.pipelined_newton_raw) gets
+# the raw inputs: no projected-inputs tensor, no projection before the solve (off: the projected path)
+PROJECT_IN_PASS = True
+
+
+def pipelined_stepper(cell, structure: Structure, xp: torch.Tensor, backend: str, raw_inputs: bool = False):
     """The cell's pipelined Newton kernel (see :meth:`seqpar.cells.Cell.pipelined_newton` and
-    :mod:`seqpar.pipeline`) when the kernels can run it, else None."""
-    if backend != "triton" or xp.dtype not in KERNEL_DTYPES or not _kernel_matches(cell, "pipelined_newton"):
+    :mod:`seqpar.pipeline`) when the kernels can run it, else None.  ``raw_inputs``: ``xp`` is the raw
+    inputs (T, B, I), for :meth:`seqpar.cells.Cell.pipelined_newton_raw` (None where the cell has no such
+    kernel, or ``PROJECT_IN_PASS`` is off: project them and ask again)."""
+    if backend != "triton" or xp.dtype not in KERNEL_DTYPES:
+        return None
+    if raw_inputs:
+        if not PROJECT_IN_PASS or not _kernel_matches(cell, "pipelined_newton_raw", also=("project_inputs",)):
+            return None
+        return cell.pipelined_newton_raw(structure, xp)
+    if not _kernel_matches(cell, "pipelined_newton"):
         return None
     return cell.pipelined_newton(structure, xp)
 
 
-def _kernel_matches(cell, method: str) -> bool:
-    """False if a subclass redefines ``step`` or ``jacobian`` below the class that provides the
-    kernel ``method``: the kernel would compute the parent's function, not this cell's."""
+def _kernel_matches(cell, method: str, also: tuple = ()) -> bool:
+    """False if a subclass redefines ``step`` or ``jacobian`` (or a method named in ``also``) below the
+    class that provides the kernel ``method``: the kernel would compute the parent's function, not this
+    cell's."""
     mro = type(cell).__mro__
     owner = next(i for i, k in enumerate(mro) if method in vars(k))
-    return not any("step" in vars(k) or "jacobian" in vars(k) for k in mro[:owner])
+    names = ("step", "jacobian", *also)
+    return not any(name in vars(k) for k in mro[:owner] for name in names)

@@ -89,6 +89,11 @@ class Cell(nn.Module):
         :mod:`seqpar.pipeline`).  Same conditions of use as :meth:`fused_newton_step`."""
         return None
 
+    def pipelined_newton_raw(self, structure: Structure, inputs: torch.Tensor):
+        """As :meth:`pipelined_newton`, bound to the raw ``inputs`` (T, B, I) instead of their projection:
+        for cells whose kernel projects the inputs itself (one input feature); None otherwise."""
+        return None
+
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, structure={self.structure.describe()}"
 
@@ -351,6 +356,11 @@ class GRU(_TorchWeightsCell):
         return lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(
             h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
 
+    def pipelined_newton_raw(self, structure, inputs):
+        if self.hidden_size != 1 or structure.kind == "block":
+            return None
+        return _diag_gru_pipeline_raw(self, inputs)
+
     def pipelined_newton(self, structure, xp):
         D = self.hidden_size
         if D == 1:  # W_hh (3, 1) is its own diagonal: the 1 x 1 Jacobian is exact under any structure
@@ -479,14 +489,32 @@ class DiagGRU(_TorchWeightsCell):
         return lambda h, bnd, start, out=None, want_summary=False: fused_diag_gru_step(
             h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
 
+    def pipelined_newton_raw(self, structure, inputs):
+        if structure.kind != "diag":
+            return None
+        return _diag_gru_pipeline_raw(self, inputs)
+
     def pipelined_newton(self, structure, xp):
         if structure.kind != "diag":
             return None
         return _diag_gru_pipeline(xp, self.weight_hh, self.bias_hh, self.hidden_size)
 
 
-def _diag_gru_pipeline(xp, weight_hh, bias_hh, hidden_size: int):
-    """The pipelined DiagGRU kernel bound to ``xp`` (T, B, 3H) and the recurrent weights (3H,)."""
+def _diag_gru_pipeline_raw(cell, inputs):
+    """The pipelined DiagGRU kernel (``cell``'s recurrent weights, diagonal: (3H,) or GRU(1, 1)'s (3, 1)) bound
+    to the raw ``inputs`` (T, B, 1) of a one-feature cell, which its passes project themselves
+    (``xp = b_ih + W_ih x``, as ``project_inputs`` without folded b_hh); None for more input features."""
+    from .kernels import pipelined_diag_gru as k
+
+    if inputs.dim() != 3 or inputs.shape[2] != 1 or cell.weight_ih.shape[1] != 1 or cell.fold_bias_hh:
+        return None
+    proj = k.prepare_projection(cell.weight_ih, cell.bias_ih)
+    return _diag_gru_pipeline(inputs, cell.weight_hh.reshape(-1), cell.bias_hh, cell.hidden_size, proj)
+
+
+def _diag_gru_pipeline(xp, weight_hh, bias_hh, hidden_size: int, proj=None):
+    """The pipelined DiagGRU kernel bound to ``xp`` (T, B, 3H) and the recurrent weights (3H,); with ``proj``
+    (``kernels.pipelined_diag_gru.prepare_projection``) ``xp`` is the raw inputs (T, B, 1)."""
     from .kernels import pipelined_diag_gru as k
     from .pipeline import Pipeline
     from .structure import DIAG
@@ -497,10 +525,10 @@ def _diag_gru_pipeline(xp, weight_hh, bias_hh, hidden_size: int):
     counter = torch.zeros(1, dtype=torch.int32, device=xp.device)  # the fused passes' completion count
     return Pipeline(
         first=lambda h, bnd, next_start=None, stop=None: k.first_pass(h, xp, weight_hh, bias_hh, bnd, cfg,
-                                                                      next_start, counter, stop),
+                                                                      next_start, counter, stop, proj),
         carries=k.scan_groups,
         step=lambda h, bnd, res, carry, start, out=None, next_start=None, stop=None: k.pipelined_step(
-            h, xp, weight_hh, bias_hh, bnd, res, carry, start, out, cfg, next_start, counter, stop),
+            h, xp, weight_hh, bias_hh, bnd, res, carry, start, out, cfg, next_start, counter, stop, proj),
         compose=lambda res: k.compose(res, B, hidden_size),
         structure=DIAG)
 

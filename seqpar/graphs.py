@@ -181,16 +181,20 @@ class GraphedLoop:
         n, B = src.shape[:2]
         self.h = [h0.new_zeros(n, B, h0.shape[1]), h0.new_zeros(n, B, h0.shape[1])]
         pool = new_pool()
-        self.x = self.project = None
+        self.x = self.project = self.xp = pipe = None
         if projects:  # the static inputs, same strides as the caller's, and the graph projecting them
             self.x = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device=src.device).zero_()
-            self.project = Graph(pool)
-            # the look-back steppers may copy xp to row-major once when they are built, which a graph
-            # would keep stale: row-major for them; the pipelined kernels read xp of any strides
-            self.xp = self.project.capture(lambda: _projected(cell, self.x, h0.dtype, row_major=not pipelined))
+            if pipelined:  # a kernel that projects them itself: no xp, no projection graph
+                pipe = pipelined_stepper(cell, structure, self.x, opts.backend, raw_inputs=True)
+            if pipe is None:
+                self.project = Graph(pool)
+                # the look-back steppers may copy xp to row-major once when they are built, which a graph
+                # would keep stale: row-major for them; the pipelined kernels read xp of any strides
+                self.xp = self.project.capture(lambda: _projected(cell, self.x, h0.dtype, row_major=not pipelined))
         elif pipelined:
             self.xp = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device=src.device).zero_()
-        pipe = pipelined_stepper(cell, structure, self.xp, opts.backend) if pipelined else None
+        if pipe is None and pipelined:
+            pipe = pipelined_stepper(cell, structure, self.xp, opts.backend)
         if pipe is not None:
             # what a solve reads back, in one copy: the stopping state, then the NaN / Inf counts of the static
             # inputs, h0 and first iterate (checks of the caller's tensors, see _settle_finite_check)
@@ -326,9 +330,10 @@ class GraphedLoop:
         ``xp``: the projected inputs, or the inputs where this loop projects them."""
         first = min(self.expected + 1, stopping.HISTORY)  # passes queued first: the last solve's iterations + 1
         chain = self._chain(first) if self.state is not None else None  # (a capture: before the copy-in)
-        if self.project is not None:
+        if self.x is not None:  # the inputs (projected by a graph, or by the passes themselves)
             self.x.copy_(xp)
-            self.project.replay()
+            if self.project is not None:
+                self.project.replay()
         else:
             self.xp.copy_(xp)
         self.h0.copy_(h0)

@@ -345,11 +345,15 @@ def newton_solve(cell, xp: Optional[torch.Tensor], h0: torch.Tensor, opts: Newto
     if graphed is not None:  # one rank, a short solve seen before: its iterations replayed from CUDA graphs
         h, boundary, it = graphed.run(src, h0, initial_guess, stopping, phases)
     else:
-        if xp is None:
+        pipe = None
+        if xp is None and pipelined:  # a kernel that projects the inputs itself: no xp at all
+            pipe = pipelined_stepper(cell, st, inputs, opts.backend, raw_inputs=True)
+        if xp is None and pipe is None:
             xp = projected_inputs(cell, inputs, h0.dtype)
         h = initial_guess.to(h0.dtype).clone() if initial_guess is not None else h0.new_zeros(n, B, D)
         boundary = gather_boundary(comm, h, h0)  # the initial iterate's state before this shard
-        pipe = pipelined_stepper(cell, st, xp, opts.backend) if pipelined else None
+        if pipe is None and pipelined:
+            pipe = pipelined_stepper(cell, st, xp, opts.backend)
         phases.mark("setup")
         if pipe is not None:
             h, boundary, it = pipelined_iterations(pipe, h, boundary, h0, comm, stopping,
@@ -363,7 +367,8 @@ def newton_solve(cell, xp: Optional[torch.Tensor], h0: torch.Tensor, opts: Newto
         # the boundary came from composed summaries: check the first step against the state the
         # previous rank actually holds (agrees to ~1e-2 eps; a mismatch is never reported as converged)
         actual = gather_boundary(comm, h, h0)
-        first = step_residuals(h[:1], cell.step(actual, xp[0]).unsqueeze(0)).reshape(1) if n else h0.new_zeros(1)
+        xp0 = xp[0] if xp is not None else projected_inputs(cell, inputs[:1], h0.dtype)[0] if n else None
+        first = step_residuals(h[:1], cell.step(actual, xp0).unsqueeze(0)).reshape(1) if n else h0.new_zeros(1)
         worst = float(comm.all_gather(first).max())
         boundary = actual
         if not worst <= opts.tol:

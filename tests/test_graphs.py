@@ -85,7 +85,8 @@ def _assert_same(got, want):
 CASES = [  # cell, T, B, input size, jacobian, pipelined
     (lambda: DiagGRU(2, 3), 57, 2, 2, "diag", True),
     (lambda: DiagGRU(2, 3), 57, 2, 2, "diag", False),
-    (lambda: GRU(1, 1), 40, 5, 1, "dense", True),   # gate-major xp, strided static copy
+    (lambda: GRU(1, 1), 40, 5, 1, "dense", True),   # one feature: the passes project the raw inputs
+    (lambda: DiagGRU(1, 4), 23, 3, 1, "diag", True),
     (lambda: GRU(1, 1), 33, 3, 1, "dense", False),
     (lambda: GRU(2, 3), 29, 2, 2, "dense", True),   # small-D dense pipelined kernel
     (lambda: GRU(2, 3), 1, 1, 2, "diag", False),    # T = 1, B = 1
@@ -168,23 +169,25 @@ def test_unconverged_graphed_solve_is_reported_unconverged(cpu_graphs, monkeypat
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("pipelined", [True, False])
-def test_projection_inside_the_graphs(cpu_graphs, monkeypatch, pipelined):
-    """The graphs project the inputs themselves: batch-first (strided) inputs, bfloat16 inputs, and an
-    unconverged solve finished by the sequential fallback (which projects again) equal the eager solve."""
+@pytest.mark.parametrize("pipelined,I,D", [(True, 2, 3), (False, 2, 3), (True, 1, 1)])
+def test_projection_inside_the_graphs(cpu_graphs, monkeypatch, pipelined, I, D):
+    """The graphs project the inputs themselves (one feature, pipelined: the passes do, no projection graph):
+    batch-first (strided) inputs, bfloat16 inputs, and an unconverged solve finished by the sequential
+    fallback (which projects again) equal the eager solve."""
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0 if pipelined else 10**9)
     torch.manual_seed(6)
-    cell = GRU(2, 3)
+    cell = GRU(I, D)
     for kw, dtype in ((dict(batch_first=True), torch.float32), (dict(), torch.bfloat16),
                       (dict(max_iter=1, fallback="sequential"), torch.float32)):
         graphs.clear()
         for _ in range(3):
-            x = torch.randn(3, 31, 2) if kw.get("batch_first") else torch.randn(31, 3, 2)
+            x = torch.randn(3, 31, I) if kw.get("batch_first") else torch.randn(31, 3, I)
             x = x.to(dtype)
             got = _solve(cell, x, True, jacobian="dense", **kw)
             _assert_same(got, _solve(cell, x, False, jacobian="dense", **kw))
         loop = next(iter(graphs._graphs.values()))
-        assert loop is not None and loop.project is not None
+        raw = pipelined and I == 1
+        assert loop is not None and (loop.project is None) == raw and (loop.xp is None) == raw
         assert got[1].converged and (got[1].fallback is not None) == ("fallback" in kw)
 
 

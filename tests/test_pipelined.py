@@ -117,6 +117,58 @@ def test_one_unit_one_feature_projects_gate_major(cls):
 
 
 @cpu_only
+@pytest.mark.parametrize("T,B,D,run,prefetch,bias,layout", [
+    (37, 3, 1, 4, 0, True, "time_major"), (50, 2, 3, 8, 1, True, "time_major"), (1, 1, 1, 4, 2, False, "time_major"),
+    (29, 5, 2, 4, 2, True, "batch_first"), (64, 4, 1, 8, 1, False, "batch_first"),
+])
+def test_pass_projecting_raw_inputs_matches_projected_xp(T, B, D, run, prefetch, bias, layout):
+    """``proj``: the pass projects one input feature itself (xp = w * x + b per gate and unit) and gives what
+    the pass given the projected xp gives (to float32 rounding of the projection), on raw inputs of any
+    strides (batch_first: a (B, T, 1) tensor read as (T, B, 1))."""
+    _check_raw_pass(T, B, D, run, prefetch, bias, layout)
+
+
+def _check_raw_pass(T, B, D, run, prefetch, bias, layout, device="cpu"):
+    g = torch.Generator().manual_seed(T + D)
+    h, _, w, b, bnd, start = _problem(T, B, D, bias, seed=T, device=device)
+    w_ih = torch.randn(3 * D, 1, generator=g).to(device)
+    b_ih = (torch.randn(3 * D, generator=g) * 0.3).to(device) if bias else None
+    x = torch.randn(T, B, 1, generator=g).to(device)
+    if layout == "batch_first":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    xp = torch.nn.functional.linear(x, w_ih, b_ih)
+    proj = pk.prepare_projection(w_ih, b_ih)
+    cfg = pk.run_config(T, B * D, run=run, prefetch=prefetch)
+    got = {}
+    for raw in (False, True):
+        src, pr = (x, proj) if raw else (xp, None)
+        first = pk.first_pass(h, src, w, b, bnd, cfg, proj=pr)
+        step = pk.pipelined_step(h, src, w, b, bnd, first, pk.scan_groups(first, start), start, cfg=cfg, proj=pr)
+        got[raw] = (first.sum_a, first.sum_c, first.stats, step.out, step.sum_a, step.sum_c, step.stats)
+    for a, r in zip(got[False], got[True]):
+        assert torch.allclose(a, r, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="raw inputs"):
+        pk.first_pass(h, xp, w, b, bnd, cfg, proj=proj)
+
+
+def test_raw_input_kernels_only_for_one_feature_cells_that_keep_the_projection():
+    """Which cells get the pass that projects its inputs: one input feature, the built-in projection."""
+    x1, x2 = torch.randn(9, 2, 1), torch.randn(9, 2, 2)
+
+    class OwnProjection(DiagGRU):
+        def project_inputs(self, inputs):
+            return super().project_inputs(2 * inputs)
+
+    assert pipelined_stepper(GRU(1, 1), DENSE, x1, "triton", raw_inputs=True) is not None
+    assert pipelined_stepper(DiagGRU(1, 4), DIAG, x1, "triton", raw_inputs=True) is not None
+    assert pipelined_stepper(GRU(2, 1), DENSE, x2, "triton", raw_inputs=True) is None
+    assert pipelined_stepper(DiagGRU(2, 4), DIAG, x2, "triton", raw_inputs=True) is None
+    assert pipelined_stepper(GRU(1, 3), DENSE, x1, "triton", raw_inputs=True) is None  # the dense kernel
+    assert pipelined_stepper(OwnProjection(1, 4), DIAG, x1, "triton", raw_inputs=True) is None
+    assert pipelined_stepper(DiagGRU(1, 4), DIAG, x1.double(), "triton", raw_inputs=True) is None
+
+
+@cpu_only
 @pytest.mark.parametrize("T,B,D,run,group", [(37, 3, 5, 4, 1), (61, 1, 3, 2, 4), (45, 2, 2, 4, 16), (8, 1, 1, 1, 8)])
 def test_pass_with_run_groups_matches_float64_reference(T, B, D, run, group):
     """Groups of several runs per program (partial last group, group longer than the sequence)."""
@@ -290,7 +342,9 @@ def _solve_both(cell, x, jacobian, h0=None):
     ("gru", 1, "diag", 130, 1, 3), ("gru", 4, "dense", 150, 3, 3), ("gru", 3, "diag", 97, 2, 3),
     ("gru", 2, "dense", 1, 1, 3),
     # one input feature, one unit: gate-major projected inputs (strided xp into the kernels)
+    # (and one feature: the passes project the raw inputs themselves, backend.PROJECT_IN_PASS)
     ("gru", 1, "dense", 83, 5, 1), ("diag", 1, "diag", 61, 3, 1), ("gru", 1, "diag", 1, 1, 1),
+    ("diag", 4, "diag", 70, 2, 1),
 ])
 def test_solve_matches_reference_loop_and_sequential(cell_kind, D, jacobian, T, B, I):
     torch.manual_seed(T + D)
@@ -332,6 +386,13 @@ def test_non_converged_is_not_reported_converged():
     assert not info.converged and info.iterations == 1 and info.residual > info.tol
     states, info = seqpar.solve(cell, x, jacobian="diag", backend="triton", max_iter=1, return_info=True)
     assert info.converged and info.fallback  # repaired by the fallback, and said so
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("T,B,D,layout", [(100_003, 16, 1, "time_major"), (20_011, 3, 4, "batch_first")])
+def test_gpu_pass_projecting_raw_inputs(T, B, D, layout):
+    _check_raw_pass(T, B, D, None, None, True, layout, device="cuda")
 
 
 @pytest.mark.gpu
