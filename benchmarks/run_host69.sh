@@ -3,7 +3,8 @@
 # the passes (stopping.take_final), and the N = 16 pipelined launches with one step prefetched.
 #   1. GPU tests: the stopping rule and take_final, the graphs, NaN / Inf counts, the pipelined kernels;
 #   2. profile_harness.py (long, replays, split), GRU(1, 1) / GRU(4, 4), torch init: session 9's last tree
-#      (peers/s9 = `git archive 33c59d1 kernels seqpar`) and this one, alternating, two rounds;
+#      (peers/s9 = `git archive 33c59d1 kernels seqpar`) and this one, alternating, two rounds; then GRU(1, 1)
+#      with PROJECT_IN_PASS off;
 #   3. seqpar against DEER at T = 100k, D = 1 and 4, three rounds (needs peers/deer);
 #   4. one B*D = 16 iteration at T = 1M and 10M against the copy bandwidth measured in the same process.
 # Results: $OUT/results.tgz and the log on stdout.
@@ -16,6 +17,9 @@ timeout 150 python -m pytest -m gpu -q tests/test_stopping.py tests/test_graphs.
 echo "tests rc=$?"; tail -8 "$D/gpu_tests.log"
 echo "== 2. session 9's tree and this one, alternating"
 BASE_TREE=peers/s9 alternate_trees 2 "$D" --dims 1,4 --inits torch --phases long,replays,split
+echo "-- this tree, PROJECT_IN_PASS off"
+(cd benchmarks && timeout 60 python profile_harness.py --dims 1 --inits torch --phases long,replays,split \
+  --set seqpar.backend.PROJECT_IN_PASS=False --out "$D/harness_noproj.json") 2>&1 | grep -v -i warn
 echo "== 3. against DEER"
 if [ -d peers/deer ]; then
   OUT=$D VS_DEER_TIMEOUT=140 timeout 150 bash benchmarks/run_vs_deer.sh --dims 1,4 --steps 100k \
