@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device-machine call (one GPU, ~6 minutes): session 10's host-time cuts and the result's copy queued behind
-# the passes (stopping.take_final), and the N = 16 pipelined launches with one step prefetched.
+# One device-machine call (one GPU, ~7 minutes): session 10's host-time cuts, the result's copy queued behind
+# the passes (stopping.take_final), the N = 16 pipelined launches with one step prefetched, and passes that
+# project one input feature themselves (backend.PROJECT_IN_PASS).
 #   1. GPU tests: the stopping rule and take_final, the graphs, NaN / Inf counts, the pipelined kernels;
 #   2. profile_harness.py (long, replays, split), GRU(1, 1) / GRU(4, 4), torch init: session 9's last tree
 #      (peers/s9 = `git archive 33c59d1 kernels seqpar`) and this one, alternating, two rounds; then GRU(1, 1)
