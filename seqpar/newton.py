@@ -367,8 +367,11 @@ def newton_solve(cell, xp: Optional[torch.Tensor], h0: torch.Tensor, opts: Newto
         # the boundary came from composed summaries: check the first step against the state the
         # previous rank actually holds (agrees to ~1e-2 eps; a mismatch is never reported as converged)
         actual = gather_boundary(comm, h, h0)
-        xp0 = xp[0] if xp is not None else projected_inputs(cell, inputs[:1], h0.dtype)[0] if n else None
-        first = step_residuals(h[:1], cell.step(actual, xp0).unsqueeze(0)).reshape(1) if n else h0.new_zeros(1)
+        if n:  # (xp is None where the passes projected the raw inputs themselves)
+            xp0 = xp[0] if xp is not None else projected_inputs(cell, inputs[:1], h0.dtype)[0]
+            first = step_residuals(h[:1], cell.step(actual, xp0).unsqueeze(0)).reshape(1)
+        else:
+            first = h0.new_zeros(1)
         worst = float(comm.all_gather(first).max())
         boundary = actual
         if not worst <= opts.tol:
