@@ -106,6 +106,13 @@ def _gru_f_jdiag(hp, xr, xz, xn, wr, wz, wn, br, bz, bn):
 
 
 @triton.jit
+def _per_gate(P, d, D, lmask):
+    """The three gates' values (1, BN) of units ``d`` from a (3D,) vector: ``P[g * D + d]``."""
+    return (tl.load(P + d, mask=lmask, other=0.0)[None, :], tl.load(P + D + d, mask=lmask, other=0.0)[None, :],
+            tl.load(P + 2 * D + d, mask=lmask, other=0.0)[None, :])
+
+
+@triton.jit
 def _load_step(H, XP, t0, k, R: tl.constexpr, T, N, XT, XG, lanes, xcol, m0, PROJ: tl.constexpr):
     """h and the three projected gate inputs of step ``k`` of every run (zeros past the run / T):
     gate g of a lane at ``XP + t * XT + xcol + g * XG``.  PROJ: ``XP`` holds the raw scalar input of
@@ -168,19 +175,11 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, WI, BI, Bnd, PrevA, PrevC, Carry, S
     runs = pid_r * S + s_in
     m0 = (runs < n_runs)[:, None] & lmask[None, :]
     d = lanes % D
-    wr = tl.load(W + d, mask=lmask, other=0.0)[None, :]
-    wz = tl.load(W + D + d, mask=lmask, other=0.0)[None, :]
-    wn = tl.load(W + 2 * D + d, mask=lmask, other=0.0)[None, :]
-    br = tl.load(BH + d, mask=lmask, other=0.0)[None, :]
-    bz = tl.load(BH + D + d, mask=lmask, other=0.0)[None, :]
-    bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)[None, :]
+    wr, wz, wn = _per_gate(W, d, D, lmask)
+    br, bz, bn = _per_gate(BH, d, D, lmask)
     if PROJ:
-        pwr = tl.load(WI + d, mask=lmask, other=0.0)[None, :]
-        pwz = tl.load(WI + D + d, mask=lmask, other=0.0)[None, :]
-        pwn = tl.load(WI + 2 * D + d, mask=lmask, other=0.0)[None, :]
-        pbr = tl.load(BI + d, mask=lmask, other=0.0)[None, :]
-        pbz = tl.load(BI + D + d, mask=lmask, other=0.0)[None, :]
-        pbn = tl.load(BI + 2 * D + d, mask=lmask, other=0.0)[None, :]
+        pwr, pwz, pwn = _per_gate(WI, d, D, lmask)
+        pbr, pbz, pbn = _per_gate(BI, d, D, lmask)
     else:  # (not read)
         pwr, pwz, pwn, pbr, pbz, pbn = wr, wz, wn, br, bz, bn
     xcol = ((lanes // D).to(tl.int64) * XB + d * XC)[None, :]  # xp of lane (b, d), gate 0: b * XB + d * XC
