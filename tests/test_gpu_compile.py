@@ -1,0 +1,59 @@
+"""The Triton kernels compile for a GPU (sm_90), on any machine.  The interpreter (TRITON_INTERPRET=1, how the
+CPU tests run the kernels) does not lower them, so a construct it accepts but the compiler refuses would
+otherwise show only on the device.  A subprocess with the interpreter off compiles (to PTX and cubin,
+through the ptxas that triton ships; nothing runs): the pipelined DiagGRU pass in the variants the solves use
+(first / later pass, prefetch depths, raw inputs projected in the pass), the device stopping rule's kernels
+(record, take_final) and the NaN / Inf count."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent('''
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from seqpar.kernels import finite, pipelined_diag_gru as pk, stopping
+
+    TARGET = GPUTarget("cuda", 90, 32)
+
+    def compile_kernel(fn, types, consts):
+        sig = {n: "constexpr" if n in consts else types.get(n, "*fp32") for n in fn.arg_names}
+        try:
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        except TypeError:  # older triton
+            src = ASTSource(fn=fn, signature=sig, constants=consts)
+        kernel = triton.compile(src, target=TARGET)
+        assert kernel.asm.get("cubin"), fn.__name__
+        print("compiled", fn.__name__, consts)
+
+    types = {n: "i32" for n in ("T", "D", "N", "n_runs", "NPROG")}
+    types.update({n: "i64" for n in ("XT", "XB", "XC")}, Counter="*i32", Stop="*fp64")
+    for first, pf, proj in [(True, 0, False), (False, 1, False), (False, 2, True), (True, 1, True)]:
+        compile_kernel(pk._pipelined_diag_gru_kernel, types,
+                       dict(R=8, S=16, BN=16, PF=pf, FIRST=first, FUSE=False, TB=16, TCH=256, GUARD=True, PROJ=proj))
+    for zero in (True, False):
+        compile_kernel(stopping._take_final_kernel, {"State": "*fp64", "n": "i32"},
+                       dict(ZERO=zero, BLOCK=stopping.TAKE_BLOCK))
+    compile_kernel(stopping._record_kernel, {"State": "*fp64", "n": "i32"},
+                   dict(HIST=stopping.HISTORY, BLOCK=stopping.RECORD_BLOCK))
+    compile_kernel(finite._count_nonfinite_kernel, {"n": "i64", "Out": "*fp64"}, dict(BLOCK=1024))
+''')
+
+
+def test_kernels_compile_for_sm90():
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:  # pragma: no cover - a triton without these entry points
+        pytest.skip("this triton has no ASTSource / GPUTarget")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("compiled") == 8
