@@ -67,7 +67,9 @@ QUEUE_MORE = 2  # iterations queued at a time after that, until the device's sto
 # fresh buffers: no copies between passes, one launch) where those results take at most CHAIN_MAX_FRACTION of the
 # loop's static buffers (GRU(1, 1), B = 16, T = 100k: 4 passes of 1.7 MB against 38 MB; GRU(4, 4): 5-6 of 4.8 MB
 # against 154 MB), so that graphs stay under twice the eager loop's peak memory (1.62-1.69x without chains, run
-# 57); one length is kept per key (a solve needing another count recaptures, a few milliseconds)
+# 57); one length is kept per key (a solve needing another count recaptures, a few milliseconds).  Where the
+# passes project the raw inputs themselves (no xp buffer), the budget still counts the xp they do without: the
+# same chains as with projected inputs, in less memory than those graphs took
 CHAIN_MAX_FRACTION = 0.2
 CHAIN_CACHE = 1
 
@@ -268,6 +270,8 @@ class GraphedLoop:
                                                                                        h[1].data_ptr()))
         self._static_bytes = sum(t.numel() * t.element_size() for t in (h[0], h[1], h0, self.xp, self.x)
                                  if t is not None)
+        if self.xp is None:  # passes that project the raw inputs: the budget of the projected inputs they do without
+            self._static_bytes += 3 * h[0].numel() * h[0].element_size()
         self.chains: "OrderedDict[int, Optional[tuple]]" = OrderedDict()
 
     def _chain(self, n: int) -> Optional[tuple]:

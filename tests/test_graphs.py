@@ -283,3 +283,25 @@ def test_gpu_graphed_solves_equal_eager(monkeypatch, make, T, B, I, jacobian, pi
         assert got[1].converged
     assert list(graphs._graphs.values())[0] is not None
     graphs.clear()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
+def test_raw_input_loop_keeps_the_projected_loops_chain_budget(cpu_graphs, monkeypatch):
+    """GRU(1, 1)'s passes project the raw inputs (no xp buffer); the chained first queue's memory budget is
+    still that of the loop with projected inputs, so the same chains are captured (session 9's measurements)."""
+    import seqpar.backend as backend
+
+    monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
+    torch.manual_seed(8)
+    cell = GRU(1, 1)
+    x = torch.randn(40, 4, 1)
+    budgets = {}
+    for raw in (True, False):
+        monkeypatch.setattr(backend, "PROJECT_IN_PASS", raw)
+        graphs.clear()
+        for _ in range(2):
+            _solve(cell, x, True, jacobian="dense")
+        loop = next(iter(graphs._graphs.values()))
+        assert loop is not None and (loop.xp is None) == raw
+        budgets[raw] = (loop._static_bytes, loop._pass_bytes)
+    assert budgets[True] == budgets[False]
