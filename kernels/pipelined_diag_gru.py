@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from ._common import gru_f_jdiag, rcp_fast
+from .stopping import HISTORY, RECORD_BLOCK, record_partials
 
 # Run length, lanes per program and warps by lane count N = B * D (first key >= N; "wide" beyond).
 # Runs of R steps: the summaries cost 2/R of a state per pass, and T * N / R threads must fill the GPU
@@ -89,6 +90,10 @@ GROUP_SCAN_TILE, GROUP_SCAN_TILE_PER_WARP = 16384, 1024
 # at T=100k, 1.80 against 2.31 ms).  The tests set 2**16.
 FUSE_MAX_ELEMENTS = 0
 FUSE_TB, FUSE_TCH = 32, 256
+# a guarded pass (``stop``: CUDA graphs) records its residual into the stopping state in its last program, instead of
+# a stopping.record launch after it (one launch less per pass).  Off until timed on a GPU (session 10 built it with
+# no device lent; run_host69.sh's successor should time it with --set ...RECORD_IN_PASS=True)
+RECORD_IN_PASS = False
 
 
 class RunConfig(NamedTuple):
@@ -150,7 +155,8 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, WI, BI, Bnd, PrevA, PrevC, Carry, S
                                Counter, NextSt, NextCarry, Stats, Stop, T, D, N, n_runs, NPROG, XT, XB, XC,
                                R: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, PF: tl.constexpr,
                                FIRST: tl.constexpr, FUSE: tl.constexpr, TB: tl.constexpr, TCH: tl.constexpr,
-                               GUARD: tl.constexpr, PROJ: tl.constexpr):
+                               GUARD: tl.constexpr, PROJ: tl.constexpr, RECORD: tl.constexpr,
+                               HIST: tl.constexpr, RBLOCK: tl.constexpr):
     """Program (pid_r, pid_n): group ``pid_r`` (runs ``pid_r * S + [0, S)``) x lanes ``pid_n * BN + [0, BN)``.
 
     FIRST: group prefixes of the maps at ``H`` (linearised at H_{t-1}, ``Bnd`` before step 0) and the
@@ -161,7 +167,9 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, WI, BI, Bnd, PrevA, PrevC, Carry, S
     FUSE: the last program to finish (``Counter``, zero before the launch and after it) also writes the
     next pass's carries from ``NextSt`` (``NextCarry``, as :func:`scan_groups`) and the residual
     ``Stats`` (2,), walking TB lanes and TCH groups at a time.
-    GUARD: a no-op if ``Stop[0]`` (a :mod:`seqpar.kernels.stopping` state) is nonzero.
+    GUARD: a no-op if ``Stop[0]`` (a :mod:`seqpar.kernels.stopping` state) is nonzero.  RECORD (with GUARD): the
+    last program to finish (``Counter``, as FUSE) records the largest residual partial into that state
+    (:func:`seqpar.kernels.stopping.record_partials`).
     PROJ: ``XP`` holds the raw inputs of a one-feature cell (read at ``t * XT + b * XB``, ``XC`` = 0), projected
     here: gate g of unit d gets ``WI[g * D + d] * x + BI[g * D + d]`` (no projected-inputs tensor at all)."""
     if GUARD:
@@ -245,23 +253,33 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, WI, BI, Bnd, PrevA, PrevC, Carry, S
     pid = pid_r * tl.num_programs(1) + pid_n
     tl.store(Res + pid, tl.max(tl.max(rel, 1), 0))
     tl.store(Res + NPROG + pid, tl.max(tl.max(fmx, 1), 0))
-    if FUSE:  # the last program to finish scans the group totals from NextSt and reduces the residuals
+    if FUSE or RECORD:  # the last program to finish: the group totals' scan (FUSE), the record (RECORD)
         tl.debug_barrier()  # every thread's stores above precede the release of the counter
         if tl.atomic_add(Counter, 1, sem="acq_rel") == NPROG - 1:
-            for l0 in range(0, N, TB):
-                tlanes = l0 + tl.arange(0, TB)
-                tlm = tlanes < N
-                h = tl.load(NextSt + tlanes, mask=tlm, other=0.0).to(tl.float32)
-                _walk_groups(SumA, SumC, h, NextCarry, tlanes, tlm, n_runs, tl.num_programs(0), N, S, TCH)
-            mx0 = tl.zeros([TCH], tl.float32)
-            mx1 = tl.zeros([TCH], tl.float32)
-            for p0 in range(0, NPROG, TCH):
-                p = p0 + tl.arange(0, TCH)
-                mx0 = tl.maximum(mx0, tl.load(Res + p, mask=p < NPROG, other=0.0, cache_modifier=".cg"))
-                mx1 = tl.maximum(mx1, tl.load(Res + NPROG + p, mask=p < NPROG, other=0.0, cache_modifier=".cg"))
-            tl.store(Stats, tl.max(mx0, 0))
-            tl.store(Stats + 1, tl.max(mx1, 0))
+            if RECORD:
+                record_partials(Res, NPROG, Stop, HIST, RBLOCK)
+            if FUSE:
+                _fused_tail(SumA, SumC, Res, NextSt, NextCarry, Stats, N, n_runs, NPROG, S, TB, TCH)
             tl.atomic_xchg(Counter, 0)  # ready for the next pass
+
+
+@triton.jit
+def _fused_tail(SumA, SumC, Res, NextSt, NextCarry, Stats, N, n_runs, NPROG, S: tl.constexpr, TB: tl.constexpr,
+                TCH: tl.constexpr):
+    """FUSE's last program: the next pass's carries from ``NextSt`` and the residual ``Stats`` (2,)."""
+    for l0 in range(0, N, TB):
+        tlanes = l0 + tl.arange(0, TB)
+        tlm = tlanes < N
+        h = tl.load(NextSt + tlanes, mask=tlm, other=0.0).to(tl.float32)
+        _walk_groups(SumA, SumC, h, NextCarry, tlanes, tlm, n_runs, tl.num_programs(0), N, S, TCH)
+    mx0 = tl.zeros([TCH], tl.float32)
+    mx1 = tl.zeros([TCH], tl.float32)
+    for p0 in range(0, NPROG, TCH):
+        p = p0 + tl.arange(0, TCH)
+        mx0 = tl.maximum(mx0, tl.load(Res + p, mask=p < NPROG, other=0.0, cache_modifier=".cg"))
+        mx1 = tl.maximum(mx1, tl.load(Res + NPROG + p, mask=p < NPROG, other=0.0, cache_modifier=".cg"))
+    tl.store(Stats, tl.max(mx0, 0))
+    tl.store(Stats + 1, tl.max(mx1, 0))
 
 
 @triton.jit
@@ -376,6 +394,7 @@ class PassResult(NamedTuple):
     stats: torch.Tensor
     group: int = 1
     carry: Optional[torch.Tensor] = None  # the next pass's carries, where the pass computed them (fused)
+    recorded: bool = False  # the pass recorded its residual into its ``stop`` state itself (RECORD_IN_PASS)
 
 
 def prepare_weights(weight_hh, bias_hh):
@@ -423,12 +442,13 @@ def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: R
         out = torch.empty_like(h) if out is None else out
         out_arg, prev_a, prev_c, carry_arg, start_arg = out, prev.sum_a, prev.sum_c, carry, start.contiguous()
     fuse = next_start is not None and counter is not None and fuses(grid[0], N)
+    record = RECORD_IN_PASS and stop is not None and counter is not None
     if fuse:
         next_carry = torch.empty(grid[0], N, dtype=torch.float32, device=dev)
         stats = torch.empty(2, dtype=torch.float32, device=dev)
         fuse_args = (counter, next_start.reshape(N).to(torch.float32).contiguous(), next_carry, stats)
     else:
-        fuse_args = (part, boundary, part, part)  # not read
+        fuse_args = (counter if record else part, boundary, part, part)  # (not read, but the counter by RECORD)
     XT, XB, XC = xp.stride()
     if proj is not None:  # xp: the raw inputs (T, B, 1), projected in the kernel
         if xp.shape != (T, B, 1):
@@ -441,11 +461,13 @@ def _launch(first: bool, h, xp, w, bh, boundary, prev, carry, start, out, cfg: R
         h, xp, w, bh, wi, bi, boundary, prev_a, prev_c, carry_arg, start_arg, out_arg, sums[0], sums[1], part,
         *fuse_args, part if stop is None else stop, T, D, N, n_runs, n_prog, XT, XB, XC, R=cfg.r, S=cfg.s,
         BN=cfg.bn, PF=cfg.prefetch, FIRST=first, FUSE=fuse, TB=min(FUSE_TB, triton.next_power_of_2(N)), TCH=FUSE_TCH,
-        GUARD=stop is not None, PROJ=proj is not None, num_warps=cfg.warps)
+        GUARD=stop is not None, PROJ=proj is not None, RECORD=record, HIST=HISTORY, RBLOCK=RECORD_BLOCK,
+        num_warps=cfg.warps)
     if fuse:
-        return PassResult(None if first else out, sums[0], sums[1], stats, cfg.s, next_carry)
+        return PassResult(None if first else out, sums[0], sums[1], stats, cfg.s, next_carry, record)
     # guarded passes (graphs) leave the per-program partials to seqpar.kernels.stopping.record: one launch less
-    return PassResult(None if first else out, sums[0], sums[1], part if stop is not None else part.amax(1), cfg.s)
+    return PassResult(None if first else out, sums[0], sums[1], part if stop is not None else part.amax(1), cfg.s,
+                      None, record)
 
 
 def first_pass(h, xp, weight_hh, bias_hh, boundary, cfg: Optional[RunConfig] = None, next_start=None,

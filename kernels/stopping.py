@@ -40,6 +40,13 @@ STOPPED, ITER, BEST, SINCE, CONVERGED, TOL, MAX_ITER, PATIENCE = range(STATE_SIZ
 def _record_kernel(Res, n, State, HIST: tl.constexpr, BLOCK: tl.constexpr):
     """One program: record the residual of iterate ``State[1]``, the largest of ``Res[0:n]`` (NaN if any is),
     and decide (see the module)."""
+    record_partials(Res, n, State, HIST, BLOCK)
+
+
+@triton.jit
+def record_partials(Res, n, State, HIST: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`record` inside a kernel (one program's threads): the residual is the largest of ``Res[0:n]``.
+    ``Res`` is read past L1 (``.cg``): a pass's last program reads what its other programs wrote."""
     stopped = tl.load(State + 0)
     if stopped == 0:
         k = tl.load(State + 1)
@@ -47,7 +54,7 @@ def _record_kernel(Res, n, State, HIST: tl.constexpr, BLOCK: tl.constexpr):
         acc = tl.zeros([BLOCK], tl.float32)
         nan = tl.zeros([BLOCK], tl.int32)
         for s in range(0, n, BLOCK):
-            v = tl.load(Res + s + offs, mask=s + offs < n, other=0.0)
+            v = tl.load(Res + s + offs, mask=s + offs < n, other=0.0, cache_modifier=".cg")
             acc = tl.maximum(acc, tl.where(v == v, v, 0.0))
             nan = tl.maximum(nan, tl.where(v == v, 0, 1))
         res = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(acc, 0)).to(tl.float64)  # NaN as torch.amax

@@ -152,6 +152,12 @@ def _projected(cell, x, dtype, row_major: bool) -> torch.Tensor:
     return xp.contiguous() if row_major else xp
 
 
+def _record(res, state) -> None:
+    """Queue the record of a pass's residual into the device stopping state, unless the pass did it itself."""
+    if not getattr(res, "recorded", False):
+        stopping.record(res.stats[0], state)
+
+
 def _copy_into(dst, src) -> None:
     """Copy the tensors of ``src`` into those of ``dst`` (tensors, or tuples of them; None skipped)."""
     if isinstance(dst, torch.Tensor):
@@ -240,7 +246,7 @@ class GraphedLoop:
                 for i, t in enumerate(checked):
                     finite.count_nonfinite(t, counts[i:])
             res = pipe.first(h[0], h0, next_start=h0, stop=state)
-            stopping.record(res.stats[0], state)
+            _record(res, state)
             return res, self._carries(pipe, res)
 
         def step(src: int, res, carries):
@@ -251,7 +257,7 @@ class GraphedLoop:
 
         def odd_step():
             new, car = step(0, res0, car0)
-            stopping.record(new.stats[0], state)
+            _record(new, state)
             return new, car
 
         res1, car1 = odd.capture(odd_step)
@@ -260,7 +266,7 @@ class GraphedLoop:
             new, car = step(1, res1, car1)
             _copy_into(tuple(res0), tuple(new))  # where the odd graph reads them (res0.out is None)
             _copy_into(car0, car)
-            stopping.record(res0.stats[0], state)
+            _record(res0, state)
 
         even.capture(even_step)
         self.graphs = [first, odd, even]
@@ -292,7 +298,7 @@ class GraphedLoop:
             res, car = first_pass()
             for k in range(1, n):
                 res, car = step((k - 1) % 2, res, car)
-                stopping.record(res.stats[0], state)
+                _record(res, state)
             return res, car
 
         try:
@@ -416,6 +422,9 @@ class GraphedLoop:
                 raise RuntimeError(f"seqpar.graphs: the device's stopping decision (stopped={values[0]}, "
                                    f"{int(values[1])} iterates) differs from the host's ({stop}, {read}); "
                                    f"set SEQPAR_CUDA_GRAPHS=0 and report this")
+            if not stop and read != queued:  # every queued pass records its iterate until the rule stops: never
+                raise RuntimeError(f"seqpar.graphs: the device recorded {read} iterates of {queued} queued passes "
+                                   f"without stopping; set SEQPAR_CUDA_GRAPHS=0 and report this")  # (loop, not hang)
             if stop:
                 k = read - 1
                 self.expected = k

@@ -2,8 +2,8 @@
 CPU tests run the kernels) does not lower them, so a construct it accepts but the compiler refuses would
 otherwise show only on the device.  A subprocess with the interpreter off compiles (to PTX and cubin,
 through the ptxas that triton ships; nothing runs): the pipelined DiagGRU pass in the variants the solves use
-(first / later pass, prefetch depths, raw inputs projected in the pass), the device stopping rule's kernels
-(record, take_final) and the NaN / Inf count."""
+(first / later pass, prefetch depths, raw inputs projected in the pass, the record and the carries' scan in its
+last program), the device stopping rule's kernels (record, take_final) and the NaN / Inf count."""
 import os
 import subprocess
 import sys
@@ -33,9 +33,11 @@ SCRIPT = textwrap.dedent('''
 
     types = {n: "i32" for n in ("T", "D", "N", "n_runs", "NPROG")}
     types.update({n: "i64" for n in ("XT", "XB", "XC")}, Counter="*i32", Stop="*fp64")
-    for first, pf, proj in [(True, 0, False), (False, 1, False), (False, 2, True), (True, 1, True)]:
+    for first, pf, proj, record, fuse in [(True, 0, False, False, False), (False, 1, False, True, False),
+                                          (False, 2, True, False, True), (True, 1, True, True, True)]:
         compile_kernel(pk._pipelined_diag_gru_kernel, types,
-                       dict(R=8, S=16, BN=16, PF=pf, FIRST=first, FUSE=False, TB=16, TCH=256, GUARD=True, PROJ=proj))
+                       dict(R=8, S=16, BN=16, PF=pf, FIRST=first, FUSE=fuse, TB=16, TCH=256, GUARD=True, PROJ=proj,
+                            RECORD=record, HIST=stopping.HISTORY, RBLOCK=stopping.RECORD_BLOCK))
     for zero in (True, False):
         compile_kernel(stopping._take_final_kernel, {"State": "*fp64", "n": "i32"},
                        dict(ZERO=zero, BLOCK=stopping.TAKE_BLOCK))

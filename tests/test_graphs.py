@@ -113,13 +113,19 @@ def test_graphed_solves_equal_eager(cpu_graphs, monkeypatch, make, T, B, I, jaco
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("make,I,jacobian,chain", [(lambda: DiagGRU(2, 3), 2, "diag", True),
-                                                   (lambda: GRU(2, 3), 2, "dense", True),
-                                                   (lambda: DiagGRU(2, 3), 2, "diag", False)])
-def test_queued_iterations_stop_where_eager_stops(cpu_graphs, monkeypatch, make, I, jacobian, chain):
+@pytest.mark.parametrize("make,I,jacobian,chain,record", [(lambda: DiagGRU(2, 3), 2, "diag", True, False),
+                                                          (lambda: GRU(2, 3), 2, "dense", True, False),
+                                                          (lambda: DiagGRU(2, 3), 2, "diag", False, False),
+                                                          (lambda: DiagGRU(2, 3), 2, "diag", True, True),
+                                                          (lambda: GRU(1, 1), 1, "dense", False, True)])
+def test_queued_iterations_stop_where_eager_stops(cpu_graphs, monkeypatch, make, I, jacobian, chain, record):
     """The pipelined graphs queue as many iterations as the previous solve took and stop on the device:
     solves of one key needing more, fewer and as many iterations (tolerance, max_iter, patience vary
-    per call) give the eager loop's states, residual histories, callbacks and stopping iterate."""
+    per call) give the eager loop's states, residual histories, callbacks and stopping iterate.  ``record``:
+    the diagonal passes record their residuals in their last program (pipelined_diag_gru.RECORD_IN_PASS)."""
+    from seqpar.kernels import pipelined_diag_gru as pk
+
+    monkeypatch.setattr(pk, "RECORD_IN_PASS", record)
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
     monkeypatch.setattr(graphs, "QUEUE_MORE", 1)
     if not chain:  # results too large for a chain: the single-pass graphs only
@@ -138,6 +144,7 @@ def test_queued_iterations_stop_where_eager_stops(cpu_graphs, monkeypatch, make,
     assert loop is not None and loop.state is not None
     assert len(counts) >= 3  # the queue was too long and too short
     assert any(c is not None for c in loop.chains.values()) == chain  # first queues replayed as chained graphs
+    assert all(r.recorded == record for r, _ in loop._handoff)  # the passes recorded themselves, or not
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
