@@ -5,7 +5,7 @@
 #   1. GPU tests: the stopping rule and take_final, the graphs, NaN / Inf counts, the pipelined kernels;
 #   2. profile_harness.py (long, split), GRU(1, 1) / GRU(4, 4), torch init: session 9's last tree
 #      (peers/s9 = `git archive 33c59d1 kernels seqpar`) and this one, alternating, two rounds; then GRU(1, 1)
-#      with PROJECT_IN_PASS off;
+#      with PROJECT_IN_PASS off, and with RECORD_IN_PASS on;
 #   3. seqpar against DEER at T = 100k, D = 1, three rounds (needs peers/deer);
 #   4. one B*D = 16 iteration at T = 1M and 10M against the copy bandwidth measured in the same process.
 # Results: $OUT/results.tgz and the log on stdout.
@@ -23,6 +23,9 @@ BASE_TREE=peers/s9 alternate_trees 2 "$D" --dims 1,4 --inits torch --phases long
 echo "-- this tree, PROJECT_IN_PASS off"
 (cd benchmarks && timeout 60 python profile_harness.py --dims 1 --inits torch --phases long,split \
   --set seqpar.backend.PROJECT_IN_PASS=False --out "$D/harness_noproj.json") 2>&1 | grep -v -i warn
+echo "-- this tree, RECORD_IN_PASS on (the passes record their residuals: one launch less per pass)"
+(cd benchmarks && timeout 60 python profile_harness.py --dims 1 --inits torch --phases long,split \
+  --set seqpar.kernels.pipelined_diag_gru.RECORD_IN_PASS=True --out "$D/harness_record.json") 2>&1 | grep -v -i warn
 echo "== 3. against DEER"
 if [ -d peers/deer ]; then
   OUT=$D VS_DEER_TIMEOUT=100 timeout 110 bash benchmarks/run_vs_deer.sh --dims 1 --steps 100k \
