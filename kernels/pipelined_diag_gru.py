@@ -91,8 +91,9 @@ GROUP_SCAN_TILE, GROUP_SCAN_TILE_PER_WARP = 16384, 1024
 FUSE_MAX_ELEMENTS = 0
 FUSE_TB, FUSE_TCH = 32, 256
 # a guarded pass (``stop``: CUDA graphs) records its residual into the stopping state in its last program, instead of
-# a stopping.record launch after it (one launch less per pass).  Off until timed on a GPU (session 10 built it with
-# no device lent; run_host69.sh's successor should time it with --set ...RECORD_IN_PASS=True)
+# a stopping.record launch after it (one launch less per pass).  Off: run 71 (H100, GRU(1, 1), B = 16, T = 100k,
+# alternating processes, results/record_ab_run71.log) timed 229.8 / 199.4 / 210.2 us off against 213.7 / 202.1 /
+# 198.4 us on, within the processes' noise
 RECORD_IN_PASS = False
 
 

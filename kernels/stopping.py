@@ -100,7 +100,7 @@ def take_final(state: torch.Tensor, h_even: torch.Tensor, h_odd: torch.Tensor, o
     in ``h_even``, odd ones in ``h_odd``) into ``out`` and, with ``zero_even``, zero ``h_even`` afterwards (the
     next solve's initial iterate, without a launch of its own); else do nothing.  All three tensors contiguous,
     of one shape and dtype."""
-    if not all(t.is_contiguous() and t.shape == out.shape and t.dtype == out.dtype for t in (h_even, h_odd)):
+    if not all(t.is_contiguous() and t.shape == out.shape and t.dtype == out.dtype for t in (h_even, h_odd, out)):
         raise ValueError("h_even, h_odd and out must be contiguous tensors of one shape and dtype")
     n = out.numel()
     if n:

@@ -152,10 +152,11 @@ def _projected(cell, x, dtype, row_major: bool) -> torch.Tensor:
     return xp.contiguous() if row_major else xp
 
 
-def _record(res, state) -> None:
-    """Queue the record of a pass's residual into the device stopping state, unless the pass did it itself."""
+def _record(res, state, stats=None) -> None:
+    """Queue the record of pass ``res``'s residual (``res.stats``, or ``stats``: where they were copied to) into
+    the device stopping state, unless the pass did it itself."""
     if not getattr(res, "recorded", False):
-        stopping.record(res.stats[0], state)
+        stopping.record((res.stats if stats is None else stats)[0], state)
 
 
 def _copy_into(dst, src) -> None:
@@ -266,7 +267,7 @@ class GraphedLoop:
             new, car = step(1, res1, car1)
             _copy_into(tuple(res0), tuple(new))  # where the odd graph reads them (res0.out is None)
             _copy_into(car0, car)
-            _record(res0, state)
+            _record(new, state, stats=res0.stats)
 
         even.capture(even_step)
         self.graphs = [first, odd, even]
