@@ -28,6 +28,18 @@ epilogue writes only the diagonal maps a, b; ``scan_diag`` scans them) against `
   ("torch": torch.nn.GRU's init; "flax": DEER's flax.linen GRUCell init, ``bench_vs_deer.make_weights``):
   iterations, wall-clock median of --solve-reps after the measured first solve, float64 residual, the
   largest state difference between the two, and cuDNN on chunks of 65,535 steps.
+
+With ``--pipelined`` (default shapes 64:8,64:16,32:16,16:16; benchmarks/run_quasi_pipelined.sh) it times the
+pipelined quasi-Newton pass (:mod:`seqpar.kernels.pipelined_quasi_gru`: the maps kept between passes, one
+recurrent GEMM per pass, 32 bytes per state) against the look-back iteration ("gemm", the default before it):
+
+* ``pipelined_iteration``: one look-back iteration and, per launch shape in --configs (rows:warps), one
+  pipelined iteration (the pass and the scan of its run summaries), CUDA-event medians of --reps after two
+  warm-ups; the pass alone and its bandwidth at 32 bytes per state; the largest difference between the two
+  variants' new iterates from the same iterate;
+* ``pipelined_solve`` (shapes in --solve-shapes): ``seqpar.solve(..., jacobian="diag")`` with the kernel off
+  (``pipelined_quasi_gru.ENABLED = False``: the look-back path) and on, for each of --inits, as
+  ``epilogue_solve``, and cuDNN.
 """
 from __future__ import annotations
 
@@ -42,9 +54,12 @@ import seqpar
 import seqpar.graphs
 from common import env_info, event_ms, out_path, timed, write_json
 from seqpar.kernels import fused_diag_gru as k
+from seqpar.kernels import pipelined_quasi_gru as pq
 from seqpar.kernels import quasi_gru_gemm as q
 from seqpar.kernels.linear import linear
 from seqpar.kernels.scan_diag import scan_diag
+from seqpar.pipeline import scan_runs
+from seqpar.structure import DIAG
 from seqpar.problems import parse_count
 
 CUDNN_CHUNK = 65535
@@ -205,6 +220,92 @@ def run_epilogue(a, dev) -> None:
             write_json(a.out, res)
 
 
+@torch.no_grad()
+def pipelined_iteration(D: int, B: int, T: int, a, dev) -> dict:
+    """One look-back ("gemm") iteration against one pipelined iteration per launch shape (module docstring)."""
+    cell = seqpar.cells.GRU.from_torch(gru_module(D, "torch", dev))
+    xp = cell.project_inputs(torch.randn(T, B, D, device=dev)).contiguous()
+    h = torch.tanh(torch.randn(T, B, D, device=dev))
+    bnd = torch.zeros(B, D, device=dev)
+    w, b = pq.prepare_weights(cell.weight_hh, cell.bias_hh)
+    row = dict(D=D, B=B, T=T, pass_min_GB=T * B * D * 4 * 8 / 1e9)
+    ref = k.fused_gru_quasi_step(h, xp, w, b, bnd, recurrent="gemm")[0]
+    row["lookback_ms"] = event_ms(lambda: k.fused_gru_quasi_step(h, xp, w, b, bnd, recurrent="gemm"), a.reps)
+    maps = pq.new_maps(T, B, D, dev)
+    out = torch.empty_like(h)
+    for conf in a.configs.split(","):
+        rows, warps = (int(v) for v in conf.split(":"))
+        cfg = pq.run_config(T, B, rows=rows, num_warps=warps)
+        key = f"pipelined_{conf}"
+        try:
+            first = pq.first_pass(h, xp, w, b, bnd, maps, cfg)
+            incl = scan_runs(first.sum_a, first.sum_c, bnd, DIAG)
+            step = pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg)  # the iterate after h
+            row[f"{key}_maxdiff"] = float((step.out - ref).abs().max())
+
+            def iteration():
+                res = pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg)
+                scan_runs(res.sum_a, res.sum_c, bnd, DIAG)
+            row[f"{key}_ms"] = event_ms(iteration, a.reps)
+            row[f"{key}_pass_ms"] = event_ms(lambda: pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg),
+                                             a.reps)
+            row[f"{key}_pass_GBps"] = row["pass_min_GB"] / row[f"{key}_pass_ms"] * 1e3
+        except Exception as e:  # noqa: BLE001 - a shape that does not compile is a result too
+            row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
+    return row
+
+
+def pipelined_solve(cell, x, h0, m, enabled: bool, reps: int):
+    """``(states, info row)`` of seqpar.solve(jacobian="diag") with the pipelined quasi kernel on or off (as
+    :func:`solve_once`)."""
+    default = pq.ENABLED
+    pq.ENABLED = enabled
+    try:
+        out, info = seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none", return_info=True)
+        out = out.detach()
+        t = timed(lambda: seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none"),
+                  repeats=reps, warmup=0)
+    finally:
+        pq.ENABLED = default
+    return out, dict(pipelined=enabled, ms=t["median_s"] * 1e3, times_ms=[v * 1e3 for v in t["times_s"]],
+                     iterations=info.iterations, converged=info.converged, residual=info.residual,
+                     residuals=info.residuals, residual_f64=float64_residual(m, x, h0, out))
+
+
+def run_pipelined(a, dev) -> None:
+    """--pipelined: the tables ``pipelined_iteration`` and ``pipelined_solve`` (module docstring)."""
+    T = parse_count(a.steps)
+    res = {"env": env_info(), "T": T, "configs": a.configs, "pipelined_iteration": [], "pipelined_solve": []}
+    for shape in (a.shapes or "64:8,64:16,32:16,16:16").split(","):
+        D, B = (int(v) for v in shape.split(":"))
+        row = pipelined_iteration(D, B, T, a, dev)
+        print(row, flush=True)
+        res["pipelined_iteration"].append(row)
+        torch.cuda.empty_cache()
+        write_json(a.out, res)
+    for shape in ([] if a.no_solves else a.solve_shapes.split(",")):
+        D, B = (int(v) for v in shape.split(":"))
+        for init in a.inits.split(","):
+            m = gru_module(D, init, dev)
+            cell = seqpar.cells.GRU.from_torch(m)
+            torch.manual_seed(1)
+            x = torch.randn(T, B, D, device=dev)
+            h0 = torch.zeros(B, D, device=dev)
+            srow = dict(D=D, B=B, T=T, init=init)
+            ref, srow["off"] = pipelined_solve(cell, x, h0, m, False, a.solve_reps)
+            torch.cuda.empty_cache()
+            out, srow["on"] = pipelined_solve(cell, x, h0, m, True, a.solve_reps)
+            srow["max_state_diff"] = float((out - ref).abs().max())
+            out = ref = None
+            torch.cuda.empty_cache()
+            srow["cudnn_ms"] = cudnn_ms(m, x, h0, a.solve_reps)
+            srow["on_vs_cudnn"] = srow["cudnn_ms"] / srow["on"]["ms"]
+            print(srow, flush=True)
+            res["pipelined_solve"].append(srow)
+            torch.cuda.empty_cache()
+            write_json(a.out, res)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shapes", default=None,
@@ -222,12 +323,18 @@ def main():
                     help='time recurrent="epilogue" against "gemm" instead (module docstring)')
     ap.add_argument("--epilogue-tiles", default="64:64:32:4,64:64:32:8,128:64:32:8,128:32:32:4,64:32:64:4,128:64:64:8",
                     help="BM:BD:BK:warps of the GEMM-epilogue kernel (--epilogue)")
-    ap.add_argument("--inits", default="torch,flax", help="weight inits of the --epilogue solves")
+    ap.add_argument("--inits", default="torch,flax", help="weight inits of the --epilogue / --pipelined solves")
+    ap.add_argument("--pipelined", action="store_true",
+                    help="time the pipelined quasi-Newton kernel against the look-back path instead (module docstring)")
+    ap.add_argument("--configs", default="128:8,128:4,64:4,64:8,256:8", help="rows:warps of the pipelined pass")
+    ap.add_argument("--solve-shapes", default="64:8", help="D:B of the --pipelined solves")
     ap.add_argument("--out", default=out_path("gru_quasi.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")
     if a.epilogue:
         return run_epilogue(a, dev)
+    if a.pipelined:
+        return run_pipelined(a, dev)
     a.shapes = a.shapes or "4:16,8:16,16:16,32:16,64:16,64:8"
     T = parse_count(a.steps)
     res = {"env": env_info(), "T": T, "iteration": [], "solve": []}

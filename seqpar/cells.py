@@ -368,6 +368,8 @@ class GRU(_TorchWeightsCell):
                                                                              self.bias_hh, 1)
         from .kernels import pipelined_dense_gru as k
 
+        if structure.kind == "diag" and D > k.MAX_D:
+            return _quasi_gru_pipeline(self, xp)
         if D > k.MAX_D or structure.kind == "block":
             return None
         # small D: a walker holds a batch row's whole state and J; exact Newton (dense) or quasi (diag)
@@ -498,6 +500,30 @@ class DiagGRU(_TorchWeightsCell):
         if structure.kind != "diag":
             return None
         return _diag_gru_pipeline(xp, self.weight_hh, self.bias_hh, self.hidden_size)
+
+
+def _quasi_gru_pipeline(cell, xp):
+    """The pipelined quasi-Newton kernel of a dense GRU of width 9..64 (:mod:`seqpar.kernels.pipelined_quasi_gru`)
+    bound to ``xp`` (T, B, 3D), or None at other widths.  Its passes keep the linearised maps (2, T, B, D)
+    between them: allocated here, once per solve."""
+    from .kernels import pipelined_quasi_gru as k
+    from .pipeline import Pipeline, scan_runs, shard_summary
+    from .structure import DIAG
+
+    T, B = xp.shape[:2]
+    D = cell.hidden_size
+    if not (k.ENABLED and k.supports(D)):
+        return None
+    cfg = k.run_config(T, B)
+    w, b = k.prepare_weights(cell.weight_hh, cell.bias_hh)
+    maps = k.new_maps(T, B, D, xp.device)
+    return Pipeline(
+        first=lambda h, bnd, next_start=None, stop=None: k.first_pass(h, xp, w, b, bnd, maps, cfg, stop),
+        carries=lambda res, start: scan_runs(res.sum_a, res.sum_c, start, DIAG),
+        step=lambda h, bnd, res, incl, start, out=None, next_start=None, stop=None: k.pipelined_step(
+            xp, w, b, maps, incl, start, out, cfg, stop),
+        compose=lambda res: shard_summary(res.sum_a, res.sum_c, DIAG, B, D),
+        structure=DIAG)
 
 
 def _diag_gru_pipeline_raw(cell, inputs):

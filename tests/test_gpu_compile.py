@@ -3,7 +3,8 @@ CPU tests run the kernels) does not lower them, so a construct it accepts but th
 otherwise show only on the device.  A subprocess with the interpreter off compiles (to PTX and cubin,
 through the ptxas that triton ships; nothing runs): the pipelined DiagGRU pass in the variants the solves use
 (first / later pass, prefetch depths, raw inputs projected in the pass, the record and the carries' scan in its
-last program), the device stopping rule's kernels (record, take_final) and the NaN / Inf count."""
+last program), the device stopping rule's kernels (record, take_final), the NaN / Inf count and the pipelined
+quasi-Newton GRU pass (first / later, guarded, one batch row)."""
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from seqpar.kernels import finite, pipelined_diag_gru as pk, stopping
+    from seqpar.kernels import finite, pipelined_diag_gru as pk, pipelined_quasi_gru as pq, stopping
 
     TARGET = GPUTarget("cuda", 90, 32)
 
@@ -44,6 +45,10 @@ SCRIPT = textwrap.dedent('''
     compile_kernel(stopping._record_kernel, {"State": "*fp64", "n": "i32"},
                    dict(HIST=stopping.HISTORY, BLOCK=stopping.RECORD_BLOCK))
     compile_kernel(finite._count_nonfinite_kernel, {"n": "i64", "Out": "*fp64"}, dict(BLOCK=1024))
+    qtypes = {n: "i32" for n in ("T", "B", "D", "n_bb", "NPROG", "map_stride")}
+    qtypes.update({n: "i64" for n in ("sx_t", "sx_b", "sx_c")}, Stop="*fp64")
+    for first, guard, r, bb, dp in [(True, False, 16, 8, 64), (False, True, 16, 8, 64), (False, False, 128, 1, 16)]:
+        compile_kernel(pq._quasi_pass_kernel, qtypes, dict(R=r, BB=bb, DP=dp, FIRST=first, GUARD=guard, PREC=2))
 ''')
 
 
@@ -58,4 +63,4 @@ def test_kernels_compile_for_sm90():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert proc.stdout.count("compiled") == 8
+    assert proc.stdout.count("compiled") == 11
