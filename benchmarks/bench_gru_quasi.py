@@ -234,21 +234,26 @@ def pipelined_iteration(D: int, B: int, T: int, a, dev) -> dict:
     maps = pq.new_maps(T, B, D, dev)
     out = torch.empty_like(h)
     for conf in a.configs.split(","):
-        rows, warps = (int(v) for v in conf.split(":"))
-        cfg = pq.run_config(T, B, rows=rows, num_warps=warps)
+        if conf == "default":  # the shape solves use (pipelined_quasi_gru.TILES)
+            prec, cfg = pq.PRECISION, pq.run_config(T, B, D)
+        else:
+            rows, warps, *rest = conf.split(":")
+            prec = rest[0] if rest and rest[0] else pq.PRECISION
+            cfg = pq.run_config(T, B, D, rows=int(rows), num_warps=int(warps),
+                                bk=int(rest[1]) if len(rest) > 1 else None)
         key = f"pipelined_{conf}"
         try:
-            first = pq.first_pass(h, xp, w, b, bnd, maps, cfg)
+            first = pq.first_pass(h, xp, w, b, bnd, maps, cfg, precision=prec)
             incl = scan_runs(first.sum_a, first.sum_c, bnd, DIAG)
-            step = pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg)  # the iterate after h
+            step = pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg, precision=prec)  # after h
             row[f"{key}_maxdiff"] = float((step.out - ref).abs().max())
 
             def iteration():
-                res = pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg)
+                res = pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg, precision=prec)
                 scan_runs(res.sum_a, res.sum_c, bnd, DIAG)
             row[f"{key}_ms"] = event_ms(iteration, a.reps)
-            row[f"{key}_pass_ms"] = event_ms(lambda: pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg),
-                                             a.reps)
+            row[f"{key}_pass_ms"] = event_ms(lambda: pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg,
+                                                                       precision=prec), a.reps)
             row[f"{key}_pass_GBps"] = row["pass_min_GB"] / row[f"{key}_pass_ms"] * 1e3
         except Exception as e:  # noqa: BLE001 - a shape that does not compile is a result too
             row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -326,8 +331,9 @@ def main():
     ap.add_argument("--inits", default="torch,flax", help="weight inits of the --epilogue / --pipelined solves")
     ap.add_argument("--pipelined", action="store_true",
                     help="time the pipelined quasi-Newton kernel against the look-back path instead (module docstring)")
-    ap.add_argument("--configs", default="128:8,128:4,64:4,64:8,256:8", help="rows:warps of the pipelined pass")
-    ap.add_argument("--solve-shapes", default="64:8", help="D:B of the --pipelined solves")
+    ap.add_argument("--configs", default="default,16:1,32:2,32:4,64:4",
+                    help="rows:warps[:precision[:bk]] of the pipelined pass, or default (TILES)")
+    ap.add_argument("--solve-shapes", default="16:16,32:16", help="D:B of the --pipelined solves")
     ap.add_argument("--out", default=out_path("gru_quasi.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")

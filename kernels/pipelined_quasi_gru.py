@@ -44,25 +44,47 @@ from ._common import DOT_PRECISIONS, dot, gru_f_jdiag, rel_residual
 from .pipelined_diag_gru import PassResult, prepare_weights
 
 MIN_D, MAX_D = 9, 64  # D <= 8: the walker kernel (pipelined_dense_gru); wider: the look-back path
-ROWS, WARPS, MIN_RUN = 128, 8, 16  # tile rows (R x BB), warps; batch rows per program shrink so that R >= MIN_RUN
+# Solves take this kernel up to USE_MAX_D only: where it was measured faster than the look-back iteration.
+# benchmarks/bench_gru_quasi.py --pipelined, run 73 (H100, T = 1M; results/quasi_pipelined_sweep_run73.json),
+# one iteration (pass + carry scan) at the best launch shape against the look-back iteration:
+#   D = 16, B = 16: 4.41 ms (16 rows, 1 warp) against 6.26 ms;  D = 32, B = 16: 10.54 ms (16:1) against 11.37 ms;
+#   D = 64, B = 8: 13.21 ms (32:4) against 11.39 ms (register-bound: ptxas spills at every shape tried).
+USE_MAX_D = 32
+# tile rows (R steps x BB batch rows) and warps by padded width DP (run 73: small tiles, one warp, won at 16 / 32)
+TILES = {16: (16, 1), 32: (16, 1), 64: (32, 4)}
+MIN_RUN = 16  # batch rows per program shrink so that R >= MIN_RUN
+BK = 16  # the GEMM's K chunk (channels of h_prev per tl.dot; 32 was no faster in run 73)
 PRECISION = "tf32x3"  # the recurrent GEMM's inputs (see _common.dot): about fp32
-ENABLED = True  # off: GRU quasi-Newton at these widths takes the look-back path (benchmarks compare the two)
+ENABLED = True  # off: GRU quasi-Newton at every width takes the look-back path (benchmarks compare the two)
 
 
 class QuasiRunConfig(NamedTuple):
     r: int       # steps per run
     bb: int      # batch rows per program
     warps: int
+    bk: int = BK  # the GEMM's K chunk
 
 
-def run_config(T: int, B: int, rows: Optional[int] = None, num_warps: Optional[int] = None) -> QuasiRunConfig:
-    """Launch shape: ``rows`` (a power of two >= 16, default ``ROWS``) tile rows = R steps x BB batch rows, with
-    BB the batch rounded up to a power of two but at most ``rows // MIN_RUN``."""
-    rows = ROWS if rows is None else rows
-    if rows < 16 or rows & (rows - 1):
-        raise ValueError(f"rows must be a power of two >= 16; got {rows}")
+def padded(D: int) -> int:
+    """The channel tile of state size ``D``: ``max(16, next_power_of_2(D))``."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def run_config(T: int, B: int, D: int = MAX_D, rows: Optional[int] = None, num_warps: Optional[int] = None,
+               bk: Optional[int] = None) -> QuasiRunConfig:
+    """Launch shape: ``rows`` (a power of two >= 16; default from ``TILES`` by the padded width) tile rows = R
+    steps x BB batch rows, with BB the batch rounded up to a power of two but at most ``rows // MIN_RUN``;
+    ``num_warps`` (default from ``TILES``); ``bk`` the GEMM's K chunk (a power of two >= 16, cut to the padded
+    width)."""
+    tile_rows, tile_warps = TILES[min(MAX_D, padded(D))]
+    rows = tile_rows if rows is None else rows
+    num_warps = tile_warps if num_warps is None else num_warps
+    bk = BK if bk is None else bk
+    for name, v in (("rows", rows), ("bk", bk)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16; got {v}")
     bb = min(triton.next_power_of_2(max(B, 1)), max(1, rows // MIN_RUN))
-    return QuasiRunConfig(rows // bb, bb, WARPS if num_warps is None else num_warps)
+    return QuasiRunConfig(rows // bb, bb, num_warps, bk)
 
 
 def supports(D: int) -> bool:
@@ -84,14 +106,37 @@ def _affine2(a1, c1, p1, a2, c2, p2):
 
 
 @triton.jit
+def _h_prev(Src, Bnd, Incl, St, off, b, t, j, run, cols, m, B, D, R: tl.constexpr, FIRST: tl.constexpr):
+    """h_prev (float32, rows x ``cols``) of the tile's rows: row ``off - B * D`` of ``Src`` (the iterate: ``H``
+    in the first pass, the just-stored ``Out`` later) except where that is not this program's: the state
+    before the sequence (``Bnd``, first pass) or the run's carry (``St`` before run 0, ``Incl[run - 1]``)."""
+    back = B * D
+    if FIRST:
+        head = (t == 0)[:, None]
+        inside = (t > 0)[:, None]
+        before = tl.load(Bnd + b[:, None] * D + cols[None, :], mask=m & head, other=0.0)
+    else:
+        head = (j == 0)[:, None]
+        inside = (j > 0)[:, None]
+        first_run = (t < R)[:, None]  # run 0 (as a tensor: the interpreter takes no scalar masks)
+        cof = b[:, None] * D + cols[None, :]
+        before = tl.where(first_run, tl.load(St + cof, mask=m & head & first_run, other=0.0).to(Src.dtype.element_ty),
+                          tl.load(Incl + (run - 1).to(tl.int64) * back + cof, mask=m & head & (t >= R)[:, None],
+                                  other=0.0).to(Src.dtype.element_ty))
+    inner = tl.load(Src + off - back, mask=m & inside, other=0.0)
+    return tl.where(head, before.to(tl.float32), inner.to(tl.float32))
+
+
+@triton.jit
 def _quasi_pass_kernel(Maps, XP, W, BH, H, Bnd, Incl, St, Out, SumA, SumC, Res, Stop,
                        T, B, D, n_bb, NPROG, map_stride, sx_t, sx_b, sx_c,
-                       R: tl.constexpr, BB: tl.constexpr, DP: tl.constexpr, FIRST: tl.constexpr,
+                       R: tl.constexpr, BB: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, FIRST: tl.constexpr,
                        GUARD: tl.constexpr, PREC: tl.constexpr):
     """One pass (see the module).  FIRST: the maps at the iterate ``H`` (state before step 0: ``Bnd``);
     else the new iterate from the maps and the carries (``St`` before run 0, ``Incl[r - 1]`` before run r),
     stored to ``Out``, and the maps at it.  Both: maps overwritten, summaries, ``Res[pid]`` /
-    ``Res[NPROG + pid]`` the partial maxima of the residual and |f|."""
+    ``Res[NPROG + pid]`` the partial maxima of the residual and |f|.  The GEMM walks K in chunks of ``BK``
+    channels (h_prev's chunks re-read from L1/L2), so no operand is held whole in registers."""
     if GUARD:
         if tl.load(Stop) != 0:
             return
@@ -105,20 +150,15 @@ def _quasi_pass_kernel(Maps, XP, W, BH, H, Bnd, Incl, St, Out, SumA, SumC, Res, 
     c = tl.arange(0, DP)
     cm = c < D
     m = rv[:, None] & cm[None, :]
-    off = (t * B + b)[:, None] * D + c[None, :]
-    back = B * D  # one step
+    row = (t * B + b)[:, None] * D
+    off = row + c[None, :]
     head = (j == 0)[:, None]
     if FIRST:
+        Src = H
         hc = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
-        at0 = (t == 0)[:, None]
-        hp = tl.where(at0, tl.load(Bnd + b[:, None] * D + c[None, :], mask=m & at0, other=0.0).to(tl.float32),
-                      tl.load(H + off - back, mask=m & (t > 0)[:, None], other=0.0).to(tl.float32))
     else:
-        first_run = (t < R)[:, None]  # run 0 (as a tensor: the interpreter takes no scalar masks)
-        cof = b[:, None] * D + c[None, :]
-        carry = tl.where(first_run, tl.load(St + cof, mask=m & head & first_run, other=0.0).to(tl.float32),
-                         tl.load(Incl + (run - 1).to(tl.int64) * back + cof, mask=m & head & (t >= R)[:, None],
-                                 other=0.0))
+        Src = Out
+        carry = _h_prev(Out, Bnd, Incl, St, off, b, t, j, run, c, m & head, B, D, R, False)
         ma = tl.load(Maps + off, mask=m, other=0.0)
         mb = tl.load(Maps + map_stride + off, mask=m, other=0.0)
         mb = tl.where(head, ma * carry + mb, mb)  # a run starts from its carry: no dependence on the row before
@@ -127,17 +167,25 @@ def _quasi_pass_kernel(Maps, XP, W, BH, H, Bnd, Incl, St, Out, SumA, SumC, Res, 
         hc = hc.to(Out.dtype.element_ty)
         tl.store(Out + off, hc, mask=m)
         hc = hc.to(tl.float32)
-        tl.debug_barrier()  # the run's stores are visible to the whole program: read it back one step behind
-        carry = carry.to(Out.dtype.element_ty).to(tl.float32)
-        hp = tl.where(head, carry, tl.load(Out + off - back, mask=m & (j > 0)[:, None], other=0.0).to(tl.float32))
-    # the recurrent GEMM hp @ W_g^T per gate g (W_g: rows g * D .. g * D + D - 1 of W (3D, D))
-    k = tl.arange(0, DP)
-    wo = c[None, :] * D + k[:, None]  # [k, j] -> W[g D + j, k]
-    wm = (k < D)[:, None] & cm[None, :]
-    hr = dot(hp, tl.load(W + wo, mask=wm, other=0.0), PREC) + tl.load(BH + c, mask=cm, other=0.0)[None, :]
-    hz = dot(hp, tl.load(W + D * D + wo, mask=wm, other=0.0), PREC) + tl.load(BH + D + c, mask=cm, other=0.0)[None, :]
-    hn = dot(hp, tl.load(W + 2 * D * D + wo, mask=wm, other=0.0), PREC) + \
-        tl.load(BH + 2 * D + c, mask=cm, other=0.0)[None, :]
+        tl.debug_barrier()  # the run's stores are visible to the whole program: read back one step behind
+    # the recurrent GEMM h_prev @ W_g^T per gate g (W_g: rows g * D .. g * D + D - 1 of W (3D, D))
+    hr = tl.zeros([BB * R, DP], tl.float32)
+    hz = tl.zeros([BB * R, DP], tl.float32)
+    hn = tl.zeros([BB * R, DP], tl.float32)
+    for k0 in range(0, DP, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < D
+        hpk = _h_prev(Src, Bnd, Incl, St, row + k[None, :], b, t, j, run, k, rv[:, None] & km[None, :], B, D, R,
+                      FIRST)
+        wo = c[None, :] * D + k[:, None]  # [k, j] -> W[g D + j, k]
+        wm = km[:, None] & cm[None, :]
+        hr += dot(hpk, tl.load(W + wo, mask=wm, other=0.0), PREC)
+        hz += dot(hpk, tl.load(W + D * D + wo, mask=wm, other=0.0), PREC)
+        hn += dot(hpk, tl.load(W + 2 * D * D + wo, mask=wm, other=0.0), PREC)
+    hr += tl.load(BH + c, mask=cm, other=0.0)[None, :]
+    hz += tl.load(BH + D + c, mask=cm, other=0.0)[None, :]
+    hn += tl.load(BH + 2 * D + c, mask=cm, other=0.0)[None, :]
+    hp = _h_prev(Src, Bnd, Incl, St, off, b, t, j, run, c, m, B, D, R, FIRST)
     xo = t[:, None] * sx_t + b[:, None].to(tl.int64) * sx_b + c[None, :].to(tl.int64) * sx_c
     xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
     xz = tl.load(XP + xo + D * sx_c, mask=m, other=0.0).to(tl.float32)
@@ -186,6 +234,7 @@ def _launch(first: bool, maps, xp, w, bh, h, boundary, incl, start, out, cfg: Qu
     if T == 0:
         return PassResult(None if first else out, sum_a, sum_c, torch.zeros(2, dtype=torch.float32, device=dev))
     n_bb = triton.cdiv(B, cfg.bb)
+    dp = padded(D)
     grid = (n_runs * n_bb,)
     part = torch.empty(2, grid[0], dtype=torch.float32, device=dev)
     if first:
@@ -195,7 +244,7 @@ def _launch(first: bool, maps, xp, w, bh, h, boundary, incl, start, out, cfg: Qu
         h_arg, bnd_arg, incl_arg, st_arg, out_arg = out, start, incl.contiguous(), start.contiguous(), out
     _quasi_pass_kernel[grid](maps, xp, w, bh, h_arg, bnd_arg, incl_arg, st_arg, out_arg, sum_a, sum_c, part,
                              part if stop is None else stop, T, B, D, n_bb, grid[0], T * B * D, *xp.stride(),
-                             R=cfg.r, BB=cfg.bb, DP=max(16, triton.next_power_of_2(D)), FIRST=first,
+                             R=cfg.r, BB=cfg.bb, DP=dp, BK=min(dp, cfg.bk), FIRST=first,
                              GUARD=stop is not None, PREC=DOT_PRECISIONS[precision], num_warps=cfg.warps)
     return PassResult(None if first else out, sum_a, sum_c, part if stop is not None else part.amax(1))
 
@@ -209,7 +258,7 @@ def first_pass(h, xp, weight_hh, bias_hh, boundary, maps, cfg: Optional[QuasiRun
     ``stats`` unreduced (2, programs)."""
     w, bh = prepare_weights(weight_hh, bias_hh)
     return _launch(True, maps, xp, w, bh, h, boundary, None, None, None,
-                   cfg or run_config(h.shape[0], h.shape[1]), stop, precision)
+                   cfg or run_config(*h.shape), stop, precision)
 
 
 def pipelined_step(xp, weight_hh, bias_hh, maps, incl, start, out=None, cfg: Optional[QuasiRunConfig] = None,
@@ -219,5 +268,5 @@ def pipelined_step(xp, weight_hh, bias_hh, maps, incl, start, out=None, cfg: Opt
     inclusive scan of that pass's summaries from ``start`` (B, D, the new iterate's state before step 0).
     Returns the new iterate's summaries and residual (``stop``: as :func:`first_pass`)."""
     w, bh = prepare_weights(weight_hh, bias_hh)
-    T, B = maps.shape[1:3]
-    return _launch(False, maps, xp, w, bh, None, None, incl, start, out, cfg or run_config(T, B), stop, precision)
+    return _launch(False, maps, xp, w, bh, None, None, incl, start, out, cfg or run_config(*maps.shape[1:]), stop,
+                   precision)

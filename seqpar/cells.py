@@ -503,8 +503,9 @@ class DiagGRU(_TorchWeightsCell):
 
 
 def _quasi_gru_pipeline(cell, xp):
-    """The pipelined quasi-Newton kernel of a dense GRU of width 9..64 (:mod:`seqpar.kernels.pipelined_quasi_gru`)
-    bound to ``xp`` (T, B, 3D), or None at other widths.  Its passes keep the linearised maps (2, T, B, D)
+    """The pipelined quasi-Newton kernel of a dense GRU of width 9 .. ``USE_MAX_D`` (32: where it was measured
+    faster than the look-back path; :mod:`seqpar.kernels.pipelined_quasi_gru`) bound to ``xp`` (T, B, 3D), or
+    None at other widths.  Its passes keep the linearised maps (2, T, B, D)
     between them: allocated here, once per solve."""
     from .kernels import pipelined_quasi_gru as k
     from .pipeline import Pipeline, scan_runs, shard_summary
@@ -512,9 +513,9 @@ def _quasi_gru_pipeline(cell, xp):
 
     T, B = xp.shape[:2]
     D = cell.hidden_size
-    if not (k.ENABLED and k.supports(D)):
+    if not (k.ENABLED and k.MIN_D <= D <= k.USE_MAX_D):
         return None
-    cfg = k.run_config(T, B)
+    cfg = k.run_config(T, B, D)
     w, b = k.prepare_weights(cell.weight_hh, cell.bias_hh)
     maps = k.new_maps(T, B, D, xp.device)
     return Pipeline(

@@ -47,8 +47,8 @@ SCRIPT = textwrap.dedent('''
     compile_kernel(finite._count_nonfinite_kernel, {"n": "i64", "Out": "*fp64"}, dict(BLOCK=1024))
     qtypes = {n: "i32" for n in ("T", "B", "D", "n_bb", "NPROG", "map_stride")}
     qtypes.update({n: "i64" for n in ("sx_t", "sx_b", "sx_c")}, Stop="*fp64")
-    for first, guard, r, bb, dp in [(True, False, 16, 8, 64), (False, True, 16, 8, 64), (False, False, 128, 1, 16)]:
-        compile_kernel(pq._quasi_pass_kernel, qtypes, dict(R=r, BB=bb, DP=dp, FIRST=first, GUARD=guard, PREC=2))
+    for first, guard, r, bb, dp in [(True, False, 16, 1, 16), (False, True, 16, 2, 32), (False, False, 16, 2, 64)]:
+        compile_kernel(pq._quasi_pass_kernel, qtypes, dict(R=r, BB=bb, DP=dp, BK=16, FIRST=first, GUARD=guard, PREC=2))
 ''')
 
 

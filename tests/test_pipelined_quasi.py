@@ -44,7 +44,7 @@ def _check(T, B, D, rows=None, bias=True, dtype=torch.float32, device="cpu", see
     w = (torch.randn(3 * D, D, generator=g) / D ** 0.5).to(device)
     b = (torch.randn(3 * D, generator=g) * 0.2).to(device) if bias else None
     bnd, start = (torch.randn(2, B, D, generator=g) * 0.5).to(dtype).to(device)
-    cfg = pq.run_config(T, B, rows=rows)
+    cfg = pq.run_config(T, B, D, rows=rows)
     maps = pq.new_maps(T, B, D, device)
     # the first pass: maps, summaries and residual at h
     first = pq.first_pass(h, xp, w, b, bnd, maps, cfg)
@@ -112,17 +112,25 @@ def test_empty_sequence_and_bad_arguments():
 def test_run_config_keeps_runs_at_least_min_run():
     for B in (1, 3, 8, 16, 100):
         for rows in (16, 64, 128, 256):
-            cfg = pq.run_config(10**6, B, rows=rows)
+            cfg = pq.run_config(10**6, B, 64, rows=rows)
             assert cfg.r * cfg.bb == rows and cfg.bb <= max(1, rows // pq.MIN_RUN)
             assert cfg.bb <= max(1, 2 * B - 1)  # the batch rounded up, never more
+    for D in (9, 16, 17, 33, 64):  # defaults from the table, by padded width
+        rows, warps = pq.TILES[pq.padded(D)]
+        cfg = pq.run_config(10**6, 16, D)
+        assert cfg.r * cfg.bb == rows and cfg.warps == warps
 
 
 def test_chosen_for_quasi_newton_at_its_widths_only(monkeypatch):
     xp = torch.zeros(4, 2, 48)
     assert pipelined_stepper(GRU(2, 16), DIAG, xp, "triton") is not None
     assert pipelined_stepper(GRU(2, 16), DENSE, xp, "triton") is None  # exact Newton: not this kernel
-    assert pipelined_stepper(GRU(2, 65), DIAG, torch.zeros(4, 2, 195), "triton") is None  # D > MAX_D
     assert pipelined_stepper(GRU(2, 9), DIAG, torch.zeros(4, 2, 27), "triton") is not None
+    assert pipelined_stepper(GRU(2, 32), DIAG, torch.zeros(4, 2, 96), "triton") is not None
+    assert pipelined_stepper(GRU(2, 33), DIAG, torch.zeros(4, 2, 99), "triton") is None  # D > USE_MAX_D
+    monkeypatch.setattr(pq, "USE_MAX_D", pq.MAX_D)
+    assert pipelined_stepper(GRU(2, 64), DIAG, torch.zeros(4, 2, 192), "triton") is not None
+    assert pipelined_stepper(GRU(2, 65), DIAG, torch.zeros(4, 2, 195), "triton") is None  # D > MAX_D
     monkeypatch.setattr(pq, "ENABLED", False)
     assert pipelined_stepper(GRU(2, 16), DIAG, xp, "triton") is None
 
@@ -145,6 +153,7 @@ def _solve_both(cell, x, h0):
 @pytest.mark.parametrize("T,B,I,D", [(45, 3, 3, 16), (1, 1, 2, 12), (40, 2, 3, 33), (19, 1, 4, 64)])
 def test_solve_matches_reference_loop_and_sequential(monkeypatch, T, B, I, D):
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(pq, "USE_MAX_D", pq.MAX_D)  # every width the kernel takes, not only those solves use
     calls = []
     real = newton.pipelined_iterations
     monkeypatch.setattr(newton, "pipelined_iterations", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -172,11 +181,12 @@ def test_solve_matches_reference_loop_and_sequential(monkeypatch, T, B, I, D):
 @pytest.mark.parametrize("B,D", [(8, 64), (3, 33), (16, 16)])
 def test_gpu_pass_matches_reference(B, D):
     _check(3001, B, D, device="cuda", seed=D, atol=5e-6)
+    _check(1003, B, D, rows=64, device="cuda", seed=D + 1, atol=5e-6)  # another launch shape
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
-@pytest.mark.parametrize("T,B,D", [(100_003, 8, 64), (65_537, 3, 24)])
+@pytest.mark.parametrize("T,B,D", [(100_003, 16, 32), (65_537, 3, 24)])
 def test_gpu_solve_matches_float64(T, B, D):
     torch.manual_seed(0)
     m = torch.nn.GRU(D, D)
@@ -190,6 +200,6 @@ def test_gpu_solve_matches_float64(T, B, D):
     finally:
         newton.pipelined_iterations = real
     assert calls == [1] and info.converged
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):  # (cuDNN has no float64 GRU)
         ref, _ = m.double().cuda()(x.double())
     assert (states.double() - ref).abs().max().item() < 1e-4
