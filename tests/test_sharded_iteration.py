@@ -22,14 +22,16 @@ import seqpar  # noqa: E402
 from dist_helpers import run_ranks  # noqa: E402
 from seqpar.problems import make_cell  # noqa: E402
 
-# (cell, jacobian): the cells with fused kernels (DiagGRU exact, GRU quasi-Newton and exact dense, DiagLSTM 2x2 blocks)
-FUSED = [("diag-gru", "auto"), ("gru", "diag"), ("gru", "dense"), ("diag-lstm", "auto")]
+# (cell, jacobian): the cells with fused kernels (DiagGRU exact, GRU quasi-Newton and exact dense, DiagLSTM 2x2
+# blocks); "gru@12": hidden size 12, the pipelined quasi-Newton kernel of kernels/pipelined_quasi_gru.py
+FUSED = [("diag-gru", "auto"), ("gru", "diag"), ("gru", "dense"), ("diag-lstm", "auto"), ("gru@12", "diag")]
 LAYOUTS = {1: [[41]], 2: [[26, 15], [1, 40]], 3: [[20, 0, 21], [0, 1, 40]]}
 B, I, H = 2, 3, 5
 
 
 def _problem(cell_name, T, dtype):
-    cell = make_cell(cell_name, I, H, seed=3, dtype=dtype)
+    name, _, width = cell_name.partition("@")  # "name@width": another hidden size than H
+    cell = make_cell(name, I, int(width) if width else H, seed=3, dtype=dtype)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(T, B, I, generator=g, dtype=dtype)
     h0 = 0.5 * torch.randn(B, cell.state_size, generator=g, dtype=dtype)
