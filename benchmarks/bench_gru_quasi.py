@@ -280,7 +280,8 @@ def pipelined_solve(cell, x, h0, m, enabled: bool, reps: int):
 def run_pipelined(a, dev) -> None:
     """--pipelined: the tables ``pipelined_iteration`` and ``pipelined_solve`` (module docstring)."""
     T = parse_count(a.steps)
-    res = {"env": env_info(), "T": T, "configs": a.configs, "pipelined_iteration": [], "pipelined_solve": []}
+    res = {"env": env_info(), "T": T, "configs": a.configs, "use_max_d": pq.USE_MAX_D,
+           "tiles": {str(k): v for k, v in pq.TILES.items()}, "pipelined_iteration": [], "pipelined_solve": []}
     for shape in (a.shapes or "64:8,64:16,32:16,16:16").split(","):
         D, B = (int(v) for v in shape.split(":"))
         row = pipelined_iteration(D, B, T, a, dev)
@@ -334,12 +335,21 @@ def main():
     ap.add_argument("--configs", default="default,16:1,32:2,32:4,64:4",
                     help="rows:warps[:precision[:bk]] of the pipelined pass, or default (TILES)")
     ap.add_argument("--solve-shapes", default="16:16,32:16", help="D:B of the --pipelined solves")
+    ap.add_argument("--use-max-d", type=int, default=None,
+                    help="--pipelined: the widest D the solves hand to the kernel (pipelined_quasi_gru.USE_MAX_D)")
+    ap.add_argument("--quasi-tiles", default="",
+                    help="--pipelined: DP=rows:warps entries replacing pipelined_quasi_gru.TILES's (e.g. 64=16:4)")
     ap.add_argument("--out", default=out_path("gru_quasi.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")
     if a.epilogue:
         return run_epilogue(a, dev)
     if a.pipelined:
+        if a.use_max_d is not None:
+            pq.USE_MAX_D = a.use_max_d
+        for entry in filter(None, a.quasi_tiles.split(",")):
+            dp, shape = entry.split("=")
+            pq.TILES[int(dp)] = tuple(int(v) for v in shape.split(":"))
         return run_pipelined(a, dev)
     a.shapes = a.shapes or "4:16,8:16,16:16,32:16,64:16,64:8"
     T = parse_count(a.steps)
