@@ -90,6 +90,7 @@ CASES = [  # cell, T, B, input size, jacobian, pipelined
     (lambda: GRU(1, 1), 33, 3, 1, "dense", False),
     (lambda: GRU(2, 3), 29, 2, 2, "dense", True),   # small-D dense pipelined kernel
     (lambda: GRU(2, 3), 1, 1, 2, "diag", False),    # T = 1, B = 1
+    (lambda: GRU(2, 12), 21, 2, 2, "diag", True),   # quasi-Newton, maps kept between passes (pipelined_quasi_gru)
 ]
 
 
@@ -117,7 +118,8 @@ def test_graphed_solves_equal_eager(cpu_graphs, monkeypatch, make, T, B, I, jaco
                                                           (lambda: GRU(2, 3), 2, "dense", True, False),
                                                           (lambda: DiagGRU(2, 3), 2, "diag", False, False),
                                                           (lambda: DiagGRU(2, 3), 2, "diag", True, True),
-                                                          (lambda: GRU(1, 1), 1, "dense", False, True)])
+                                                          (lambda: GRU(1, 1), 1, "dense", False, True),
+                                                          (lambda: GRU(2, 12), 2, "diag", False, False)])
 def test_queued_iterations_stop_where_eager_stops(cpu_graphs, monkeypatch, make, I, jacobian, chain, record):
     """The pipelined graphs queue as many iterations as the previous solve took and stop on the device:
     solves of one key needing more, fewer and as many iterations (tolerance, max_iter, patience vary
