@@ -129,13 +129,18 @@ def gru_module(D: int, init: str, dev) -> torch.nn.GRU:
     return m.to(dev)
 
 
+def iteration_inputs(D: int, B: int, T: int, dev):
+    """``(cell, xp, h, boundary)`` of the one-iteration timings: torch.nn.GRU(D, D)'s weights, row-major projected
+    random inputs, a random iterate in (-1, 1), zeros before step 0."""
+    cell = seqpar.cells.GRU.from_torch(gru_module(D, "torch", dev))
+    xp = cell.project_inputs(torch.randn(T, B, D, device=dev)).contiguous()
+    return cell, xp, torch.tanh(torch.randn(T, B, D, device=dev)), torch.zeros(B, D, device=dev)
+
+
 @torch.no_grad()
 def epilogue_iteration(D: int, B: int, T: int, a, dev) -> dict:
     """One iteration, recurrent="gemm" vs "epilogue", and the epilogue's parts (kernel at each tile, scan)."""
-    cell = seqpar.cells.GRU.from_torch(gru_module(D, "torch", dev))
-    xp = cell.project_inputs(torch.randn(T, B, D, device=dev)).contiguous()
-    h = torch.tanh(torch.randn(T, B, D, device=dev))
-    bnd = torch.zeros(B, D, device=dev)
+    cell, xp, h, bnd = iteration_inputs(D, B, T, dev)
     w, b = cell.weight_hh, cell.bias_hh
     row = dict(D=D, B=B, T=T)
 
@@ -183,20 +188,30 @@ def solve_once(cell, x, h0, m, min_d, reps: int):
 
 
 @torch.no_grad()
-def epilogue_solves(D: int, B: int, T: int, init: str, a, dev) -> dict:
-    """Whole solves with QUASI_EPILOGUE_MIN_D off and = D, and cuDNN, for one init."""
+def off_on_solves(D: int, B: int, T: int, init: str, a, dev, solve) -> dict:
+    """Whole solves of one init with a variant off and on (``solve(cell, x, h0, m, on) -> (states, row)``),
+    the largest state difference between the two, and cuDNN."""
     m = gru_module(D, init, dev)
     cell = seqpar.cells.GRU.from_torch(m)
     torch.manual_seed(1)
     x = torch.randn(T, B, D, device=dev)
     h0 = torch.zeros(B, D, device=dev)
     srow = dict(D=D, B=B, T=T, init=init)
-    ref, srow["off"] = solve_once(cell, x, h0, m, None, a.solve_reps)
-    out, srow["on"] = solve_once(cell, x, h0, m, D, a.solve_reps)
+    ref, srow["off"] = solve(cell, x, h0, m, False)
+    torch.cuda.empty_cache()
+    out, srow["on"] = solve(cell, x, h0, m, True)
     srow["max_state_diff"] = float((out - ref).abs().max())
     out = ref = None
+    torch.cuda.empty_cache()
     srow["cudnn_ms"] = cudnn_ms(m, x, h0, a.solve_reps)
+    srow["on_vs_cudnn"] = srow["cudnn_ms"] / srow["on"]["ms"]
     return srow
+
+
+def epilogue_solves(D: int, B: int, T: int, init: str, a, dev) -> dict:
+    """Whole solves with QUASI_EPILOGUE_MIN_D off and = D, and cuDNN, for one init."""
+    return off_on_solves(D, B, T, init, a, dev,
+                         lambda cell, x, h0, m, on: solve_once(cell, x, h0, m, D if on else None, a.solve_reps))
 
 
 def run_epilogue(a, dev) -> None:
@@ -223,10 +238,7 @@ def run_epilogue(a, dev) -> None:
 @torch.no_grad()
 def pipelined_iteration(D: int, B: int, T: int, a, dev) -> dict:
     """One look-back ("gemm") iteration against one pipelined iteration per launch shape (module docstring)."""
-    cell = seqpar.cells.GRU.from_torch(gru_module(D, "torch", dev))
-    xp = cell.project_inputs(torch.randn(T, B, D, device=dev)).contiguous()
-    h = torch.tanh(torch.randn(T, B, D, device=dev))
-    bnd = torch.zeros(B, D, device=dev)
+    cell, xp, h, bnd = iteration_inputs(D, B, T, dev)
     w, b = pq.prepare_weights(cell.weight_hh, cell.bias_hh)
     row = dict(D=D, B=B, T=T, pass_min_GB=T * B * D * 4 * 8 / 1e9)
     ref = k.fused_gru_quasi_step(h, xp, w, b, bnd, recurrent="gemm")[0]
@@ -292,20 +304,8 @@ def run_pipelined(a, dev) -> None:
     for shape in ([] if a.no_solves else a.solve_shapes.split(",")):
         D, B = (int(v) for v in shape.split(":"))
         for init in a.inits.split(","):
-            m = gru_module(D, init, dev)
-            cell = seqpar.cells.GRU.from_torch(m)
-            torch.manual_seed(1)
-            x = torch.randn(T, B, D, device=dev)
-            h0 = torch.zeros(B, D, device=dev)
-            srow = dict(D=D, B=B, T=T, init=init)
-            ref, srow["off"] = pipelined_solve(cell, x, h0, m, False, a.solve_reps)
-            torch.cuda.empty_cache()
-            out, srow["on"] = pipelined_solve(cell, x, h0, m, True, a.solve_reps)
-            srow["max_state_diff"] = float((out - ref).abs().max())
-            out = ref = None
-            torch.cuda.empty_cache()
-            srow["cudnn_ms"] = cudnn_ms(m, x, h0, a.solve_reps)
-            srow["on_vs_cudnn"] = srow["cudnn_ms"] / srow["on"]["ms"]
+            srow = off_on_solves(D, B, T, init, a, dev,
+                                 lambda cell, x, h0, m, on: pipelined_solve(cell, x, h0, m, on, a.solve_reps))
             print(srow, flush=True)
             res["pipelined_solve"].append(srow)
             torch.cuda.empty_cache()

@@ -27,6 +27,7 @@ from seqpar.kernels import pipelined_quasi_gru as pq  # noqa: E402
 from seqpar.kernels.quasi_gru_gemm import quasi_gru_epilogue_reference  # noqa: E402
 from seqpar.pipeline import scan_runs  # noqa: E402
 from seqpar.structure import DENSE, DIAG  # noqa: E402
+from test_pipelined import _solve_both  # noqa: E402  (pipelined loop on, then off: the reference loop)
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -135,20 +136,6 @@ def test_chosen_for_quasi_newton_at_its_widths_only(monkeypatch):
     assert pipelined_stepper(GRU(2, 16), DIAG, xp, "triton") is None
 
 
-def _solve_both(cell, x, h0):
-    out = {}
-    for pipelined in (True, False):
-        newton.PIPELINED = pipelined
-        try:
-            log = []
-            states, info = seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", return_info=True,
-                                        callback=lambda it, r: log.append((it, r)))
-        finally:
-            newton.PIPELINED = True
-        out[pipelined] = (states, info, log)
-    return out
-
-
 @cpu_only
 @pytest.mark.parametrize("T,B,I,D", [(45, 3, 3, 16), (1, 1, 2, 12), (40, 2, 3, 33), (19, 1, 4, 64)])
 def test_solve_matches_reference_loop_and_sequential(monkeypatch, T, B, I, D):
@@ -161,7 +148,7 @@ def test_solve_matches_reference_loop_and_sequential(monkeypatch, T, B, I, D):
     cell = GRU(I, D)
     x = torch.randn(T, B, I)
     h0 = 0.3 * torch.randn(B, D)
-    got = _solve_both(cell, x, h0)
+    got = _solve_both(cell, x, "diag", h0)
     assert calls == [1]  # the pipelined solve took this path, the reference loop did not
     (s1, i1, log1), (s0, i0, log0) = got[True], got[False]
     assert i1.converged and i1.iterations == i0.iterations
