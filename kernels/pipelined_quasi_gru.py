@@ -55,7 +55,7 @@ TILES = {16: (16, 1), 32: (16, 1), 64: (32, 4)}
 MIN_RUN = 16  # batch rows per program shrink so that R >= MIN_RUN
 BK = 16  # the GEMM's K chunk (channels of h_prev per tl.dot; 32 was no faster in run 73)
 PRECISION = "tf32x3"  # the recurrent GEMM's inputs (see _common.dot): about fp32
-ENABLED = True  # off: GRU quasi-Newton at every width takes the look-back path (benchmarks compare the two)
+ENABLED = True  # off: solves at 9 <= D <= USE_MAX_D take the look-back path instead (benchmarks compare the two)
 
 
 class QuasiRunConfig(NamedTuple):
