@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One device-machine call (one GPU, ~3 minutes): the pipelined quasi-Newton GRU pass with its launch-shape table.
 #   1. GPU tests: tests/test_pipelined_quasi.py;
-#   2. bench_gru_quasi.py --pipelined: one iteration at D = 64, B = 8 at the spill-free launch shape
-#      (16 rows, 4 warps) against the look-back iteration, then whole solves with the kernel off / on,
+#   2. bench_gru_quasi.py --pipelined: one iteration at D = 64, B = 8 and D = 32, B = 16 at the default and the
+#      spill-free launch shapes (16 rows, 2 or 4 warps) against the look-back iteration, then whole solves off / on,
 #      torch init, and cuDNN, at D = 16 and 32, B = 16, T = 1M (the defaults).
 # Results under $OUT: gpu_tests.log, quasi_final74.json, quasi_final74.log.
 source "$(dirname "$0")/device_env.sh"
 timeout 50 python -m pytest -m gpu -q -x tests/test_pipelined_quasi.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 echo "tests rc=$?"; tail -2 "$OUT/gpu_tests.log"
 cd benchmarks
-timeout 100 python bench_gru_quasi.py --pipelined --shapes 64:8 --configs 16:4 --solve-shapes 16:16,32:16 --inits torch \
+timeout 150 python bench_gru_quasi.py --pipelined --shapes 64:8,32:16 --configs default,16:4,16:2 --solve-shapes 16:16,32:16 --inits torch \
   --reps 5 --out "$OUT/quasi_final74.json" 2>&1 | grep -v -i warn > "$OUT/quasi_final74.log"
 echo "bench rc=${PIPESTATUS[0]}"
 python - "$OUT/quasi_final74.json" <<'PY'
