@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gru_f_jdiag, rcp_fast
+from ._common import comb_diag, gru_f_jdiag, rcp_fast
 from .stopping import HISTORY, RECORD_BLOCK, record_partials
 
 # Run length, lanes per program and warps by lane count N = B * D (first key >= N; "wide" beyond).
@@ -143,12 +143,6 @@ def _project(xr, xz, xn, pwr, pwz, pwn, pbr, pbz, pbn, PROJ: tl.constexpr):
     if PROJ:
         return pwr * xr + pbr, pwz * xz + pbz, pwn * xn + pbn
     return xr, xz, xn
-
-
-@triton.jit
-def _compose(a1, c1, a2, c2):
-    """``x -> a1 x + c1`` then ``x -> a2 x + c2`` (the earlier map first)."""
-    return a1 * a2, a2 * c1 + c2
 
 
 @triton.jit
@@ -247,7 +241,7 @@ def _pipelined_diag_gru_kernel(H, XP, W, BH, WI, BI, Bnd, PrevA, PrevC, Carry, S
         rel = tl.maximum(rel, r)
         fmx = tl.maximum(fmx, tl.where(fab == fab, fab, float("inf")))
         hk_prev = hk
-    A, C = tl.associative_scan((A, C), 0, _compose)  # runs past n_runs / T are identities
+    A, C = tl.associative_scan((A, C), 0, comb_diag)  # runs past n_runs / T are identities
     so = runs.to(tl.int64)[:, None] * N + lanes[None, :]
     tl.store(SumA + so, A, mask=m0)
     tl.store(SumC + so, C, mask=m0)
@@ -300,7 +294,7 @@ def _scan_totals(SumA, SumC, g, lanes, lm, n_runs, n_groups, N, G: tl.constexpr)
     m = (g < n_groups)[:, None] & lm[None, :]
     src = tl.minimum(g * G + G - 1, n_runs - 1)[:, None] * N + lanes[None, :]
     a, c = tl.associative_scan((tl.load(SumA + src, mask=m, other=1.0, cache_modifier=".cg"),
-                                tl.load(SumC + src, mask=m, other=0.0, cache_modifier=".cg")), 0, _compose)
+                                tl.load(SumC + src, mask=m, other=0.0, cache_modifier=".cg")), 0, comb_diag)
     return a, c, m
 
 

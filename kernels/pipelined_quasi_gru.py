@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISIONS, dot, gru_f_jdiag, rel_residual
+from ._common import DOT_PRECISIONS, comb_diag, dot, gru_f_jdiag, rel_residual
 from .pipelined_diag_gru import PassResult, prepare_weights
 
 MIN_D, MAX_D = 9, 64  # D <= 8: the walker kernel (pipelined_dense_gru); wider: the look-back path
@@ -93,14 +93,8 @@ def supports(D: int) -> bool:
 
 
 @triton.jit
-def _affine(a1, b1, a2, b2):
-    """Composition of ``x -> a1 x + b1`` then ``x -> a2 x + b2``."""
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
 def _affine2(a1, c1, p1, a2, c2, p2):
-    """:func:`_affine` carrying two offsets: ``c`` the composed offset, ``p`` the composed multiplier of a run
+    """:func:`seqpar.kernels._common.comb_diag` carrying two offsets: ``c`` the composed offset, ``p`` the composed multiplier of a run
     whose first element is ``(0, b_0, a_0)``."""
     return a1 * a2, a2 * c1 + c2, a2 * p1 + p2
 
@@ -163,7 +157,7 @@ def _quasi_pass_kernel(Maps, XP, W, BH, H, Bnd, Incl, St, Out, SumA, SumC, Res, 
         mb = tl.load(Maps + map_stride + off, mask=m, other=0.0)
         mb = tl.where(head, ma * carry + mb, mb)  # a run starts from its carry: no dependence on the row before
         ma = tl.where(head, 0.0, ma)
-        _, hc = tl.associative_scan((ma, mb), 0, _affine)
+        _, hc = tl.associative_scan((ma, mb), 0, comb_diag)
         hc = hc.to(Out.dtype.element_ty)
         tl.store(Out + off, hc, mask=m)
         hc = hc.to(tl.float32)
