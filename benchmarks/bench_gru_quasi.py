@@ -54,6 +54,7 @@ import seqpar
 import seqpar.graphs
 from common import env_info, event_ms, out_path, timed, write_json
 from seqpar.kernels import fused_diag_gru as k
+from seqpar.kernels._common import DOT_PRECISIONS
 from seqpar.kernels import pipelined_quasi_gru as pq
 from seqpar.kernels import quasi_gru_gemm as q
 from seqpar.kernels.linear import linear
@@ -235,6 +236,23 @@ def run_epilogue(a, dev) -> None:
             write_json(a.out, res)
 
 
+def parse_config(conf: str, T: int, B: int, D: int):
+    """``(precision, QuasiRunConfig)`` of a --configs entry: ``default`` (pipelined_quasi_gru.TILES) or
+    ``rows:warps`` then optional fields: a precision name, ``cN`` (channels per program) or an int (the K chunk)."""
+    if conf == "default":  # the shape solves use
+        return pq.PRECISION, pq.run_config(T, B, D)
+    rows, warps, *rest = conf.split(":")
+    prec, bk, channels = pq.PRECISION, None, None
+    for field in filter(None, rest):
+        if field in DOT_PRECISIONS:
+            prec = field
+        elif field.startswith("c"):
+            channels = int(field[1:])
+        else:
+            bk = int(field)
+    return prec, pq.run_config(T, B, D, rows=int(rows), num_warps=int(warps), bk=bk, channels=channels)
+
+
 @torch.no_grad()
 def pipelined_iteration(D: int, B: int, T: int, a, dev) -> dict:
     """One look-back ("gemm") iteration against one pipelined iteration per launch shape (module docstring)."""
@@ -244,28 +262,30 @@ def pipelined_iteration(D: int, B: int, T: int, a, dev) -> dict:
     ref = k.fused_gru_quasi_step(h, xp, w, b, bnd, recurrent="gemm")[0]
     row["lookback_ms"] = event_ms(lambda: k.fused_gru_quasi_step(h, xp, w, b, bnd, recurrent="gemm"), a.reps)
     maps = pq.new_maps(T, B, D, dev)
+    spare = None
     out = torch.empty_like(h)
     for conf in a.configs.split(","):
-        if conf == "default":  # the shape solves use (pipelined_quasi_gru.TILES)
-            prec, cfg = pq.PRECISION, pq.run_config(T, B, D)
-        else:
-            rows, warps, *rest = conf.split(":")
-            prec = rest[0] if rest and rest[0] else pq.PRECISION
-            cfg = pq.run_config(T, B, D, rows=int(rows), num_warps=int(warps),
-                                bk=int(rest[1]) if len(rest) > 1 else None)
+        prec, cfg = parse_config(conf, T, B, D)
         key = f"pipelined_{conf}"
         try:
+            if cfg.splits(D) and spare is None:
+                spare = pq.new_maps(T, B, D, dev)
+            maps_out = spare if cfg.splits(D) else None  # split channels: the new maps to a second buffer
             first = pq.first_pass(h, xp, w, b, bnd, maps, cfg, precision=prec)
             incl = scan_runs(first.sum_a, first.sum_c, bnd, DIAG)
-            step = pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg, precision=prec)  # after h
+            step = pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg, precision=prec,
+                                     maps_out=maps_out)  # after h
             row[f"{key}_maxdiff"] = float((step.out - ref).abs().max())
 
+            def one_pass():
+                return pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg, precision=prec,
+                                         maps_out=maps_out)
+
             def iteration():
-                res = pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg, precision=prec)
+                res = one_pass()
                 scan_runs(res.sum_a, res.sum_c, bnd, DIAG)
             row[f"{key}_ms"] = event_ms(iteration, a.reps)
-            row[f"{key}_pass_ms"] = event_ms(lambda: pq.pipelined_step(xp, w, b, maps, incl, bnd, out=out, cfg=cfg,
-                                                                       precision=prec), a.reps)
+            row[f"{key}_pass_ms"] = event_ms(one_pass, a.reps)
             row[f"{key}_pass_GBps"] = row["pass_min_GB"] / row[f"{key}_pass_ms"] * 1e3
         except Exception as e:  # noqa: BLE001 - a shape that does not compile is a result too
             row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -333,12 +353,14 @@ def main():
     ap.add_argument("--pipelined", action="store_true",
                     help="time the pipelined quasi-Newton kernel against the look-back path instead (module docstring)")
     ap.add_argument("--configs", default="default,16:1,32:2,32:4,64:4",
-                    help="rows:warps[:precision[:bk]] of the pipelined pass, or default (TILES)")
+                    help="rows:warps[:precision][:bk][:cN] of the pipelined pass (cN: N channels per program), "
+                         "or default (TILES)")
     ap.add_argument("--solve-shapes", default="16:16,32:16", help="D:B of the --pipelined solves")
     ap.add_argument("--use-max-d", type=int, default=None,
                     help="--pipelined: the widest D the solves hand to the kernel (pipelined_quasi_gru.USE_MAX_D)")
     ap.add_argument("--quasi-tiles", default="",
-                    help="--pipelined: DP=rows:warps entries replacing pipelined_quasi_gru.TILES's (e.g. 64=16:4)")
+                    help="--pipelined: DP=rows:warps[:channels] entries replacing pipelined_quasi_gru.TILES's "
+                         "(e.g. 64=16:4:32)")
     ap.add_argument("--out", default=out_path("gru_quasi.json"))
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -349,7 +371,8 @@ def main():
             pq.USE_MAX_D = a.use_max_d
         for entry in filter(None, a.quasi_tiles.split(",")):
             dp, shape = entry.split("=")
-            pq.TILES[int(dp)] = tuple(int(v) for v in shape.split(":"))
+            vals = [int(v) for v in shape.split(":")]
+            pq.TILES[int(dp)] = (*vals[:2], vals[2] if len(vals) > 2 else int(dp))
         return run_pipelined(a, dev)
     a.shapes = a.shapes or "4:16,8:16,16:16,32:16,64:16,64:8"
     T = parse_count(a.steps)

@@ -50,8 +50,9 @@ MIN_D, MAX_D = 9, 64  # D <= 8: the walker kernel (pipelined_dense_gru); wider: 
 #   D = 16, B = 16: 4.41 ms (16 rows, 1 warp) against 6.26 ms;  D = 32, B = 16: 10.54 ms (16:1) against 11.37 ms;
 #   D = 64, B = 8: 13.21 ms (32:4) against 11.39 ms (register-bound: ptxas spills at every shape tried).
 USE_MAX_D = 32
-# tile rows (R steps x BB batch rows) and warps by padded width DP (run 73: small tiles, one warp, won at 16 / 32)
-TILES = {16: (16, 1), 32: (16, 1), 64: (32, 4)}
+# tile rows (R steps x BB batch rows), warps and channels per program by padded width DP (run 73: small tiles,
+# one warp, won at 16 / 32)
+TILES = {16: (16, 1, 16), 32: (16, 1, 32), 64: (32, 4, 64)}
 MIN_RUN = 16  # batch rows per program shrink so that R >= MIN_RUN
 BK = 16  # the GEMM's K chunk (channels of h_prev per tl.dot; 32 was no faster in run 73)
 PRECISION = "tf32x3"  # the recurrent GEMM's inputs (see _common.dot): about fp32
@@ -63,6 +64,11 @@ class QuasiRunConfig(NamedTuple):
     bb: int      # batch rows per program
     warps: int
     bk: int = BK  # the GEMM's K chunk
+    cb: int = 0   # channels per program (a power of two >= 16); 0: all (the padded width)
+
+    def splits(self, D: int) -> bool:
+        """Whether the programs of a tile split its channels (then a pass needs a second maps buffer)."""
+        return 0 < self.cb < padded(D)
 
 
 def padded(D: int) -> int:
@@ -71,20 +77,22 @@ def padded(D: int) -> int:
 
 
 def run_config(T: int, B: int, D: int = MAX_D, rows: Optional[int] = None, num_warps: Optional[int] = None,
-               bk: Optional[int] = None) -> QuasiRunConfig:
+               bk: Optional[int] = None, channels: Optional[int] = None) -> QuasiRunConfig:
     """Launch shape: ``rows`` (a power of two >= 16; default from ``TILES`` by the padded width) tile rows = R
     steps x BB batch rows, with BB the batch rounded up to a power of two but at most ``rows // MIN_RUN``;
     ``num_warps`` (default from ``TILES``); ``bk`` the GEMM's K chunk (a power of two >= 16, cut to the padded
-    width)."""
-    tile_rows, tile_warps = TILES[min(MAX_D, padded(D))]
+    width); ``channels`` per program (a power of two >= 16, cut to the padded width; default from ``TILES``)."""
+    dp = padded(D)
+    tile_rows, tile_warps, tile_cb = TILES[min(MAX_D, dp)]
     rows = tile_rows if rows is None else rows
     num_warps = tile_warps if num_warps is None else num_warps
     bk = BK if bk is None else bk
-    for name, v in (("rows", rows), ("bk", bk)):
+    cb = tile_cb if channels is None else channels
+    for name, v in (("rows", rows), ("bk", bk), ("channels", cb)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16; got {v}")
     bb = min(triton.next_power_of_2(max(B, 1)), max(1, rows // MIN_RUN))
-    return QuasiRunConfig(rows // bb, bb, num_warps, bk)
+    return QuasiRunConfig(rows // bb, bb, num_warps, bk, min(cb, dp))
 
 
 def supports(D: int) -> bool:
@@ -122,26 +130,35 @@ def _h_prev(Src, Bnd, Incl, St, off, b, t, j, run, cols, m, B, D, R: tl.constexp
 
 
 @triton.jit
-def _quasi_pass_kernel(Maps, XP, W, BH, H, Bnd, Incl, St, Out, SumA, SumC, Res, Stop,
+def _quasi_pass_kernel(Maps, MapsOut, XP, W, BH, H, Bnd, Incl, St, Out, SumA, SumC, Res, Stop,
                        T, B, D, n_bb, NPROG, map_stride, sx_t, sx_b, sx_c,
-                       R: tl.constexpr, BB: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, FIRST: tl.constexpr,
-                       GUARD: tl.constexpr, PREC: tl.constexpr):
+                       R: tl.constexpr, BB: tl.constexpr, DP: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr,
+                       FIRST: tl.constexpr, GUARD: tl.constexpr, PREC: tl.constexpr):
     """One pass (see the module).  FIRST: the maps at the iterate ``H`` (state before step 0: ``Bnd``);
-    else the new iterate from the maps and the carries (``St`` before run 0, ``Incl[r - 1]`` before run r),
-    stored to ``Out``, and the maps at it.  Both: maps overwritten, summaries, ``Res[pid]`` /
-    ``Res[NPROG + pid]`` the partial maxima of the residual and |f|.  The GEMM walks K in chunks of ``BK``
-    channels (h_prev's chunks re-read from L1/L2), so no operand is held whole in registers."""
+    else the new iterate from the maps ``Maps`` and the carries (``St`` before run 0, ``Incl[r - 1]`` before
+    run r), stored to ``Out``, and the maps at it.  Both: the new maps to ``MapsOut``, summaries,
+    ``Res[pid]`` / ``Res[NPROG + pid]`` the partial maxima of the residual and |f|.
+
+    Program ``pid``: tile ``pid // NCB`` (a run of R steps x BB batch rows) and its channel block
+    ``pid % NCB`` of ``CB`` channels (``NCB = DP // CB``).  Every program of a tile scans all channels (the
+    GEMM needs all of h_prev) and stores the same new iterate; it computes the gates, residual, maps and
+    summaries of its own channels only.  With ``CB < DP`` a program reads maps its siblings overwrite, so
+    ``MapsOut`` must be another buffer; with ``CB == DP`` it may be ``Maps`` (each program reads and writes
+    only its own rows).  The GEMM walks K in chunks of ``BK`` channels (h_prev's chunks re-read from L1/L2),
+    so no operand is held whole in registers."""
     if GUARD:
         if tl.load(Stop) != 0:
             return
     pid = tl.program_id(0)
-    run = pid // n_bb
+    NCB: tl.constexpr = DP // CB
+    tile = pid // NCB
+    run = tile // n_bb
     i = tl.arange(0, BB * R)
     j = i % R
-    b = (pid % n_bb) * BB + i // R
+    b = (tile % n_bb) * BB + i // R
     t = run.to(tl.int64) * R + j
     rv = (t < T) & (b < B)
-    c = tl.arange(0, DP)
+    c = (pid % NCB) * CB + tl.arange(0, CB)  # this program's channels
     cm = c < D
     m = rv[:, None] & cm[None, :]
     row = (t * B + b)[:, None] * D
@@ -152,20 +169,25 @@ def _quasi_pass_kernel(Maps, XP, W, BH, H, Bnd, Incl, St, Out, SumA, SumC, Res, 
         hc = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
     else:
         Src = Out
-        carry = _h_prev(Out, Bnd, Incl, St, off, b, t, j, run, c, m & head, B, D, R, False)
-        ma = tl.load(Maps + off, mask=m, other=0.0)
-        mb = tl.load(Maps + map_stride + off, mask=m, other=0.0)
+        ca = tl.arange(0, DP)  # all channels: the new iterate of the whole run
+        ma_ = rv[:, None] & (ca < D)[None, :]
+        offa = row + ca[None, :]
+        carry = _h_prev(Out, Bnd, Incl, St, offa, b, t, j, run, ca, ma_ & head, B, D, R, False)
+        ma = tl.load(Maps + offa, mask=ma_, other=0.0)
+        mb = tl.load(Maps + map_stride + offa, mask=ma_, other=0.0)
         mb = tl.where(head, ma * carry + mb, mb)  # a run starts from its carry: no dependence on the row before
         ma = tl.where(head, 0.0, ma)
-        _, hc = tl.associative_scan((ma, mb), 0, comb_diag)
-        hc = hc.to(Out.dtype.element_ty)
-        tl.store(Out + off, hc, mask=m)
-        hc = hc.to(tl.float32)
+        _, hs = tl.associative_scan((ma, mb), 0, comb_diag)
+        tl.store(Out + offa, hs.to(Out.dtype.element_ty), mask=ma_)  # siblings store the same values
         tl.debug_barrier()  # the run's stores are visible to the whole program: read back one step behind
+        if NCB == 1:
+            hc = hs.to(Out.dtype.element_ty).to(tl.float32)
+        else:
+            hc = tl.load(Out + off, mask=m, other=0.0).to(tl.float32)
     # the recurrent GEMM h_prev @ W_g^T per gate g (W_g: rows g * D .. g * D + D - 1 of W (3D, D))
-    hr = tl.zeros([BB * R, DP], tl.float32)
-    hz = tl.zeros([BB * R, DP], tl.float32)
-    hn = tl.zeros([BB * R, DP], tl.float32)
+    hr = tl.zeros([BB * R, CB], tl.float32)
+    hz = tl.zeros([BB * R, CB], tl.float32)
+    hn = tl.zeros([BB * R, CB], tl.float32)
     for k0 in range(0, DP, BK):
         k = k0 + tl.arange(0, BK)
         km = k < D
@@ -193,8 +215,8 @@ def _quasi_pass_kernel(Maps, XP, W, BH, H, Bnd, Incl, St, Out, SumA, SumC, Res, 
     tl.store(Res + pid, tl.max(tl.max(rel, 1), 0))
     tl.store(Res + NPROG + pid, tl.max(tl.max(fab, 1), 0))
     nb = f - jd * hp
-    tl.store(Maps + off, jd, mask=m)
-    tl.store(Maps + map_stride + off, nb, mask=m)
+    tl.store(MapsOut + off, jd, mask=m)
+    tl.store(MapsOut + map_stride + off, nb, mask=m)
     # run summaries of the new maps: rows past T are identities, so the run's last row holds its composition
     na = tl.where(m, jd, 1.0)
     nb = tl.where(m, nb, 0.0)
@@ -206,17 +228,36 @@ def _quasi_pass_kernel(Maps, XP, W, BH, H, Bnd, Incl, St, Out, SumA, SumC, Res, 
 
 
 def new_maps(T: int, B: int, D: int, device) -> torch.Tensor:
-    """The maps buffer a pipeline of this kernel keeps between passes: float32 (2, T, B, D)."""
+    """A maps buffer of this kernel's passes: float32 (2, T, B, D).  A pipeline keeps one between passes, or
+    two when its programs split the channels (:meth:`QuasiRunConfig.splits`): a pass reads one, writes the
+    other."""
     return torch.empty(2, T, B, D, dtype=torch.float32, device=device)
 
 
-def _launch(first: bool, maps, xp, w, bh, h, boundary, incl, start, out, cfg: QuasiRunConfig, stop, precision):
+def _check_maps(name: str, maps, shape) -> None:
+    if maps.shape != (2, *shape) or maps.dtype != torch.float32 or not maps.is_contiguous():
+        raise ValueError(f"{name} must be float32 contiguous (2, T, B, D) = {(2, *shape)}; got "
+                         f"{tuple(maps.shape)} {maps.dtype}")
+
+
+def _launch(first: bool, maps, xp, w, bh, h, boundary, incl, start, out, cfg: QuasiRunConfig, stop, precision,
+            maps_out=None):
     T, B, D = maps.shape[1:]
     if not supports(D):
         raise ValueError(f"the pipelined quasi-Newton GRU kernel supports {MIN_D} <= D <= {MAX_D}; got D={D}")
-    if xp.shape != (T, B, 3 * D) or w.shape != (3 * D, D) or maps.dtype != torch.float32 or not maps.is_contiguous():
-        raise ValueError(f"expected maps float32 contiguous (2, T, B, D), xp (T, B, 3D), weight_hh (3D, D); got "
-                         f"{tuple(maps.shape)} {maps.dtype}, {tuple(xp.shape)}, {tuple(w.shape)}")
+    _check_maps("maps", maps, (T, B, D))
+    if xp.shape != (T, B, 3 * D) or w.shape != (3 * D, D):
+        raise ValueError(f"expected xp (T, B, 3D), weight_hh (3D, D) with (T, B, D) = {(T, B, D)} of maps; got "
+                         f"{tuple(xp.shape)}, {tuple(w.shape)}")
+    if maps_out is None:
+        if not first and cfg.splits(D):
+            raise ValueError(f"cfg splits the channels (cb={cfg.cb} < {padded(D)}): pipelined_step needs maps_out, "
+                             f"a second buffer")
+        maps_out = maps
+    else:
+        _check_maps("maps_out", maps_out, (T, B, D))
+        if maps_out.data_ptr() == maps.data_ptr() and not first and cfg.splits(D):
+            raise ValueError("maps_out must be another buffer than maps when cfg splits the channels")
     if precision not in DOT_PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(DOT_PRECISIONS)}; got {precision!r}")
     dev = maps.device
@@ -229,16 +270,17 @@ def _launch(first: bool, maps, xp, w, bh, h, boundary, incl, start, out, cfg: Qu
         return PassResult(None if first else out, sum_a, sum_c, torch.zeros(2, dtype=torch.float32, device=dev))
     n_bb = triton.cdiv(B, cfg.bb)
     dp = padded(D)
-    grid = (n_runs * n_bb,)
+    cb = min(cfg.cb or dp, dp)
+    grid = (n_runs * n_bb * (dp // cb),)
     part = torch.empty(2, grid[0], dtype=torch.float32, device=dev)
     if first:
         h, boundary = h.contiguous(), boundary.contiguous()
         h_arg, bnd_arg, incl_arg, st_arg, out_arg = h, boundary, sum_c, boundary, h
     else:
         h_arg, bnd_arg, incl_arg, st_arg, out_arg = out, start, incl.contiguous(), start.contiguous(), out
-    _quasi_pass_kernel[grid](maps, xp, w, bh, h_arg, bnd_arg, incl_arg, st_arg, out_arg, sum_a, sum_c, part,
+    _quasi_pass_kernel[grid](maps, maps_out, xp, w, bh, h_arg, bnd_arg, incl_arg, st_arg, out_arg, sum_a, sum_c, part,
                              part if stop is None else stop, T, B, D, n_bb, grid[0], T * B * D, *xp.stride(),
-                             R=cfg.r, BB=cfg.bb, DP=dp, BK=min(dp, cfg.bk), FIRST=first,
+                             R=cfg.r, BB=cfg.bb, DP=dp, CB=cb, BK=min(dp, cfg.bk), FIRST=first,
                              GUARD=stop is not None, PREC=DOT_PRECISIONS[precision], num_warps=cfg.warps)
     return PassResult(None if first else out, sum_a, sum_c, part if stop is not None else part.amax(1))
 
@@ -256,11 +298,12 @@ def first_pass(h, xp, weight_hh, bias_hh, boundary, maps, cfg: Optional[QuasiRun
 
 
 def pipelined_step(xp, weight_hh, bias_hh, maps, incl, start, out=None, cfg: Optional[QuasiRunConfig] = None,
-                   stop=None, precision: str = PRECISION) -> PassResult:
+                   stop=None, precision: str = PRECISION, maps_out=None) -> PassResult:
     """One quasi-Newton iteration: the new iterate ``out`` (T, B, D, ``start``'s dtype) from the maps in ``maps``
-    (which the previous pass wrote; replaced by the maps at the new iterate), ``incl`` (n_runs, B, D) the
-    inclusive scan of that pass's summaries from ``start`` (B, D, the new iterate's state before step 0).
-    Returns the new iterate's summaries and residual (``stop``: as :func:`first_pass`)."""
+    (which the previous pass wrote), ``incl`` (n_runs, B, D) the inclusive scan of that pass's summaries from
+    ``start`` (B, D, the new iterate's state before step 0).  The maps at the new iterate go to ``maps_out``
+    (default ``maps``, replaced in place; another buffer when ``cfg`` splits the channels).  Returns the new
+    iterate's summaries and residual (``stop``: as :func:`first_pass`)."""
     w, bh = prepare_weights(weight_hh, bias_hh)
     return _launch(False, maps, xp, w, bh, None, None, incl, start, out, cfg or run_config(*maps.shape[1:]), stop,
-                   precision)
+                   precision, maps_out)

@@ -503,10 +503,11 @@ class DiagGRU(_TorchWeightsCell):
 
 
 def _quasi_gru_pipeline(cell, xp):
-    """The pipelined quasi-Newton kernel of a dense GRU of width 9 .. ``USE_MAX_D`` (32: where it was measured
+    """The pipelined quasi-Newton kernel of a dense GRU of width 9 .. ``USE_MAX_D`` (where it was measured
     faster than the look-back path; :mod:`seqpar.kernels.pipelined_quasi_gru`) bound to ``xp`` (T, B, 3D), or
-    None at other widths.  Its passes keep the linearised maps (2, T, B, D)
-    between them: allocated here, once per solve."""
+    None at other widths.  Its passes keep the linearised maps (2, T, B, D) between them: allocated here, once
+    per solve; two buffers where the kernel's programs split the channels (a pass reads the maps at its
+    iterate from one and writes those at the new iterate to the other)."""
     from .kernels import pipelined_quasi_gru as k
     from .pipeline import Pipeline, scan_runs, shard_summary
     from .structure import DIAG
@@ -517,12 +518,29 @@ def _quasi_gru_pipeline(cell, xp):
         return None
     cfg = k.run_config(T, B, D)
     w, b = k.prepare_weights(cell.weight_hh, cell.bias_hh)
-    maps = k.new_maps(T, B, D, xp.device)
+    maps = [k.new_maps(T, B, D, xp.device) for _ in range(2 if cfg.splits(D) else 1)]
+    # which buffer holds the maps at an iterate, by the iterate's storage: passes alternate between two iterate
+    # buffers (eagerly and in CUDA graphs alike), so this is fixed at capture and right at every replay
+    holder = {}
+
+    def first(h, bnd, next_start=None, stop=None):
+        holder[h.data_ptr()] = 0
+        return k.first_pass(h, xp, w, b, bnd, maps[0], cfg, stop)
+
+    def step(h, bnd, res, incl, start, out=None, next_start=None, stop=None):
+        src = holder.get(h.data_ptr())
+        if src is None:
+            raise RuntimeError("pipelined quasi-Newton GRU: a pass's iterate is not one this pipeline produced")
+        dst = (src + 1) % len(maps)
+        new = k.pipelined_step(xp, w, b, maps[src], incl, start, out, cfg, stop,
+                               maps_out=maps[dst] if dst != src else None)
+        holder[new.out.data_ptr()] = dst
+        return new
+
     return Pipeline(
-        first=lambda h, bnd, next_start=None, stop=None: k.first_pass(h, xp, w, b, bnd, maps, cfg, stop),
+        first=first,
         carries=lambda res, start: scan_runs(res.sum_a, res.sum_c, start, DIAG),
-        step=lambda h, bnd, res, incl, start, out=None, next_start=None, stop=None: k.pipelined_step(
-            xp, w, b, maps, incl, start, out, cfg, stop),
+        step=step,
         compose=lambda res: shard_summary(res.sum_a, res.sum_c, DIAG, B, D),
         structure=DIAG)
 

@@ -91,13 +91,23 @@ CASES = [  # cell, T, B, input size, jacobian, pipelined
     (lambda: GRU(2, 3), 29, 2, 2, "dense", True),   # small-D dense pipelined kernel
     (lambda: GRU(2, 3), 1, 1, 2, "diag", False),    # T = 1, B = 1
     (lambda: GRU(2, 12), 21, 2, 2, "diag", True),   # quasi-Newton, maps kept between passes (pipelined_quasi_gru)
+    (lambda: GRU(2, 20), 21, 2, 2, "diag", True),   # the same, channels split: two maps buffers (_split_quasi)
 ]
+
+
+def _split_quasi(monkeypatch):
+    """The pipelined quasi-Newton kernel at widths 17 .. 32 with 16 channels per program (two per tile)."""
+    from seqpar.kernels import pipelined_quasi_gru as pq
+
+    monkeypatch.setitem(pq.TILES, 32, (16, 1, 16))
+
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreted kernels (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("make,T,B,I,jacobian,pipelined", CASES)
 def test_graphed_solves_equal_eager(cpu_graphs, monkeypatch, make, T, B, I, jacobian, pipelined):
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0 if pipelined else 10**9)
+    _split_quasi(monkeypatch)
     torch.manual_seed(T + I)
     cell = make()
     for call in range(5):  # eager (seen), capture + replay, replays: fresh inputs every time; a guess at call 3
@@ -119,7 +129,8 @@ def test_graphed_solves_equal_eager(cpu_graphs, monkeypatch, make, T, B, I, jaco
                                                           (lambda: DiagGRU(2, 3), 2, "diag", False, False),
                                                           (lambda: DiagGRU(2, 3), 2, "diag", True, True),
                                                           (lambda: GRU(1, 1), 1, "dense", False, True),
-                                                          (lambda: GRU(2, 12), 2, "diag", False, False)])
+                                                          (lambda: GRU(2, 12), 2, "diag", False, False),
+                                                          (lambda: GRU(2, 20), 2, "diag", True, False)])
 def test_queued_iterations_stop_where_eager_stops(cpu_graphs, monkeypatch, make, I, jacobian, chain, record):
     """The pipelined graphs queue as many iterations as the previous solve took and stop on the device:
     solves of one key needing more, fewer and as many iterations (tolerance, max_iter, patience vary
@@ -129,6 +140,7 @@ def test_queued_iterations_stop_where_eager_stops(cpu_graphs, monkeypatch, make,
 
     monkeypatch.setattr(pk, "RECORD_IN_PASS", record)
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
+    _split_quasi(monkeypatch)
     monkeypatch.setattr(graphs, "QUEUE_MORE", 1)
     if not chain:  # results too large for a chain: the single-pass graphs only
         monkeypatch.setattr(graphs, "CHAIN_MAX_FRACTION", 0.0)

@@ -38,15 +38,16 @@ def _close(got, ref, atol):
     return (got.double().cpu() - ref).abs().max().item() <= atol * max(1.0, ref.abs().max().item())
 
 
-def _check(T, B, D, rows=None, bias=True, dtype=torch.float32, device="cpu", seed=0, atol=2e-6):
+def _check(T, B, D, rows=None, bias=True, dtype=torch.float32, device="cpu", seed=0, atol=2e-6, channels=None):
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(T, B, D, generator=g) * 0.5).to(dtype).to(device)
     xp = torch.randn(T, B, 3 * D, generator=g).to(device)
     w = (torch.randn(3 * D, D, generator=g) / D ** 0.5).to(device)
     b = (torch.randn(3 * D, generator=g) * 0.2).to(device) if bias else None
     bnd, start = (torch.randn(2, B, D, generator=g) * 0.5).to(dtype).to(device)
-    cfg = pq.run_config(T, B, D, rows=rows)
+    cfg = pq.run_config(T, B, D, rows=rows, channels=channels)
     maps = pq.new_maps(T, B, D, device)
+    spare = pq.new_maps(T, B, D, device) if cfg.splits(D) else None  # programs split the channels: two buffers
     # the first pass: maps, summaries and residual at h
     first = pq.first_pass(h, xp, w, b, bnd, maps, cfg)
     ra, rb, rst = quasi_gru_epilogue_reference(h.double(), xp.double(), w.double(),
@@ -56,10 +57,12 @@ def _check(T, B, D, rows=None, bias=True, dtype=torch.float32, device="cpu", see
     assert _close(first.sum_a, sa, atol) and _close(first.sum_c, sc, atol)
     assert abs(float(first.stats[0]) - float(rres)) <= 1e-5 * max(1.0, float(rres))
     assert abs(float(first.stats[1]) - float(rst[1])) <= 1e-5 * max(1.0, float(rst[1]))
-    # two iterations from the maps kept in place
+    # two iterations from the maps kept in place (or alternating between two buffers)
     for _ in range(2):
         incl = scan_runs(first.sum_a, first.sum_c, start, DIAG)
-        step = pq.pipelined_step(xp, w, b, maps, incl, start, cfg=cfg)
+        step = pq.pipelined_step(xp, w, b, maps, incl, start, cfg=cfg, maps_out=spare)
+        if spare is not None:
+            maps, spare = spare, maps
         ro, sa, sc, rres = pd.pipelined_step_reference(h, xp, w, b, bnd, start, cfg.r, exact=False)
         tol = atol if dtype == torch.float32 else 1e-2
         assert step.out.dtype == dtype
@@ -71,12 +74,16 @@ def _check(T, B, D, rows=None, bias=True, dtype=torch.float32, device="cpu", see
 
 
 @cpu_only
-@pytest.mark.parametrize("T,B,D,rows,bias", [
-    (37, 3, 16, None, True), (1, 1, 9, None, True), (70, 2, 16, 16, True), (50, 5, 33, 32, False),
-    (20, 1, 12, 16, True), (9, 8, 64, 64, True), (33, 9, 17, 128, True),
+@pytest.mark.parametrize("T,B,D,rows,bias,channels", [
+    (37, 3, 16, None, True, None), (1, 1, 9, None, True, None), (70, 2, 16, 16, True, None),
+    (50, 5, 33, 32, False, None), (20, 1, 12, 16, True, None), (9, 8, 64, 64, True, None),
+    (33, 9, 17, 128, True, None),
+    # programs splitting the channels: 2 or 4 per tile, the last block partly past D
+    (50, 5, 33, 32, False, 16), (33, 9, 17, 128, True, 16), (9, 8, 64, 64, True, 32), (1, 1, 40, 16, True, 16),
+    (26, 3, 64, None, True, 32),
 ])
-def test_pass_matches_float64_reference(T, B, D, rows, bias):
-    _check(T, B, D, rows, bias, seed=T + D)
+def test_pass_matches_float64_reference(T, B, D, rows, bias, channels):
+    _check(T, B, D, rows, bias, seed=T + D, channels=channels)
 
 
 @cpu_only
@@ -108,6 +115,19 @@ def test_empty_sequence_and_bad_arguments():
     with pytest.raises(ValueError, match="precision"):
         pq.first_pass(torch.zeros(4, 1, 16), torch.zeros(4, 1, 48), torch.zeros(48, 16), None, torch.zeros(1, 16),
                       pq.new_maps(4, 1, 16, "cpu"), precision="fp8")
+    with pytest.raises(ValueError, match="channels"):
+        pq.run_config(100, 4, 64, channels=24)
+    # split channels: a step must write the new maps to a second buffer
+    cfg = pq.run_config(4, 1, 40, channels=16)
+    assert cfg.splits(40) and not pq.run_config(4, 1, 16, channels=16).splits(16)
+    maps, incl, start = pq.new_maps(4, 1, 40, "cpu"), torch.zeros(1, 1, 40), torch.zeros(1, 40)
+    args = (torch.zeros(4, 1, 120), torch.zeros(120, 40), None, maps, incl, start)
+    with pytest.raises(ValueError, match="maps_out"):
+        pq.pipelined_step(*args, cfg=cfg)
+    with pytest.raises(ValueError, match="maps_out"):
+        pq.pipelined_step(*args, cfg=cfg, maps_out=maps)
+    with pytest.raises(ValueError, match="maps_out"):
+        pq.pipelined_step(*args, cfg=cfg, maps_out=pq.new_maps(4, 1, 41, "cpu"))
 
 
 def test_run_config_keeps_runs_at_least_min_run():
@@ -117,9 +137,9 @@ def test_run_config_keeps_runs_at_least_min_run():
             assert cfg.r * cfg.bb == rows and cfg.bb <= max(1, rows // pq.MIN_RUN)
             assert cfg.bb <= max(1, 2 * B - 1)  # the batch rounded up, never more
     for D in (9, 16, 17, 33, 64):  # defaults from the table, by padded width
-        rows, warps = pq.TILES[pq.padded(D)]
+        rows, warps, channels = pq.TILES[pq.padded(D)]
         cfg = pq.run_config(10**6, 16, D)
-        assert cfg.r * cfg.bb == rows and cfg.warps == warps
+        assert cfg.r * cfg.bb == rows and cfg.warps == warps and cfg.cb == min(channels, pq.padded(D))
 
 
 def test_chosen_for_quasi_newton_at_its_widths_only(monkeypatch):
@@ -137,10 +157,14 @@ def test_chosen_for_quasi_newton_at_its_widths_only(monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("T,B,I,D", [(45, 3, 3, 16), (1, 1, 2, 12), (40, 2, 3, 33), (19, 1, 4, 64)])
-def test_solve_matches_reference_loop_and_sequential(monkeypatch, T, B, I, D):
+@pytest.mark.parametrize("T,B,I,D,channels", [(45, 3, 3, 16, None), (1, 1, 2, 12, None), (40, 2, 3, 33, None),
+                                               (19, 1, 4, 64, None), (40, 2, 3, 33, 16), (23, 3, 2, 64, 32)])
+def test_solve_matches_reference_loop_and_sequential(monkeypatch, T, B, I, D, channels):
     monkeypatch.setattr(newton, "PIPELINE_MIN_ELEMENTS", 0)
     monkeypatch.setattr(pq, "USE_MAX_D", pq.MAX_D)  # every width the kernel takes, not only those solves use
+    if channels:  # programs splitting the channels: the pipeline alternates two maps buffers
+        rows, warps, _ = pq.TILES[pq.padded(D)]
+        monkeypatch.setitem(pq.TILES, pq.padded(D), (rows, warps, channels))
     calls = []
     real = newton.pipelined_iterations
     monkeypatch.setattr(newton, "pipelined_iterations", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -165,10 +189,10 @@ def test_solve_matches_reference_loop_and_sequential(monkeypatch, T, B, I, D):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
-@pytest.mark.parametrize("B,D", [(8, 64), (3, 33), (16, 16)])
-def test_gpu_pass_matches_reference(B, D):
-    _check(3001, B, D, device="cuda", seed=D, atol=5e-6)
-    _check(1003, B, D, rows=64, device="cuda", seed=D + 1, atol=5e-6)  # another launch shape
+@pytest.mark.parametrize("B,D,channels", [(8, 64, None), (3, 33, None), (16, 16, None), (8, 64, 32), (3, 33, 16)])
+def test_gpu_pass_matches_reference(B, D, channels):
+    _check(3001, B, D, device="cuda", seed=D, atol=5e-6, channels=channels)
+    _check(1003, B, D, rows=64, device="cuda", seed=D + 1, atol=5e-6, channels=channels)  # another launch shape
 
 
 @pytest.mark.gpu

@@ -20,11 +20,14 @@ pytestmark = pytest.mark.slow  # interpreted kernels on spawned ranks: minutes; 
 
 import seqpar  # noqa: E402
 from dist_helpers import run_ranks  # noqa: E402
+from seqpar.kernels import pipelined_quasi_gru as pq  # noqa: E402
 from seqpar.problems import make_cell  # noqa: E402
 
 # (cell, jacobian): the cells with fused kernels (DiagGRU exact, GRU quasi-Newton and exact dense, DiagLSTM 2x2
-# blocks); "gru@12": hidden size 12, the pipelined quasi-Newton kernel of kernels/pipelined_quasi_gru.py
-FUSED = [("diag-gru", "auto"), ("gru", "diag"), ("gru", "dense"), ("diag-lstm", "auto"), ("gru@12", "diag")]
+# blocks); "gru@12": hidden size 12, the pipelined quasi-Newton kernel of kernels/pipelined_quasi_gru.py;
+# "gru@20": the same kernel with two programs per tile splitting the channels (two maps buffers; see _run)
+FUSED = [("diag-gru", "auto"), ("gru", "diag"), ("gru", "dense"), ("diag-lstm", "auto"), ("gru@12", "diag"),
+         ("gru@20", "diag")]
 LAYOUTS = {1: [[41]], 2: [[26, 15], [1, 40]], 3: [[20, 0, 21], [0, 1, 40]]}
 B, I, H = 2, 3, 5
 
@@ -43,6 +46,7 @@ def _run(cell_name, mode, lengths, rank, group, dtype, backend, patch_cap=False)
     import seqpar.newton as nt
 
     nt.PIPELINE_MIN_ELEMENTS = 0  # tiny sequences: DiagGRU takes the pipelined loop (seqpar/pipeline.py)
+    pq.TILES[32] = (16, 1, 16)  # widths 17 .. 32 (gru@20): 16 channels per program, two per tile
     if patch_cap:  # force the correction past its cap after two steps: the rerun path
         import seqpar.autograd as ag
 
