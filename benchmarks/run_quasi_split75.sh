@@ -15,10 +15,6 @@ timeout 150 python bench_gru_quasi.py --pipelined --shapes 64:8 --no-solves --re
   --configs default,16:4,16:4:c32,64:8:c32,16:2:c32,16:4:c16,32:4:c16 \
   --out "$OUT/quasi_split75.json" 2>&1 | grep -v -i warn > "$OUT/quasi_split75.log"
 echo "sweep64 rc=${PIPESTATUS[0]}"
-timeout 100 python bench_gru_quasi.py --pipelined --shapes 32:16 --no-solves --reps 5 \
-  --configs default,16:2,16:2:c16,16:4:c16 \
-  --out "$OUT/quasi_split75_d32.json" 2>&1 | grep -v -i warn > "$OUT/quasi_split75_d32.log"
-echo "sweep32 rc=${PIPESTATUS[0]}"
 best() {  # the fastest launch shape of a sweep as rows:warps:channels, and whether it beat the look-back iteration
   python - "$1" <<'PY'
 import json, sys
@@ -32,12 +28,18 @@ print(f"{cfg.r * cfg.bb}:{cfg.warps}:{cfg.cb}", conf, round(ms[conf], 2), "lookb
 print(f"{cfg.r * cfg.bb}:{cfg.warps}:{cfg.cb}")
 PY
 }
-B64=$(best "$OUT/quasi_split75.json"); B32=$(best "$OUT/quasi_split75_d32.json")
-echo "best64=$B64 best32=$B32"
+B64=$(best "$OUT/quasi_split75.json")
+echo "best64=$B64"
 timeout 170 python bench_gru_quasi.py --pipelined --shapes 64:8 --configs default --use-max-d 64 --quasi-tiles "64=$B64" \
   --solve-shapes 64:8 --inits torch,flax --reps 5 --out "$OUT/quasi_split75_solve64.json" 2>&1 | grep -v -i warn \
   > "$OUT/quasi_split75_solve64.log"
 echo "solve64 rc=${PIPESTATUS[0]}"
+timeout 100 python bench_gru_quasi.py --pipelined --shapes 32:16 --no-solves --reps 5 \
+  --configs default,16:2,16:2:c16,16:4:c16 \
+  --out "$OUT/quasi_split75_d32.json" 2>&1 | grep -v -i warn > "$OUT/quasi_split75_d32.log"
+echo "sweep32 rc=${PIPESTATUS[0]}"
+B32=$(best "$OUT/quasi_split75_d32.json")
+echo "best32=$B32"
 timeout 110 python bench_gru_quasi.py --pipelined --shapes 32:16 --configs default --quasi-tiles "32=$B32" \
   --solve-shapes 16:16,32:16 --inits torch --reps 5 --out "$OUT/quasi_split75_solve32.json" 2>&1 | grep -v -i warn \
   > "$OUT/quasi_split75_solve32.log"
