@@ -61,3 +61,4 @@ for path in sys.argv[1:]:
           r["on"]["iterations"], "f64", r["on"]["residual_f64"], "diff", r["max_state_diff"], "cudnn",
           round(r["cudnn_ms"], 1), "x", round(r["on_vs_cudnn"], 2), "off x", round(r["cudnn_ms"] / r["off"]["ms"], 2))
 PY
+for f in "$OUT"/quasi_split75*.log; do echo "== $f"; tail -n 4 "$f" | cut -c1-400; done
