@@ -6,13 +6,14 @@
 #      and D = 32, B = 16 (T = 1M);
 #   3. whole solves off / on (torch and flax init, cuDNN in the same process) at D = 64, B = 8 with the kernel
 #      at the fastest shape of step 2, and at D = 16 / 32, B = 16 (torch init) with D = 32's fastest shape.
+# Short form (device budget): CONFIGS64=... INITS64=torch SKIP32=1 bash benchmarks/run_quasi_split75.sh.
 # Results under $OUT: gpu_tests.log, quasi_split75{,_solve64,_solve32}.{json,log}.
 source "$(dirname "$0")/device_env.sh"
 timeout 45 python -m pytest -m gpu -q -x tests/test_pipelined_quasi.py -k "gpu_pass and (64-32 or 33-16)" -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 echo "tests rc=$?"; tail -2 "$OUT/gpu_tests.log"
 cd benchmarks
 timeout 100 python bench_gru_quasi.py --pipelined --shapes 64:8 --no-solves --reps 5 \
-  --configs default,16:4,16:4:c32,64:8:c32,16:4:c16 \
+  --configs "${CONFIGS64:-default,16:4,16:4:c32,64:8:c32,16:4:c16}" \
   --out "$OUT/quasi_split75.json" 2>&1 | grep -v -i warn > "$OUT/quasi_split75.log"
 echo "sweep64 rc=${PIPESTATUS[0]}"
 best() {  # the fastest launch shape of a sweep as rows:warps:channels, and whether it beat the look-back iteration
@@ -31,16 +32,16 @@ PY
 B64=$(best "$OUT/quasi_split75.json")
 echo "best64=$B64"
 timeout 130 python bench_gru_quasi.py --pipelined --shapes 64:8 --configs default --use-max-d 64 --quasi-tiles "64=$B64" \
-  --solve-shapes 64:8 --inits torch,flax --reps 5 --out "$OUT/quasi_split75_solve64.json" 2>&1 | grep -v -i warn \
+  --solve-shapes 64:8 --inits "${INITS64:-torch,flax}" --reps 5 --out "$OUT/quasi_split75_solve64.json" 2>&1 | grep -v -i warn \
   > "$OUT/quasi_split75_solve64.log"
 echo "solve64 rc=${PIPESTATUS[0]}"
-timeout 100 python bench_gru_quasi.py --pipelined --shapes 32:16 --no-solves --reps 5 \
+[ -n "${SKIP32:-}" ] || timeout 100 python bench_gru_quasi.py --pipelined --shapes 32:16 --no-solves --reps 5 \
   --configs default,16:2,16:2:c16,16:4:c16 \
   --out "$OUT/quasi_split75_d32.json" 2>&1 | grep -v -i warn > "$OUT/quasi_split75_d32.log"
 echo "sweep32 rc=${PIPESTATUS[0]}"
-B32=$(best "$OUT/quasi_split75_d32.json")
+[ -n "${SKIP32:-}" ] || B32=$(best "$OUT/quasi_split75_d32.json")
 echo "best32=$B32"
-timeout 110 python bench_gru_quasi.py --pipelined --shapes 32:16 --configs default --quasi-tiles "32=$B32" \
+[ -n "${SKIP32:-}" ] || timeout 110 python bench_gru_quasi.py --pipelined --shapes 32:16 --configs default --quasi-tiles "32=$B32" \
   --solve-shapes 16:16,32:16 --inits torch --reps 5 --out "$OUT/quasi_split75_solve32.json" 2>&1 | grep -v -i warn \
   > "$OUT/quasi_split75_solve32.log"
 echo "solve32 rc=${PIPESTATUS[0]}"
