@@ -24,6 +24,7 @@ from seqpar.backend import pipelined_stepper  # noqa: E402
 from seqpar.cells import GRU, DiagGRU  # noqa: E402
 from seqpar.kernels import pipelined_diag_gru as pk  # noqa: E402
 from seqpar.structure import DENSE, DIAG, Structure  # noqa: E402
+from solve_helpers import solve_pipelined_and_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -322,20 +323,6 @@ def test_short_sequences_keep_the_lookback_loop(monkeypatch):
     assert not calls and info.converged
 
 
-def _solve_both(cell, x, jacobian, h0=None):
-    out = {}
-    for pipelined in (True, False):
-        newton.PIPELINED = pipelined
-        try:
-            log = []
-            states, info = seqpar.solve(cell, x, h0, jacobian=jacobian, backend="triton", return_info=True,
-                                        callback=lambda it, r: log.append((it, r)))
-        finally:
-            newton.PIPELINED = True
-        out[pipelined] = (states, info, log)
-    return out
-
-
 @cpu_only
 @pytest.mark.parametrize("cell_kind,D,jacobian,T,B,I", [
     ("diag", 5, "auto", 203, 3, 3), ("diag", 1, "diag", 1, 1, 3), ("gru", 1, "dense", 77, 4, 3),
@@ -351,7 +338,7 @@ def test_solve_matches_reference_loop_and_sequential(cell_kind, D, jacobian, T, 
     cell = DiagGRU(I, D) if cell_kind == "diag" else GRU(I, D)
     x = torch.randn(T, B, I)
     h0 = 0.3 * torch.randn(B, D)
-    got = _solve_both(cell, x, jacobian, h0)
+    got = solve_pipelined_and_reference(cell, x, jacobian, h0)
     (s1, i1, log1), (s0, i0, log0) = got[True], got[False]
     assert i1.converged and i1.iterations == i0.iterations
     assert [it for it, _ in log1] == [it for it, _ in log0]
@@ -370,7 +357,7 @@ def test_fused_solve_matches_reference_loop(fused):
     torch.manual_seed(5)
     cell = DiagGRU(3, 2)
     x = torch.randn(150, 3, 3)
-    got = _solve_both(cell, x, "diag", 0.3 * torch.randn(3, 2))
+    got = solve_pipelined_and_reference(cell, x, "diag", 0.3 * torch.randn(3, 2))
     (s1, i1, _), (s0, i0, _) = got[True], got[False]
     assert i1.converged and i1.iterations == i0.iterations
     assert (s1 - s0).abs().max().item() < 2e-5

@@ -27,7 +27,7 @@ from seqpar.kernels import pipelined_quasi_gru as pq  # noqa: E402
 from seqpar.kernels.quasi_gru_gemm import quasi_gru_epilogue_reference  # noqa: E402
 from seqpar.pipeline import scan_runs  # noqa: E402
 from seqpar.structure import DENSE, DIAG  # noqa: E402
-from test_pipelined import _solve_both  # noqa: E402  (pipelined loop on, then off: the reference loop)
+from solve_helpers import solve_pipelined_and_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -172,7 +172,7 @@ def test_solve_matches_reference_loop_and_sequential(monkeypatch, T, B, I, D, ch
     cell = GRU(I, D)
     x = torch.randn(T, B, I)
     h0 = 0.3 * torch.randn(B, D)
-    got = _solve_both(cell, x, "diag", h0)
+    got = solve_pipelined_and_reference(cell, x, "diag", h0)
     assert calls == [1]  # the pipelined solve took this path, the reference loop did not
     (s1, i1, log1), (s0, i0, log0) = got[True], got[False]
     assert i1.converged and i1.iterations == i0.iterations
