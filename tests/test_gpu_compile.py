@@ -66,3 +66,24 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.stdout.count("compiled") == 12
+
+
+def test_ptxas_register_report(tmp_path):
+    """benchmarks/ptxas_quasi_registers.py: the quasi pass's registers / spills per launch shape, from ptxas."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:  # pragma: no cover - a triton without these entry points
+        pytest.skip("this triton has no ASTSource / GPUTarget")
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "regs.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "ptxas_quasi_registers.py"),
+                           "--width", "20", "--batch", "3", "--shapes", "16:2:16", "--out", str(out)],
+                          env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["first"] for r in rows] == [True, False]
+    assert all(r["D"] == 20 and r["cb"] == 16 and r["warps"] == 2 and 16 <= r["registers"] <= 255
+               and r["stack"] >= 0 for r in rows)
