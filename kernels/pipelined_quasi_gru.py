@@ -22,9 +22,11 @@ So a pass moves 8 + 12 (inputs) + 8 + 4 (iterate) = 32 bytes per state and runs 
 :func:`first_pass` starts the pipeline from an iterate (the initial guess): the maps and summaries at it and
 its residual.
 
-Program: a run of ``R`` steps x ``BB`` batch rows, all channels; tile rows ``i = lb * R + j`` (batch row
-``lb``, step ``j``), so each batch row's steps are consecutive rows and the scans run along rows, restarted at
-``j = 0`` by a zero multiplier.  Channels are padded to ``DP = max(16, next_power_of_2(D))`` (masked).
+Program: a run of ``R`` steps x ``BB`` batch rows (a tile), all channels or a block of ``CB`` of them
+(``QuasiRunConfig.cb``: then the tile's programs split its channels and a pass writes the new maps to a second
+buffer, see the kernel); tile rows ``i = lb * R + j`` (batch row ``lb``, step ``j``), so each batch row's steps
+are consecutive rows and the scans run along rows, restarted at ``j = 0`` by a zero multiplier.  Channels are
+padded to ``DP = max(16, next_power_of_2(D))`` (masked).
 
 Shapes: ``h`` (T, B, D) (any float dtype), ``xp`` (T, B, 3D) of any strides, ``weight_hh`` (3D, D), ``bias_hh``
 (3D,) or None, boundaries (B, D), ``maps`` float32 (2, T, B, D) (``a`` then ``b``), summaries float32
@@ -170,15 +172,15 @@ def _quasi_pass_kernel(Maps, MapsOut, XP, W, BH, H, Bnd, Incl, St, Out, SumA, Su
     else:
         Src = Out
         ca = tl.arange(0, DP)  # all channels: the new iterate of the whole run
-        ma_ = rv[:, None] & (ca < D)[None, :]
+        m_all = rv[:, None] & (ca < D)[None, :]
         offa = row + ca[None, :]
-        carry = _h_prev(Out, Bnd, Incl, St, offa, b, t, j, run, ca, ma_ & head, B, D, R, False)
-        ma = tl.load(Maps + offa, mask=ma_, other=0.0)
-        mb = tl.load(Maps + map_stride + offa, mask=ma_, other=0.0)
+        carry = _h_prev(Out, Bnd, Incl, St, offa, b, t, j, run, ca, m_all & head, B, D, R, False)
+        ma = tl.load(Maps + offa, mask=m_all, other=0.0)
+        mb = tl.load(Maps + map_stride + offa, mask=m_all, other=0.0)
         mb = tl.where(head, ma * carry + mb, mb)  # a run starts from its carry: no dependence on the row before
         ma = tl.where(head, 0.0, ma)
         _, hs = tl.associative_scan((ma, mb), 0, comb_diag)
-        tl.store(Out + offa, hs.to(Out.dtype.element_ty), mask=ma_)  # siblings store the same values
+        tl.store(Out + offa, hs.to(Out.dtype.element_ty), mask=m_all)  # siblings store the same values
         tl.debug_barrier()  # the run's stores are visible to the whole program: read back one step behind
         if NCB == 1:
             hc = hs.to(Out.dtype.element_ty).to(tl.float32)
