@@ -9,7 +9,10 @@ three tensor-core products (``tl.dot(..., input_precision="tf32x3")``: only ``a_
 an error near fp32 rounding), so the GEMM is bound by its memory traffic instead.
 
 One program computes a ``BM x BN`` tile of the output, walking K in steps of ``BK`` (masked: any M, N,
-K >= 1; K and N need not be multiples of anything).  Reference: ``torch.nn.functional.linear``
+K >= 1; K and N need not be multiples of anything).  The grid is one-dimensional with the output's column
+tiles fastest: the programs of one row tile run side by side, so its rows of x come from HBM once and from
+L2 for the other column tiles (with the row tiles fastest, each column tile re-read all of x: at D = 64,
+3D = 192 outputs in tiles of 64, x crossed HBM three times).  Reference: ``torch.nn.functional.linear``
 (tests/test_linear.py compares in float64).
 """
 from __future__ import annotations
@@ -22,6 +25,8 @@ import triton.language as tl
 
 from ._common import DOT_PRECISIONS, dot
 
+# rows from which fp32_linear takes the kernel (fewer: cuBLAS's fp32 GEMM is short anyway)
+FP32_LINEAR_MIN_ROWS = 1 << 16
 # tile (rows x outputs x reduction), warps; benchmarks/bench_gru_quasi.py (H200, 8M-16M rows, K = D)
 BM, BN, BK, WARPS = 128, 64, 32, 4
 
@@ -29,10 +34,12 @@ BM, BN, BK, WARPS = 128, 64, 32, 4
 @triton.jit
 def _linear_kernel(X, W, Bias, Y, M, N, K, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Y[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for the tile (pid_m, pid_n); X (M, K), W (N, K),
-    Y (M, N), all row-major."""
-    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    """Y[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for the tile (pid // NB, pid % NB) of the NB = cdiv(N, BN)
+    column tiles; X (M, K), W (N, K), Y (M, N), all row-major."""
+    pid = tl.program_id(0).to(tl.int64)
+    NB = tl.cdiv(N, BN)
+    rm = (pid // NB) * BM + tl.arange(0, BM)
+    rn = (pid % NB).to(tl.int32) * BN + tl.arange(0, BN)
     mm = rm < M
     nm = rn < N
     acc = tl.zeros([BM, BN], tl.float32)
@@ -72,8 +79,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return out
     bm, bn, bk, warps = tiles or (BM, BN, BK, WARPS)
     x, weight = x.contiguous(), weight.contiguous()
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _linear_kernel[grid](x, weight, weight if bias is None else bias.contiguous(), out, M, N, K,
                          HAS_BIAS=bias is not None, PREC=DOT_PRECISIONS[precision], BM=bm, BN=bn, BK=bk,
                          num_warps=warps)
     return out
+
+
+def uses_tensor_cores(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`fp32_linear` takes :func:`linear` (3xTF32) for these arguments: CUDA float32 tensors,
+    at least ``FP32_LINEAR_MIN_ROWS`` rows, no autograd graph to record (grad disabled, or nothing requires
+    grad: the kernel has no backward), and torch's fp32 matmuls at full precision (with
+    ``torch.backends.cuda.matmul.allow_tf32`` on, cuBLAS's TF32 is faster and the caller chose its accuracy)."""
+    ts = [t for t in (x, weight, bias) if t is not None]
+    if not all(t.is_cuda and t.dtype == torch.float32 for t in ts) or x.dim() < 1 or x.shape[-1] == 0:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    return x.numel() // x.shape[-1] >= FP32_LINEAR_MIN_ROWS and not torch.backends.cuda.matmul.allow_tf32
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)`` at fp32 accuracy, on tensor cores where
+    :func:`uses_tensor_cores` says so (cuBLAS runs an fp32 GEMM on CUDA cores: H100, (8M x 64) @ (64 x 192),
+    6.4 ms against 4.8 ms here before this grid order, benchmarks/results/COMMANDS.md run 76), else
+    ``F.linear``.  ``x`` (..., K), ``weight`` (N, K), ``bias`` (N,) or None; returns (..., N)."""
+    if not uses_tensor_cores(x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
+    K = x.shape[-1]
+    y = linear(x.reshape(-1, K), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])

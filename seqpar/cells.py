@@ -248,8 +248,10 @@ class _TorchWeightsCell(Cell):
                 xp = (x * wg if b is None else torch.addcmul(b[:, None], x, wg)).transpose(-1, -2)
             else:
                 xp = inputs * w[:, 0] if b is None else torch.addcmul(b, inputs, w[:, 0])
-        else:
-            xp = F.linear(inputs, w, _cast(self.bias_ih, inputs))
+        else:  # (the 3xTF32 tensor-core GEMM on CUDA at fp32 where no autograd graph is recorded)
+            from .kernels.linear import fp32_linear
+
+            xp = fp32_linear(inputs, w, _cast(self.bias_ih, inputs))
         if self.fold_bias_hh and self.bias_hh is not None:
             xp = xp + self.bias_hh.to(inputs.dtype)
         return xp

@@ -1,8 +1,15 @@
 """seqpar.kernels.linear (x W^T + b by tl.dot, 3xTF32 by default) against float64 torch.nn.functional.linear."""
+import os
+
 import pytest
 import torch
 
-from seqpar.kernels.linear import linear
+import seqpar.kernels.linear as lin
+from seqpar.cells import GRU
+from seqpar.kernels.linear import fp32_linear, linear, uses_tensor_cores
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 3), (37, 5, 15), (300, 17, 51), (129, 64, 192)])
@@ -40,3 +47,58 @@ def test_linear_empty_and_bad_arguments():
         linear(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(4))
     with pytest.raises(ValueError, match="out"):
         linear(torch.zeros(2, 4), torch.zeros(3, 4), out=torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 5), (1, 1, 1), (130, 2, 64)])
+def test_fp32_linear_kernel_branch_matches_float64(monkeypatch, shape):
+    """With the tensor-core branch taken (forced here: the CPU never takes it), batched non-contiguous
+    inputs give F.linear's shape and float64's values."""
+    monkeypatch.setattr(lin, "uses_tensor_cores", lambda *a: True)
+    torch.manual_seed(sum(shape))
+    x = torch.randn(shape[1], shape[0], shape[2]).transpose(0, 1)  # (T, B, K), not contiguous
+    w, b = torch.randn(3 * shape[2] + 1, shape[2]), torch.randn(3 * shape[2] + 1)
+    got = fp32_linear(x, w, b)
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_linear_takes_cuBLAS_where_the_kernel_does_not_apply(monkeypatch):
+    """CPU tensors, any size: F.linear itself (bit for bit); the kernel is never launched."""
+    monkeypatch.setattr(lin, "FP32_LINEAR_MIN_ROWS", 1)
+    monkeypatch.setattr(lin, "linear", lambda *a, **k: pytest.fail("the kernel ran on CPU tensors"))
+    x, w, b = torch.randn(5, 4, 6), torch.randn(9, 6), torch.randn(9)
+    assert not uses_tensor_cores(x, w, b)
+    assert torch.equal(fp32_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert torch.equal(fp32_linear(x, w), torch.nn.functional.linear(x, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+def test_gpu_fp32_linear_dispatch_and_accuracy(monkeypatch):
+    """On CUDA: the kernel for fp32 without an autograd graph at >= FP32_LINEAR_MIN_ROWS rows (float64's
+    values, and closer to them than an fp32 GEMM need be), cuBLAS where grad is recorded, for fewer rows,
+    other dtypes or with TF32 allowed; GRU.project_inputs follows the same rule."""
+    torch.manual_seed(0)
+    rows = lin.FP32_LINEAR_MIN_ROWS + 3
+    x = torch.randn(rows // 3 + 1, 3, 64, device="cuda")
+    w = torch.randn(192, 64, device="cuda", requires_grad=True)
+    b = torch.randn(192, device="cuda")
+    assert not uses_tensor_cores(x, w, b)  # grad would be recorded for w
+    assert not uses_tensor_cores(x[:10], w.detach(), b) and not uses_tensor_cores(x.double(), w.double().detach())
+    with torch.no_grad():
+        assert uses_tensor_cores(x, w, b)
+        got = fp32_linear(x, w, b)
+        ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        assert not uses_tensor_cores(x, w, b)
+        monkeypatch.undo()
+        m = torch.nn.GRU(64, 64)
+        cell = GRU.from_torch(m).cuda()
+        xp = cell.project_inputs(x)
+        ref = torch.nn.functional.linear(x.double(), cell.weight_ih.double(), cell.bias_ih.double())
+        torch.testing.assert_close(xp.double(), ref, rtol=1e-5, atol=2e-5)
+    y = fp32_linear(x, w, b)  # grad recorded: F.linear, differentiable
+    y.sum().backward()
+    assert w.grad is not None
