@@ -133,6 +133,31 @@ def dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def tf32_parts(a):
+    """``(hi, lo)``: ``a`` rounded to TF32 (10-bit mantissa, to nearest by the bits) and the rest, ``a = hi +
+    lo`` exactly; a tensor-core product reads ``lo``'s top 10 mantissa bits, an error near 2^-22 |a|.
+    (|a| within 2^-11 of the largest float rounds to inf: no fp32 GEMM result is finite there anyway.)"""
+    hi = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, a - hi
+
+
+@triton.jit
+def split_dot(a, a_hi, a_lo, B, B_lo, offs, mask, PREC: tl.constexpr):
+    """``a @ b`` (fp32 accumulation) for ``b`` loaded from ``B + offs`` (masked, zeros outside).  PREC 2
+    (3xTF32): ``a = a_hi + a_lo`` (:func:`tf32_parts`, split once by the caller for all its products) and
+    ``b = B + B_lo`` in TF32 parts split on the host (``seqpar.kernels.linear.tf32_split``): three TF32
+    products, small terms first; the dropped ``a_lo b_lo`` is near 2^-22.  Else ``dot(a, b, PREC)``
+    (a_hi, a_lo, B_lo unused)."""
+    b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    if PREC == 2:
+        b_lo = tl.load(B_lo + offs, mask=mask, other=0.0)
+        acc = tl.dot(a_lo, b, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        return tl.dot(a_hi, b, acc, input_precision="tf32")
+    return dot(a, b, PREC)
+
+
+@triton.jit
 def gru_f_jdiag(hp, xr, xz, xn, hr, hz, hn, wr, wz, wn):
     """GRU step f and the diagonal of df/dh_prev from the gate pre-activations
     (input parts xr/xz/xn, recurrent parts hr/hz/hn; w* the diagonal recurrent weights)."""

@@ -132,8 +132,10 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
     """Program = tile of TT steps x a lane block.  The recurrent pre-activations (hr, hz, hn) by ``HH``:
     0 DiagGRU, ``W * h_prev + BH`` (W, BH (3D,)); 1 dense GRU, loaded from ``BH`` (T, B, 3D) (one GEMM
     before the launch); 2 dense GRU, ``h_prev W_hh^T + BH`` by ``tl.dot`` in ``PREC`` from ``WF``
-    (3D, D), a lane block being one batch row (BN >= D, padded lanes masked).  HH 1 and 2: ``W`` holds
-    the diagonal of W_hh (the quasi-Newton Jacobian's)."""
+    (3D, D), a lane block being one batch row (BN >= D, padded lanes masked); 3 dense GRU at the zero
+    iterate (h = 0 at every step): ``b_hh`` (``WF``, (3D,)) at steps >= 1, and at step 0, whose h_prev is the
+    boundary, ``W_hh boundary + b_hh`` from ``BH`` (B, 3D).  HH 1, 2 and 3: ``W`` holds the diagonal of W_hh
+    (the quasi-Newton Jacobian's)."""
     c, lb = ticket(Counter, n_lb, 0)
     if HH == 2:  # lane block lb = batch row lb: its D lanes, padded to BN
         col = tl.arange(0, BN)
@@ -162,7 +164,7 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
     wr = tl.load(W + d, mask=lmask, other=0.0)[None, :]
     wz = tl.load(W + D + d, mask=lmask, other=0.0)[None, :]
     wn = tl.load(W + 2 * D + d, mask=lmask, other=0.0)[None, :]
-    if HH != 1:
+    if HH == 0 or HH == 2:
         br = tl.load(BH + d, mask=lmask, other=0.0)[None, :]
         bz = tl.load(BH + D + d, mask=lmask, other=0.0)[None, :]
         bn = tl.load(BH + 2 * D + d, mask=lmask, other=0.0)[None, :]
@@ -170,6 +172,14 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
         hr = tl.load(BH + xo, mask=m, other=0.0).to(tl.float32)
         hz = tl.load(BH + xo + D, mask=m, other=0.0).to(tl.float32)
         hn = tl.load(BH + xo + 2 * D, mask=m, other=0.0).to(tl.float32)
+    elif HH == 3:  # the zero iterate: no GEMM, the bias after step 0
+        o0 = bidx * (3 * D) + d
+        hr = tl.where(first, tl.load(BH + o0, mask=lmask, other=0.0)[None, :],
+                      tl.load(WF + d, mask=lmask, other=0.0)[None, :]).to(tl.float32)
+        hz = tl.where(first, tl.load(BH + o0 + D, mask=lmask, other=0.0)[None, :],
+                      tl.load(WF + D + d, mask=lmask, other=0.0)[None, :]).to(tl.float32)
+        hn = tl.where(first, tl.load(BH + o0 + 2 * D, mask=lmask, other=0.0)[None, :],
+                      tl.load(WF + 2 * D + d, mask=lmask, other=0.0)[None, :]).to(tl.float32)
     elif HH == 2:  # h_prev (TT, BN) x W_g^T (BN, BN) per gate g; padded lanes of hp and W are zeros
         wt = col[None, :] * D + col[:, None]  # [k, j] -> W_hh[g D + j, k]
         wm = lmask[:, None] & lmask[None, :]
@@ -201,7 +211,8 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
                          block_t: Optional[int] = None, block_n: Optional[int] = None,
                          num_warps: Optional[int] = None, *, start=None, want_summary: bool = False,
                          lookback_w: Optional[int] = None, recurrent: Optional[str] = None,
-                         precision: str = QUASI_DOT_PRECISION, epilogue_tiles: Optional[tuple] = None):
+                         precision: str = QUASI_DOT_PRECISION, epilogue_tiles: Optional[tuple] = None,
+                         zero_iterate: bool = False):
     """One quasi-Newton iteration (diagonal Jacobian) of the *dense* :class:`seqpar.cells.GRU`.
 
     The recurrent pre-activations ``W_hh h_prev + b_hh`` (``h_prev = [boundary, h[:-1]]``) come,
@@ -225,6 +236,11 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
     Returns ``(h_new, stats)`` or ``(h_new, stats, phi)`` like :func:`fused_diag_gru_step` (same
     tile / look-back arguments; with "dot" the lane block is one batch row, ``block_n`` >= D a
     power of two >= 16).  Reference: ``GRU.step`` / ``GRU.jacobian(.., diag)``.
+
+    ``zero_iterate``: the caller guarantees ``h`` is zero at every step (the solver's first iterate when it
+    has no initial guess; not checked: that would read h).  Then ``W_hh h_prev + b_hh`` is ``b_hh`` after
+    step 0 and ``W_hh boundary + b_hh`` at step 0 (a (B, D) product): no GEMM and nothing of size T x B x 3D
+    read, whatever ``recurrent`` says, at DiagGRU's tiles.
     """
     T, B, D = h.shape
     if recurrent is None:
@@ -236,6 +252,13 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
     if T == 0:
         return fused_diag_gru_step(h, xp, weight_hh.new_zeros(3 * D), None, boundary, out,
                                    start=start, want_summary=want_summary)  # T == 0: no launch
+    if zero_iterate:
+        W = weight_hh.detach().to(torch.float32)
+        wdiag = torch.cat([W[g * D:(g + 1) * D].diagonal() for g in range(3)])
+        bias = W.new_zeros(3 * D) if bias_hh is None else bias_hh.detach().to(torch.float32)
+        first = torch.nn.functional.linear(boundary.to(torch.float32), W, bias).contiguous()  # (B, 3D)
+        return _launch(h, xp, wdiag, first, boundary, start, out, block_t, block_n, num_warps, hh=3,
+                       want_summary=want_summary, lookback_w=lookback_w, wf=bias.contiguous())
     if recurrent == "epilogue":
         return _quasi_epilogue_step(h, xp, weight_hh, bias_hh, boundary, start, out, want_summary, precision,
                                     epilogue_tiles, dict(block_t=block_t, block_n=block_n, num_warps=num_warps,

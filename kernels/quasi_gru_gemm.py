@@ -32,13 +32,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_PRECISIONS, dot, gru_f_jdiag, rel_residual
+from ._common import DOT_PRECISIONS, dot, gru_f_jdiag, rel_residual, split_dot, tf32_parts
 
 # tile (rows BM x channels BD x reduction BK) and warps (benchmarks/bench_gru_quasi.py --epilogue --epilogue-tiles;
 # run 63, H100, D = 64, B = 8, T = 1M: 64 x 64 x 32 at 4 warps 10.3 ms, at 8 warps 14.3 ms, 128 x 64 x 32 at 8 warps
 # 12.3 ms, BD = 32 tiles ~19.5 ms; with the 2.9 ms scan, the best is 13.2 ms against 11.6 ms for the "gemm"
 # variant's GEMM + look-back kernel).  BD and BK shrink to D (powers of two, >= 16) when no tile is given.
 BM, BD, BK, WARPS = 64, 64, 32, 4
+# whole-row kernel (D <= ROWS_MAX_D, no tiles given): rows per program, channels per block, warps
+ROWS_MAX_D = 64
+ROWS_BM, ROWS_BD, ROWS_WARPS = 64, 32, 4
 
 
 @triton.jit
@@ -101,6 +104,60 @@ def _quasi_gru_gemm_kernel(H, XP, W, BH, Bnd, A, Bv, Res, M, B, D, NP, n_d, sx_t
     tl.store(Bv + off, f - jd * hp, mask=m)
 
 
+@triton.jit
+def _quasi_gru_rows_kernel(H, XP, W, W1, W2, BH, Bnd, A, Bv, Res, M, B, NP, sx_t, sx_b, sx_c,
+                           D: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                           BM: tl.constexpr, BD: tl.constexpr, ND: tl.constexpr):
+    """Program ``pid`` = rows ``pid * BM ..`` with all of K = D (h_prev loaded and, at PREC 2, split into TF32
+    parts once), then the ND channel blocks of BD in turn (unrolled): per block three gate products
+    (:func:`split_dot`, W in host-split parts W1 + W2; W itself for the Jacobian's diagonal) and the GRU
+    epilogue of :func:`_quasi_gru_gemm_kernel`.  Res[pid], Res[NP + pid]: the program's partial maxima."""
+    pid = tl.program_id(0)
+    rm = pid.to(tl.int64) * BM + tl.arange(0, BM)
+    mm = rm < M
+    rk = tl.arange(0, KP)
+    km = rk < D
+    hk = _h_prev(H, Bnd, rm, rk, B, D, mm, km)  # (BM, KP)
+    if PREC == 2:
+        hk_hi, hk_lo = tf32_parts(hk)
+    else:
+        hk_hi, hk_lo = hk, hk
+    worst = tl.zeros([BM], tl.float32)
+    fmax = tl.zeros([BM], tl.float32)
+    for nb in tl.static_range(ND):
+        rd = nb * BD + tl.arange(0, BD)
+        dm = rd < D
+        wo = rd[None, :] * D + rk[:, None]  # [k, j] -> W_hh[g D + j, k]
+        wm = km[:, None] & dm[None, :]
+        acc_r = split_dot(hk, hk_hi, hk_lo, W1, W2, wo, wm, PREC)
+        acc_z = split_dot(hk, hk_hi, hk_lo, W1 + D * D, W2 + D * D, wo, wm, PREC)
+        acc_n = split_dot(hk, hk_hi, hk_lo, W1 + 2 * D * D, W2 + 2 * D * D, wo, wm, PREC)
+        if HAS_BIAS:
+            acc_r += tl.load(BH + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
+            acc_z += tl.load(BH + D + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
+            acc_n += tl.load(BH + 2 * D + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
+        m = mm[:, None] & dm[None, :]
+        hp = _h_prev(H, Bnd, rm, rd, B, D, mm, dm)
+        xo = (rm // B)[:, None] * sx_t + (rm % B)[:, None] * sx_b + rd[None, :].to(tl.int64) * sx_c
+        xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
+        xz = tl.load(XP + xo + D * sx_c, mask=m, other=0.0).to(tl.float32)
+        xn = tl.load(XP + xo + 2 * D * sx_c, mask=m, other=0.0).to(tl.float32)
+        wd = rd * (D + 1)  # the diagonal of each gate's block W_g (the quasi-Newton Jacobian's)
+        wr = tl.load(W + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
+        wz = tl.load(W + D * D + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
+        wn = tl.load(W + 2 * D * D + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
+        f, jd = gru_f_jdiag(hp, xr, xz, xn, acc_r, acc_z, acc_n, wr, wz, wn)
+        off = rm[:, None] * D + rd[None, :]
+        hc = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
+        rel, fab = rel_residual(hc, f, m)
+        worst = tl.maximum(worst, tl.max(rel, 1))
+        fmax = tl.maximum(fmax, tl.max(fab, 1))
+        tl.store(A + off, jd, mask=m)
+        tl.store(Bv + off, f - jd * hp, mask=m)
+    tl.store(Res + pid, tl.max(worst, 0))
+    tl.store(Res + NP + pid, tl.max(fmax, 0))
+
+
 def epilogue_tiles(D: int, tiles: Optional[tuple] = None) -> Tuple[int, int, int, int]:
     """``(BM, BD, BK, warps)``: ``tiles`` if given (checked: BM, BD, BK powers of two >= 16), else the
     module's defaults with BD and BK cut to ``max(16, next_power_of_2(D))``."""
@@ -124,7 +181,9 @@ def quasi_gru_epilogue(h: torch.Tensor, xp: torch.Tensor, weight_hh: torch.Tenso
         weight_hh: (3D, D); bias_hh: (3D,) or None.
         boundary: (B, D) h_prev of step 0.
         precision: the GEMM's inputs, "tf32x3" (default, about fp32), "ieee" or "tf32".
-        tiles: ``(BM, BD, BK, warps)`` (see :func:`epilogue_tiles`).
+        tiles: ``(BM, BD, BK, warps)`` (see :func:`epilogue_tiles`): the tiled kernel; None: the whole-row
+            kernel (:func:`_quasi_gru_rows_kernel`, ``ROWS_BM`` x ``ROWS_BD`` at ``ROWS_WARPS``) where
+            D <= ``ROWS_MAX_D``, else the tiled one at its defaults.
     Returns:
         a, b: (T, B, D) float32, the diagonal of df/dh_prev and ``f - a * h_prev``;
         stats: float32 ``[max |h - f| / max(1, |f|), max |f|]`` (NaN / Inf reported as inf).
@@ -135,18 +194,32 @@ def quasi_gru_epilogue(h: torch.Tensor, xp: torch.Tensor, weight_hh: torch.Tenso
     if T == 0 or xp.shape != (T, B, 3 * D) or weight_hh.shape != (3 * D, D) or boundary.shape != (B, D):
         raise ValueError(f"expected h (T>=1, B, D), xp (T, B, 3D), weight_hh (3D, D), boundary (B, D); got "
                          f"{tuple(h.shape)}, {tuple(xp.shape)}, {tuple(weight_hh.shape)}, {tuple(boundary.shape)}")
-    bm, bd, bk, warps = epilogue_tiles(D, tiles)
     M = T * B
     h = h.contiguous()
     w = weight_hh.detach().to(torch.float32).contiguous()
     a = torch.empty(T, B, D, dtype=torch.float32, device=h.device)
     b = torch.empty_like(a)
+    bias = w if bias_hh is None else bias_hh.detach().contiguous()
+    prec = DOT_PRECISIONS[precision]
+    if tiles is None and D <= ROWS_MAX_D:
+        from .linear import tf32_split
+
+        w1, w2 = tf32_split(w) if prec == 2 else (w, w)
+        bd = min(ROWS_BD, max(16, triton.next_power_of_2(D)))
+        n_prog = triton.cdiv(M, ROWS_BM)
+        part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
+        _quasi_gru_rows_kernel[(n_prog,)](
+            h, xp, w, w1, w2, bias, boundary.contiguous(), a, b, part, M, B, n_prog, *xp.stride(),
+            D=D, KP=max(16, triton.next_power_of_2(D)), HAS_BIAS=bias_hh is not None, PREC=prec, BM=ROWS_BM,
+            BD=bd, ND=triton.cdiv(D, bd), num_warps=ROWS_WARPS)
+        return a, b, part.amax(1)
+    bm, bd, bk, warps = epilogue_tiles(D, tiles)
     n_d = triton.cdiv(D, bd)
     n_prog = triton.cdiv(M, bm) * n_d
     part = torch.empty(2, n_prog, dtype=torch.float32, device=h.device)
     _quasi_gru_gemm_kernel[(n_prog,)](
-        h, xp, w, w if bias_hh is None else bias_hh.detach().contiguous(), boundary.contiguous(), a, b, part,
-        M, B, D, n_prog, n_d, *xp.stride(), HAS_BIAS=bias_hh is not None, PREC=DOT_PRECISIONS[precision],
+        h, xp, w, bias, boundary.contiguous(), a, b, part,
+        M, B, D, n_prog, n_d, *xp.stride(), HAS_BIAS=bias_hh is not None, PREC=prec,
         BM=bm, BD=bd, BK=bk, num_warps=warps)
     return a, b, part.amax(1)
 

@@ -78,7 +78,10 @@ class Cell(nn.Module):
         ``want_summary`` also the product of all J (leading dim B).  Its J must
         equal ``self.jacobian(.., structure)`` (the incoming-state correction of
         a sharded solve uses that).  Called only for CUDA (or interpreted) tensors
-        of a kernel dtype; ``xp`` = ``project_inputs(inputs)``.
+        of a kernel dtype; ``xp`` = ``project_inputs(inputs)``.  The step may carry
+        ``step.from_zeros``, the same call for an ``h`` that is zero at every step
+        (the solver's first iterate without an initial guess), where that is
+        cheaper (the dense GRU: no recurrent GEMM).
         """
         return None
 
@@ -355,8 +358,12 @@ class GRU(_TorchWeightsCell):
         if self.hidden_size == 1:  # W_hh is its own diagonal: the DiagGRU kernel, exact, no per-iteration GEMM
             return lambda h, bnd, start, out=None, want_summary=False: fused_diag_gru_step(
                 h, xp, w.reshape(3), b, bnd, out=out, start=start, want_summary=want_summary)
-        return lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(
+        step = lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(  # noqa: E731
             h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
+        # the pass from the zero iterate (the solver's first without an initial guess): no recurrent GEMM
+        step.from_zeros = lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(
+            h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary, zero_iterate=True)
+        return step
 
     def pipelined_newton_raw(self, structure, inputs):
         if self.hidden_size != 1 or structure.kind == "block":

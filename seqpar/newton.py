@@ -62,6 +62,9 @@ PIPELINED = True                      # use a cell's pipelined kernel (seqpar.pi
 # faster and one-rank solves replay CUDA graphs (seqpar.graphs), run 55 measured that solve at 1.25 ms
 # pipelined vs 1.55 ms look-back eager, 0.58 vs 0.85 ms with graphs: 2^20.
 PIPELINE_MIN_ELEMENTS = 2**20
+# the first pass of a solve without an initial guess runs the fused step's ``from_zeros`` (the iterate is zero:
+# the dense GRU's quasi-Newton pass needs no recurrent GEMM), where the cell has one; False: the plain step
+ZERO_FIRST_PASS = True
 
 
 @dataclass
@@ -251,7 +254,8 @@ class LocalPass:
     ``start`` (B, D) the scan's incoming state; ``out`` (n, B, D) receives the
     scanned states; ``residual`` a 1-element tensor (elementwise relative
     residual of ``h``); ``Phi`` the shard's Jacobian product (structure storage,
-    leading dim B) if ``want_summary`` else None.
+    leading dim B) if ``want_summary`` else None.  ``zero_iterate``: ``h`` is zero
+    at every step (the fused step's ``from_zeros`` runs, where the cell has one).
     """
 
     def __init__(self, cell, xp: torch.Tensor, opts: NewtonOptions, chunk: int):
@@ -261,9 +265,10 @@ class LocalPass:
         self.scan = scan_function(opts.backend)
         self.fused = fused_stepper(cell, self.st, xp, opts.backend) if xp.shape[0] else None
 
-    def __call__(self, h, boundary, start, out=None, want_summary: bool = False):
+    def __call__(self, h, boundary, start, out=None, want_summary: bool = False, zero_iterate: bool = False):
         if self.fused is not None:
-            res = self.fused(h, boundary, start, out=out, want_summary=want_summary)
+            step = getattr(self.fused, "from_zeros", self.fused) if zero_iterate else self.fused
+            res = step(h, boundary, start, out=out, want_summary=want_summary)
             out, stats = res[0], res[1]
             phi = res[2].to(h.dtype) if want_summary else None
             return out, stats[:1].to(h.dtype), phi
@@ -360,7 +365,8 @@ def newton_solve(cell, xp: Optional[torch.Tensor], h0: torch.Tensor, opts: Newto
                                                    SummaryExchange(comm, pipe.structure, h0, info), phases)
         else:
             h, boundary, it = _iterations(LocalPass(cell, xp, opts, chunk), h, boundary, h0, st, comm, stopping,
-                                          SummaryExchange(comm, st, h0, info), info, phases)
+                                          SummaryExchange(comm, st, h0, info), info, phases,
+                                          zero_first=ZERO_FIRST_PASS and initial_guess is None)
     info.iterations = it
     info.residual = info.residuals[-1]
     if info.converged and P > 1:
@@ -389,9 +395,11 @@ def newton_solve(cell, xp: Optional[torch.Tensor], h0: torch.Tensor, opts: Newto
 
 
 def _iterations(local: "LocalPass", h, boundary, h0, st: Structure, comm: Communicator, stopping: "_Stopping",
-                exchange: SummaryExchange, info: SolveInfo, phases: Optional[PhaseTimes] = None):
+                exchange: SummaryExchange, info: SolveInfo, phases: Optional[PhaseTimes] = None,
+                zero_first: bool = False):
     """The reference loop (any cell): local pass from the guessed incoming state, exchange, correction.
-    Returns ``(h, boundary, iterations)``; ``phases`` (:class:`seqpar.phases.PhaseTimes`) times its parts."""
+    Returns ``(h, boundary, iterations)``; ``phases`` (:class:`seqpar.phases.PhaseTimes`) times its parts;
+    ``zero_first``: the first iterate ``h`` is zero at every step."""
     phases = phases or PhaseTimes(mode="")
     n, B, D = h.shape
     P = comm.world_size
@@ -399,7 +407,8 @@ def _iterations(local: "LocalPass", h, boundary, h0, st: Structure, comm: Commun
     it = 0
     while True:
         start = boundary  # rank 0: h0, exact; others: a guess, corrected after the exchange
-        out, res_local, phi = local(h, boundary, start, out=spare, want_summary=P > 1) if n else \
+        out, res_local, phi = local(h, boundary, start, out=spare, want_summary=P > 1,
+                                    zero_iterate=zero_first and it == 0) if n else \
             (h, h0.new_zeros(1), st.identity((B,), D, h0.dtype, h0.device) if P > 1 else None)
         phases.mark("pass")
         if P > 1:

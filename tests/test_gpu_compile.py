@@ -4,7 +4,9 @@ otherwise show only on the device.  A subprocess with the interpreter off compil
 through the ptxas that triton ships; nothing runs): the pipelined DiagGRU pass in the variants the solves use
 (first / later pass, prefetch depths, raw inputs projected in the pass, the record and the carries' scan in its
 last program), the device stopping rule's kernels (record, take_final), the NaN / Inf count and the pipelined
-quasi-Newton GRU pass (first / later, guarded, one batch row, channels split between programs)."""
+quasi-Newton GRU pass (first / later, guarded, one batch row, channels split between programs), the whole-row
+3xTF32 GEMMs (seqpar.kernels.linear, and quasi_gru_gemm's with the GRU epilogue) and the quasi-Newton look-back
+pass from the zero iterate."""
 import os
 import subprocess
 import sys
@@ -51,6 +53,16 @@ SCRIPT = textwrap.dedent('''
                                         (False, False, 16, 2, 64, 64), (False, True, 16, 1, 64, 32)]:
         compile_kernel(pq._quasi_pass_kernel, qtypes,
                        dict(R=r, BB=bb, DP=dp, CB=cb, BK=16, FIRST=first, GUARD=guard, PREC=2))
+    # the whole-row 3xTF32 GEMMs (plain and with the GRU epilogue) and the look-back pass from the zero iterate
+    from seqpar.kernels import fused_diag_gru as fd, linear as lin, quasi_gru_gemm as qg
+    for k, kp, nb in [(64, 64, 3), (17, 32, 2)]:
+        compile_kernel(lin._linear_rows_kernel, {"M": "i32", "N": "i32"},
+                       dict(K=k, HAS_BIAS=True, PREC=2, BM=128, BN=64, KP=kp, NB=nb))
+    compile_kernel(qg._quasi_gru_rows_kernel, {n: "i32" for n in ("M", "B", "NP")} |
+                   {n: "i64" for n in ("sx_t", "sx_b", "sx_c")},
+                   dict(D=64, KP=64, HAS_BIAS=True, PREC=2, BM=64, BD=32, ND=2))
+    compile_kernel(fd._fused_diag_gru_kernel, {n: "i32" for n in ("T", "D", "N", "n_lb", "NP")} |
+                   {"Flags": "*i32", "Counter": "*i32"}, dict(TT=32, BN=64, LB_W=8, HH=3, PREC=2))
 ''')
 
 
@@ -65,7 +77,7 @@ def test_kernels_compile_for_sm90():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert proc.stdout.count("compiled") == 12
+    assert proc.stdout.count("compiled") == 16
 
 
 def test_ptxas_register_report(tmp_path):

@@ -134,6 +134,54 @@ def test_fused_gru_quasi(T, recurrent, tiles, gemm, monkeypatch):
         h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent=recurrent, **tiles))
 
 
+@pytest.mark.parametrize("T,B,D,bias", [(1, 2, 9, True), (37, 3, 9, True), (70, 1, 20, False), (33, 5, 3, True)])
+def test_fused_gru_quasi_from_the_zero_iterate(T, B, D, bias):
+    """zero_iterate=True (no recurrent GEMM: b_hh after step 0, W_hh boundary + b_hh at step 0) gives the
+    pass from h = 0 of the GEMM variant and of the reference linearisation: new iterate, residual, max|f|
+    and the shard summary, from a boundary and a start that are not zero; T = 1, B = 1, no bias."""
+    from seqpar.kernels.fused_diag_gru import fused_gru_quasi_step
+
+    torch.manual_seed(T + D)
+    cell = GRU(4, D, bias=bias)
+    with torch.no_grad():
+        xp = cell.project_inputs(torch.randn(T, B, 4))
+        h, bnd, start = torch.zeros(T, B, D), torch.randn(B, D), torch.randn(B, D)
+        kw = dict(start=start, want_summary=True, block_t=16, block_n=8)
+        got = fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, zero_iterate=True, **kw)
+        want = fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent="gemm", **kw)
+        hp = shift(h, bnd)  # the reference pass: linearised at [bnd, h[:-1]], scanned from start
+        f = cell.step(hp, xp)
+        J = cell.jacobian(hp, xp, DIAG)
+        ref = affine_scan(J, f - DIAG.matvec(J, hp), start, DIAG)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(float(got[1][0]), _elementwise_rel(h, f), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[2], J.prod(0), rtol=1e-5, atol=1e-6)
+
+
+def test_solve_gru_quasi_first_pass_has_no_gemm(monkeypatch):
+    """A quasi-Newton GRU solve without an initial guess runs its first pass from the zero iterate with no
+    recurrent GEMM (one GEMM fewer than passes), with an initial guess every pass has its GEMM; both
+    match the sequential loop."""
+    from seqpar.kernels import fused_diag_gru as k
+
+    calls = []
+    real = k.linear
+    monkeypatch.setattr(k, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(2)
+    cell = GRU(3, 20)
+    x = torch.randn(45, 2, 3)
+    ref = seqpar.solve(cell, x, method="sequential").detach()
+    for guess in (None, torch.full((45, 2, 20), 0.1)):
+        calls.clear()
+        out, info = seqpar.solve(cell, x, jacobian="diag", backend="triton", return_info=True, fallback="none",
+                                 initial_guess=guess)
+        assert info.converged
+        torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-5)
+        assert len(calls) == info.iterations + (0 if guess is None else 1)
+
+
 def test_fused_gru_quasi_arguments():
     from seqpar.kernels import fused_diag_gru as k
 

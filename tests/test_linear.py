@@ -6,7 +6,7 @@ import torch
 
 import seqpar.kernels.linear as lin
 from seqpar.cells import GRU
-from seqpar.kernels.linear import fp32_linear, linear, uses_tensor_cores
+from seqpar.kernels.linear import fp32_linear, linear, tf32_split, uses_tensor_cores
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -22,6 +22,47 @@ def test_linear_matches_float64(M, K, N, bias):
     got = linear(x, w, b)
     assert got.shape == (M, N) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,K,N", [(130, 64, 193), (5, 65, 7), (64, 3, 1)])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_both_kernels_at_their_edges(M, K, N, precision):
+    """The whole-row kernel at K = ROWS_MAX_K with four column tiles (the last nearly empty) and at N = 1;
+    the tiled kernel just past it (K = 65); into a row range of a larger tensor."""
+    assert lin.ROWS_MAX_K == 64
+    torch.manual_seed(M * K + N)
+    x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    big = torch.full((M + 2, N), 7.0)
+    linear(x, w, b, out=big[1:M + 1], precision=precision)
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    torch.testing.assert_close(big[1:M + 1].double(), ref, rtol=1e-5, atol=1e-5)
+    assert bool((big[0] == 7).all()) and bool((big[M + 1] == 7).all())
+
+
+def _tf32(t):
+    """What a tensor-core TF32 product reads of fp32 ``t``: its top 10 mantissa bits (the rest dropped)."""
+    return (t.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32_split_parts_and_the_three_product_scheme():
+    """tf32_split's parts are TF32 numbers summing to w within 2^-21; and the whole-row kernel's scheme --
+    x split the same way, x_lo w_hi + x_hi w_lo + x_hi w_hi with every operand read as TF32 -- is within
+    1e-6 (relative to sum |x w|) of float64, where one TF32 product is ~1e-3 off: in float64 here, so the
+    scheme is checked as the tensor cores run it (the interpreter's dots are exact fp32)."""
+    torch.manual_seed(3)
+    w = torch.randn(192, 64) * torch.logspace(-3, 3, 64)
+    hi, lo = tf32_split(w)
+    assert torch.equal(_tf32(hi), hi) and torch.equal(_tf32(lo), lo)
+    assert float(((hi.double() + lo.double() - w.double()).abs() / w.double().abs()).max()) < 2 ** -21
+    x = torch.randn(500, 64)
+    x_hi = tf32_split(x)[0]  # the kernel's _tf32_parts rounds the same way; its x_lo, unrounded, is read as _tf32
+    x_lo = x - x_hi
+    d = lambda t: _tf32(t).double()  # noqa: E731
+    got = d(x_lo) @ d(hi).T + d(x_hi) @ d(lo).T + d(x_hi) @ d(hi).T
+    exact = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    assert float(((got - exact).abs() / scale).max()) < 1e-6
+    assert float(((d(x) @ d(w).T - exact).abs() / scale).max()) > 1e-4  # one TF32 product: far off
 
 
 @pytest.mark.parametrize("precision,tiles", [("ieee", (16, 16, 16, 1)), ("tf32x3", (32, 64, 16, 2))])

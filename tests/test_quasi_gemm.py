@@ -62,12 +62,17 @@ def _step(cell, xp, h, bnd, recurrent, **kw):
     return k.fused_gru_quasi_step(h, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent=recurrent, **kw)
 
 
-@pytest.mark.parametrize("T,B,D,bias,tiles", [(1, 1, 5, True, None), (7, 3, 5, False, None),
-                                              (5, 2, 33, True, SMALL_TILES), (3, 2, 20, False, (32, 32, 16, 2))])
-def test_epilogue_matches_float64_reference(T, B, D, bias, tiles):
+@pytest.mark.parametrize("T,B,D,bias,tiles,precision", [
+    (1, 1, 5, True, None, "tf32x3"), (7, 3, 5, False, None, "tf32x3"), (5, 2, 33, True, SMALL_TILES, "tf32x3"),
+    (3, 2, 20, False, (32, 32, 16, 2), "tf32x3"),
+    # the whole-row kernel (tiles None, D <= ROWS_MAX_D): two channel blocks (D = 64), K padded and the second
+    # block partly past D (D = 33, 40), more rows than one program's (T B = 70 > ROWS_BM), IEEE products
+    (3, 2, 64, True, None, "tf32x3"), (2, 3, 33, False, None, "tf32x3"), (35, 2, 40, True, None, "ieee")])
+def test_epilogue_matches_float64_reference(T, B, D, bias, tiles, precision):
     cell, xp, h, bnd, _ = _problem(T, B, D, bias, seed=T + D)
     with torch.no_grad():
-        a, b, stats = q.quasi_gru_epilogue(h, xp, cell.weight_hh, cell.bias_hh, bnd, tiles=tiles)
+        a, b, stats = q.quasi_gru_epilogue(h, xp, cell.weight_hh, cell.bias_hh, bnd, tiles=tiles,
+                                           precision=precision)
         ra, rb, rstats = _ref64(cell, xp, h, bnd)
     assert a.shape == b.shape == (T, B, D) and a.dtype == b.dtype == stats.dtype == torch.float32
     torch.testing.assert_close(a.double(), ra, rtol=1e-5, atol=1e-6)
