@@ -10,13 +10,16 @@ In one process, at T steps, B batch rows, D = input = hidden size (fp32):
   (``F.linear``), cuBLAS TF32 (what ``allow_tf32`` would give: 1e-3 off, for scale), the tiled kernel
   (``seqpar.kernels.linear`` with its tiles) and the whole-row kernel (its default for K <= 64); CUDA-event
   medians of --reps after two warm-ups, each one's largest difference from float64 on the first 200k rows;
-* ``iteration``: one look-back quasi-Newton iteration (``fused_gru_quasi_step(recurrent="gemm")``) with each
-  kernel for the recurrent GEMM;
+* ``iteration``: one look-back quasi-Newton iteration (``fused_gru_quasi_step(recurrent="gemm")``) with the
+  whole-row and (``session12``) the tiled GEMM; the pass from the zero iterate (no GEMM) at QUASI_TILES' and at
+  TILES' tile; the GEMM-epilogue iteration (``recurrent="epilogue"``), its scan, and its whole-row kernel at
+  each of --rows-tiles (BM:BD:warps);
 * ``solve``: ``seqpar.solve(cell, x, h0, jacobian="diag")`` per weight init (torch.nn.GRU's; DEER's flax
-  GRUCell, ``bench_vs_deer.make_weights``) with ``before`` (the tiled kernel, cuBLAS fp32 for the projection:
-  session 12's solve) and ``after`` (the defaults): wall-clock median of --solve-reps after a warm-up,
-  iterations, the float64 residual of the returned states, the largest state difference; cuDNN
-  ``torch.nn.GRU`` on chunks of 65,535 steps in the same process, and the speed-ups over it.
+  GRUCell, ``bench_vs_deer.make_weights``) with ``before`` (session 12's solve: the tiled kernel, cuBLAS fp32
+  for the projection, a GEMM in the first pass) and ``after`` (the defaults), with --epilogue-solves also
+  ``epilogue``: wall-clock median of --solve-reps after a warm-up, iterations, the float64 residual of the
+  returned states, the largest state difference from ``before``; cuDNN ``torch.nn.GRU`` on chunks of 65,535
+  steps in the same process, and the speed-ups over it.
 """
 from __future__ import annotations
 
@@ -109,6 +112,9 @@ def iteration_row(D: int, B: int, T: int, reps: int, tiles: list, dev) -> dict:
     row["gemm_vs_session12_diff"] = float((after - before).abs().max())
     zero = torch.zeros_like(h)
     row["zero_iterate_ms"] = event_ms(lambda: k.fused_gru_quasi_step(zero, xp, w, b, bnd, zero_iterate=True), reps)
+    t = k.pick_tiles(k.TILES, B * D)  # DiagGRU's tile for these lanes instead of QUASI_TILES'
+    row["zero_iterate_diag_tiles_ms"] = event_ms(lambda: k.fused_gru_quasi_step(
+        zero, xp, w, b, bnd, zero_iterate=True, block_t=t[0], block_n=t[1], num_warps=t[2], lookback_w=t[3]), reps)
     zero = None
     epi = step("epilogue")()[0]
     row["epilogue_ms"] = event_ms(step("epilogue"), reps)
@@ -127,9 +133,14 @@ def iteration_row(D: int, B: int, T: int, reps: int, tiles: list, dev) -> dict:
     return row
 
 
+EPILOGUE_SOLVES = False  # (--epilogue-solves)
+
+
 def VARIANTS(D: int):
-    """The solves timed: session 12's, the defaults, and the defaults with the GEMM-epilogue iteration."""
-    return (("before", session12), ("after", contextlib.nullcontext), ("epilogue", lambda: epilogue(D)))
+    """The solves timed: session 12's, the defaults, and (--epilogue-solves) the defaults with the
+    GEMM-epilogue iteration."""
+    both = (("before", session12), ("after", contextlib.nullcontext))
+    return both + ((("epilogue", lambda: epilogue(D)),) if EPILOGUE_SOLVES else ())
 
 
 @torch.no_grad()
@@ -170,8 +181,11 @@ def main():
     ap.add_argument("--solve-reps", type=int, default=5)
     ap.add_argument("--rows-tiles", default="64:32:4,64:64:4,128:32:4,128:32:8,32:64:4,64:16:4",
                     help="BM:BD:warps of the GEMM-epilogue's whole-row kernel")
+    ap.add_argument("--epilogue-solves", action="store_true", help="also solve with recurrent=\"epilogue\"")
     ap.add_argument("--out", default=out_path("quasi_gemms.json"))
     a = ap.parse_args()
+    global EPILOGUE_SOLVES
+    EPILOGUE_SOLVES = a.epilogue_solves
     dev = torch.device("cuda")
     D, B = (int(v) for v in a.shape.split(":"))
     T = parse_count(a.steps)

@@ -240,7 +240,7 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
     ``zero_iterate``: the caller guarantees ``h`` is zero at every step (the solver's first iterate when it
     has no initial guess; not checked: that would read h).  Then ``W_hh h_prev + b_hh`` is ``b_hh`` after
     step 0 and ``W_hh boundary + b_hh`` at step 0 (a (B, D) product): no GEMM and nothing of size T x B x 3D
-    read, whatever ``recurrent`` says, at DiagGRU's tiles.
+    read, whatever ``recurrent`` says (at the "gemm" variant's tiles, QUASI_TILES).
     """
     T, B, D = h.shape
     if recurrent is None:
@@ -390,7 +390,7 @@ def _launch(h, xp, w, bh, boundary, start, out, block_t, block_n, num_warps, hh,
     bh = bh.contiguous()
     boundary = boundary.contiguous()
     start = boundary if start is None else start.contiguous()
-    block_t, block_n, num_warps, lb_w = pick_tiles(QUASI_TILES if hh == 1 else TILES, N, block_t, block_n,
+    block_t, block_n, num_warps, lb_w = pick_tiles(QUASI_TILES if hh in (1, 3) else TILES, N, block_t, block_n,
                                                    num_warps, lookback_w)
     n_lb = B if hh == 2 else triton.cdiv(N, block_n)  # "dot": one lane block per batch row
     n_chunks = triton.cdiv(T, block_t)

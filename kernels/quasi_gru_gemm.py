@@ -39,9 +39,12 @@ from ._common import DOT_PRECISIONS, dot, gru_f_jdiag, rel_residual, split_dot, 
 # 12.3 ms, BD = 32 tiles ~19.5 ms; with the 2.9 ms scan, the best is 13.2 ms against 11.6 ms for the "gemm"
 # variant's GEMM + look-back kernel).  BD and BK shrink to D (powers of two, >= 16) when no tile is given.
 BM, BD, BK, WARPS = 64, 64, 32, 4
-# whole-row kernel (D <= ROWS_MAX_D, no tiles given): rows per program, channels per block, warps
+# whole-row kernel (D <= ROWS_MAX_D, no tiles given): rows per program, channels per block, warps.  Run 82
+# (H100, D = 64, B = 8, T = 1M; benchmarks/bench_quasi_gemms.py): 64 x 64 at 4 warps 8.2 ms, 64 x 32 9.3 ms,
+# 32 x 64 9.6 ms, 128 x 32 at 8 warps 10.7 ms (the tiled kernel's best, run 63: 10.3 ms); with the 2.9 ms
+# scan still slower than the "gemm" variant (12.1 against 10.7 ms per iteration), so "epilogue" stays off
 ROWS_MAX_D = 64
-ROWS_BM, ROWS_BD, ROWS_WARPS = 64, 32, 4
+ROWS_BM, ROWS_BD, ROWS_WARPS = 64, 64, 4
 
 
 @triton.jit

@@ -100,6 +100,13 @@ def test_gru_quasi_dot_matches_gemm_and_float64(D, B):
                                      want_summary=True)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+        zero = torch.zeros_like(h)  # the first pass without an initial guess: no GEMM
+        got = k.fused_gru_quasi_step(zero, xp, cell.weight_hh, cell.bias_hh, bnd, start=start, want_summary=True,
+                                     zero_iterate=True)
+        ref = k.fused_gru_quasi_step(zero, xp, cell.weight_hh, cell.bias_hh, bnd, recurrent="gemm", start=start,
+                                     want_summary=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
         out, info = seqpar.solve(cell, x, jacobian="diag", return_info=True, fallback="none")
         assert info.converged
         c64 = seqpar.cells.GRU.from_torch(copy.deepcopy(m).double())
