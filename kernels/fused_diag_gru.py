@@ -133,8 +133,8 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
     0 DiagGRU, ``W * h_prev + BH`` (W, BH (3D,)); 1 dense GRU, loaded from ``BH`` (T, B, 3D) (one GEMM
     before the launch); 2 dense GRU, ``h_prev W_hh^T + BH`` by ``tl.dot`` in ``PREC`` from ``WF``
     (3D, D), a lane block being one batch row (BN >= D, padded lanes masked); 3 dense GRU at the zero
-    iterate (h = 0 at every step): ``b_hh`` (``WF``, (3D,)) at steps >= 1, and at step 0, whose h_prev is the
-    boundary, ``W_hh boundary + b_hh`` from ``BH`` (B, 3D).  HH 1, 2 and 3: ``W`` holds the diagonal of W_hh
+    iterate (h = 0 at every step, not read): ``b_hh`` (``WF``, (3D,)) at steps >= 1, and at step 0, whose h_prev
+    is the boundary, ``W_hh boundary + b_hh`` from ``BH`` (B, 3D).  HH 1, 2 and 3: ``W`` holds the diagonal of W_hh
     (the quasi-Newton Jacobian's)."""
     c, lb = ticket(Counter, n_lb, 0)
     if HH == 2:  # lane block lb = batch row lb: its D lanes, padded to BN
@@ -152,9 +152,13 @@ def _fused_diag_gru_kernel(H, XP, W, BH, Bnd, St, Out, Res, AggA, AggC, Incl, Fl
     m = valid[:, None] & lmask[None, :]
     i64 = i.to(tl.int64)[:, None]
     off = i64 * N + lanes[None, :]
-    hc = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
     first = (i == 0)[:, None]
-    hp = tl.load(H + off - N, mask=m & (i >= 1)[:, None], other=0.0).to(tl.float32)
+    if HH == 3:  # the zero iterate: nothing of h to read
+        hc = tl.zeros([TT, BN], tl.float32)
+        hp = hc
+    else:
+        hc = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
+        hp = tl.load(H + off - N, mask=m & (i >= 1)[:, None], other=0.0).to(tl.float32)
     bnd = tl.load(Bnd + lanes, mask=lmask, other=0.0).to(tl.float32)
     hp = tl.where(first, bnd[None, :], hp)
     xo = i64 * (3 * N) + (bidx * (3 * D) + d)[None, :]
@@ -239,8 +243,8 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
 
     ``zero_iterate``: the caller guarantees ``h`` is zero at every step (the solver's first iterate when it
     has no initial guess; not checked: that would read h).  Then ``W_hh h_prev + b_hh`` is ``b_hh`` after
-    step 0 and ``W_hh boundary + b_hh`` at step 0 (a (B, D) product): no GEMM and nothing of size T x B x 3D
-    read, whatever ``recurrent`` says (at the "gemm" variant's tiles, QUASI_TILES).
+    step 0 and ``W_hh boundary + b_hh`` at step 0 (a (B, D) product): no GEMM, nothing of size T x B x 3D
+    read and h not read at all, whatever ``recurrent`` says (at the "gemm" variant's tiles, QUASI_TILES).
     """
     T, B, D = h.shape
     if recurrent is None:
