@@ -13,13 +13,13 @@ Two kernels:
 * ``K <= ROWS_MAX_K`` and ``N <= ROWS_MAX_N`` (the recurrent GEMM, K = D, N = 3D; most input
   projections): one program holds ``ROWS_BM`` whole rows of x (all of K), splits them once, and walks the output's column tiles of ``ROWS_BN``. With
   "tf32x3" W comes split on the host (``tf32_split``), and each product is three TF32 ``tl.dot``s of the
-  parts, small terms first.  H100, (8M x 64) @ (64 x 192): 3.35 ms against 4.72 ms for the tiled kernel,
-  6.4-6.7 ms for cuBLAS's fp32 and 2.9 ms for one TF32 product (benchmarks/results/COMMANDS.md, run 78);
+  parts, small terms first.  H100, (8M x 64) @ (64 x 192): 3.5 ms against 4.8 ms for the tiled kernel,
+  6.4-6.6 ms for cuBLAS's fp32 and 2.9 ms for one TF32 product (benchmarks/bench_quasi_gemms.py, runs 82-84);
 * otherwise, and where ``tiles`` are given: one program computes a ``BM x BN`` tile of the output, walking K
   in steps of ``BK``.
 
-Both are masked: any M, N, K >= 1; K and N need not be multiples of anything.  Reference: ``torch.nn.functional.linear``
-(tests/test_linear.py compares in float64).
+Both are masked: any M, N, K >= 1; K and N need not be multiples of anything.  Reference:
+``torch.nn.functional.linear`` (tests/test_linear.py compares in float64).
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ from ._common import DOT_PRECISIONS, dot, split_dot, tf32_parts
 FP32_LINEAR_MIN_ROWS = 1 << 16
 # tile (rows x outputs x reduction), warps; benchmarks/bench_gru_quasi.py (H200, 8M-16M rows, K = D)
 BM, BN, BK, WARPS = 128, 64, 32, 4
-# whole-row kernel: widest K, rows per program, outputs per column tile, warps (run 78: best of 128/64/256 rows,
-# 32/64/128 outputs, 4/8 warps, 1-3 stages at K = 64, N = 192)
+# whole-row kernel: widest K and N, rows per program, outputs per column tile, warps (run 78,
+# benchmarks/probes/probe78.py: best of 64/128/256 rows, 32/64/128 outputs, 4/8 warps, 1-3 stages at K = 64,
+# N = 192)
 ROWS_MAX_K, ROWS_MAX_N = 64, 512  # (the column tiles are unrolled: N / ROWS_BN of them at most)
 ROWS_BM, ROWS_BN, ROWS_WARPS = 128, 64, 4
 
@@ -159,7 +160,7 @@ def uses_tensor_cores(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``torch.nn.functional.linear(x, weight, bias)`` at fp32 accuracy, on tensor cores where
     :func:`uses_tensor_cores` says so (cuBLAS runs an fp32 GEMM on CUDA cores: H100, (8M x 64) @ (64 x 192),
-    6.4 ms against 3.35 ms here, module docstring), else
+    6.4 ms against 3.5 ms here, module docstring), else
     ``F.linear``.  ``x`` (..., K), ``weight`` (N, K), ``bias`` (N,) or None; returns (..., N)."""
     if not uses_tensor_cores(x, weight, bias):
         return torch.nn.functional.linear(x, weight, bias)
