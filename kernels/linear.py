@@ -146,13 +146,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 def uses_tensor_cores(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`fp32_linear` takes :func:`linear` (3xTF32) for these arguments: CUDA float32 tensors,
-    at least ``FP32_LINEAR_MIN_ROWS`` rows, no autograd graph to record (grad disabled, or nothing requires
+    at least ``FP32_LINEAR_MIN_ROWS`` rows, the whole-row kernel's shapes (K <= ``ROWS_MAX_K``, N <=
+    ``ROWS_MAX_N``: where it was measured faster than cuBLAS), no autograd graph to record (grad disabled, or nothing requires
     grad: the kernel has no backward), and torch's fp32 matmuls at full precision (with
     ``torch.backends.cuda.matmul.allow_tf32`` on, cuBLAS's TF32 is faster and the caller chose its accuracy)."""
     ts = [t for t in (x, weight, bias) if t is not None]
     if not all(t.is_cuda and t.dtype == torch.float32 for t in ts) or x.dim() < 1 or x.shape[-1] == 0:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    if x.shape[-1] > ROWS_MAX_K or weight.shape[0] > ROWS_MAX_N:  # the whole-row kernel's shapes only (measured)
         return False
     return x.numel() // x.shape[-1] >= FP32_LINEAR_MIN_ROWS and not torch.backends.cuda.matmul.allow_tf32
 

@@ -127,6 +127,8 @@ def test_gpu_fp32_linear_dispatch_and_accuracy(monkeypatch):
     b = torch.randn(192, device="cuda")
     assert not uses_tensor_cores(x, w, b)  # grad would be recorded for w
     assert not uses_tensor_cores(x[:10], w.detach(), b) and not uses_tensor_cores(x.double(), w.double().detach())
+    wide = torch.randn(192, 65, device="cuda")
+    assert not uses_tensor_cores(torch.randn(rows, 65, device="cuda"), wide)  # K past the whole-row kernel
     with torch.no_grad():
         assert uses_tensor_cores(x, w, b)
         got = fp32_linear(x, w, b)
