@@ -59,6 +59,35 @@ def _h_prev(H, Bnd, rows, cols, B, D, rmask, cmask):
 
 
 @triton.jit
+def _gru_epilogue(H, XP, W, BH, Bnd, A, Bv, rm, rd, mm, dm, B, D, sx_t, sx_b, sx_c, acc_r, acc_z, acc_n,
+                  HAS_BIAS: tl.constexpr):
+    """The GRU step on the gate accumulators ``h_prev W_g^T`` (BM, BD) of rows ``rm``, channels ``rd``: bias,
+    gates, f, the diagonal of J; stores ``a`` and ``b = f - a h_prev`` (contiguous (M, D) float32) and returns
+    the rows' maxima (BM,) of the relative residual of ``h`` and of |f|."""
+    if HAS_BIAS:
+        acc_r += tl.load(BH + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
+        acc_z += tl.load(BH + D + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
+        acc_n += tl.load(BH + 2 * D + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
+    m = mm[:, None] & dm[None, :]
+    hp = _h_prev(H, Bnd, rm, rd, B, D, mm, dm)
+    xo = (rm // B)[:, None] * sx_t + (rm % B)[:, None] * sx_b + rd[None, :].to(tl.int64) * sx_c
+    xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
+    xz = tl.load(XP + xo + D * sx_c, mask=m, other=0.0).to(tl.float32)
+    xn = tl.load(XP + xo + 2 * D * sx_c, mask=m, other=0.0).to(tl.float32)
+    wd = rd * (D + 1)  # the diagonal of each gate's block W_g (the quasi-Newton Jacobian's)
+    wr = tl.load(W + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
+    wz = tl.load(W + D * D + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
+    wn = tl.load(W + 2 * D * D + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
+    f, jd = gru_f_jdiag(hp, xr, xz, xn, acc_r, acc_z, acc_n, wr, wz, wn)
+    off = rm[:, None] * D + rd[None, :]
+    hc = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
+    rel, fab = rel_residual(hc, f, m)
+    tl.store(A + off, jd, mask=m)
+    tl.store(Bv + off, f - jd * hp, mask=m)
+    return tl.max(rel, 1), tl.max(fab, 1)
+
+
+@triton.jit
 def _quasi_gru_gemm_kernel(H, XP, W, BH, Bnd, A, Bv, Res, M, B, D, NP, n_d, sx_t, sx_b, sx_c,
                            HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                            BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
@@ -83,28 +112,10 @@ def _quasi_gru_gemm_kernel(H, XP, W, BH, Bnd, A, Bv, Res, M, B, D, NP, n_d, sx_t
         acc_r += dot(hp, tl.load(W + wo, mask=wm, other=0.0).to(tl.float32), PREC)
         acc_z += dot(hp, tl.load(W + D * D + wo, mask=wm, other=0.0).to(tl.float32), PREC)
         acc_n += dot(hp, tl.load(W + 2 * D * D + wo, mask=wm, other=0.0).to(tl.float32), PREC)
-    if HAS_BIAS:
-        acc_r += tl.load(BH + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
-        acc_z += tl.load(BH + D + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
-        acc_n += tl.load(BH + 2 * D + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
-    m = mm[:, None] & dm[None, :]
-    hp = _h_prev(H, Bnd, rm, rd, B, D, mm, dm)
-    xo = (rm // B)[:, None] * sx_t + (rm % B)[:, None] * sx_b + rd[None, :].to(tl.int64) * sx_c
-    xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
-    xz = tl.load(XP + xo + D * sx_c, mask=m, other=0.0).to(tl.float32)
-    xn = tl.load(XP + xo + 2 * D * sx_c, mask=m, other=0.0).to(tl.float32)
-    wd = rd * (D + 1)  # the diagonal of each gate's block W_g (the quasi-Newton Jacobian's)
-    wr = tl.load(W + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
-    wz = tl.load(W + D * D + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
-    wn = tl.load(W + 2 * D * D + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
-    f, jd = gru_f_jdiag(hp, xr, xz, xn, acc_r, acc_z, acc_n, wr, wz, wn)
-    off = rm[:, None] * D + rd[None, :]
-    hc = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
-    rel, fab = rel_residual(hc, f, m)
-    tl.store(Res + pid, tl.max(tl.max(rel, 1), 0))  # per-program partial maxima: no same-address atomics
-    tl.store(Res + NP + pid, tl.max(tl.max(fab, 1), 0))
-    tl.store(A + off, jd, mask=m)
-    tl.store(Bv + off, f - jd * hp, mask=m)
+    rel, fab = _gru_epilogue(H, XP, W, BH, Bnd, A, Bv, rm, rd, mm, dm, B, D, sx_t, sx_b, sx_c,
+                             acc_r, acc_z, acc_n, HAS_BIAS)
+    tl.store(Res + pid, tl.max(rel, 0))  # per-program partial maxima: no same-address atomics
+    tl.store(Res + NP + pid, tl.max(fab, 0))
 
 
 @triton.jit
@@ -135,28 +146,10 @@ def _quasi_gru_rows_kernel(H, XP, W, W1, W2, BH, Bnd, A, Bv, Res, M, B, NP, sx_t
         acc_r = split_dot(hk, hk_hi, hk_lo, W1, W2, wo, wm, PREC)
         acc_z = split_dot(hk, hk_hi, hk_lo, W1 + D * D, W2 + D * D, wo, wm, PREC)
         acc_n = split_dot(hk, hk_hi, hk_lo, W1 + 2 * D * D, W2 + 2 * D * D, wo, wm, PREC)
-        if HAS_BIAS:
-            acc_r += tl.load(BH + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
-            acc_z += tl.load(BH + D + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
-            acc_n += tl.load(BH + 2 * D + rd, mask=dm, other=0.0).to(tl.float32)[None, :]
-        m = mm[:, None] & dm[None, :]
-        hp = _h_prev(H, Bnd, rm, rd, B, D, mm, dm)
-        xo = (rm // B)[:, None] * sx_t + (rm % B)[:, None] * sx_b + rd[None, :].to(tl.int64) * sx_c
-        xr = tl.load(XP + xo, mask=m, other=0.0).to(tl.float32)
-        xz = tl.load(XP + xo + D * sx_c, mask=m, other=0.0).to(tl.float32)
-        xn = tl.load(XP + xo + 2 * D * sx_c, mask=m, other=0.0).to(tl.float32)
-        wd = rd * (D + 1)  # the diagonal of each gate's block W_g (the quasi-Newton Jacobian's)
-        wr = tl.load(W + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
-        wz = tl.load(W + D * D + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
-        wn = tl.load(W + 2 * D * D + wd, mask=dm, other=0.0).to(tl.float32)[None, :]
-        f, jd = gru_f_jdiag(hp, xr, xz, xn, acc_r, acc_z, acc_n, wr, wz, wn)
-        off = rm[:, None] * D + rd[None, :]
-        hc = tl.load(H + off, mask=m, other=0.0).to(tl.float32)
-        rel, fab = rel_residual(hc, f, m)
-        worst = tl.maximum(worst, tl.max(rel, 1))
-        fmax = tl.maximum(fmax, tl.max(fab, 1))
-        tl.store(A + off, jd, mask=m)
-        tl.store(Bv + off, f - jd * hp, mask=m)
+        rel, fab = _gru_epilogue(H, XP, W, BH, Bnd, A, Bv, rm, rd, mm, dm, B, D, sx_t, sx_b, sx_c,
+                                 acc_r, acc_z, acc_n, HAS_BIAS)
+        worst = tl.maximum(worst, rel)
+        fmax = tl.maximum(fmax, fab)
     tl.store(Res + pid, tl.max(worst, 0))
     tl.store(Res + NP + pid, tl.max(fmax, 0))
 

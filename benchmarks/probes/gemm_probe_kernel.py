@@ -1,10 +1,9 @@
-"""(probe78.py's kernel, importable: Triton needs its source in a file)  GEMM variants for x (M, 64) @ W^T (64 -> 192) at M = 8M: 3xTF32 as Triton lowers it, 3xTF32 with W split on
-the host and x split in the kernel (three TF32 dots), whole-K programs walking the column tiles, 1xTF32."""
-import sys, os, json, torch, torch.nn.functional as F
-import triton, triton.language as tl
-sys.path.insert(0, "benchmarks")
-from common import event_ms
-from seqpar.kernels.linear import linear
+"""The kernel of probe78.py / probe80.py (run 78, session 13): x (M, K) @ W^T by whole-row programs walking the
+column tiles; MODE 0 Triton's tf32x3, 1 W split on the host and x truncated to TF32 parts in the kernel (three
+TF32 dots), 2 one TF32 dot.  The design kernels/linear.py's whole-row kernel took."""
+import torch
+import triton
+import triton.language as tl
 
 
 @triton.jit

@@ -5,7 +5,6 @@ import sys, torch, torch.nn.functional as F
 sys.path.insert(0, "benchmarks")
 from common import event_ms
 from seqpar.kernels.linear import linear
-import seqpar.kernels.fused_diag_gru as k
 dev = "cuda"
 T, B, D = 1_000_000, 8, 64
 torch.manual_seed(0)

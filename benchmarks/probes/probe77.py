@@ -5,7 +5,6 @@ import sys, json, os, torch, torch.nn.functional as F
 sys.path.insert(0, "benchmarks")
 from common import event_ms
 from seqpar.kernels.linear import linear
-import seqpar.kernels.linear as lin
 import seqpar.kernels.fused_diag_gru as k
 from bench_gru_quasi import off_on_solves, pipelined_solve, iteration_inputs
 import argparse

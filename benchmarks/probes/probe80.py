@@ -1,8 +1,15 @@
 """Runs 80-81 (H100, session 13): probe78's whole-row kernel (x truncated to TF32 parts) against
 seqpar.kernels.linear's whole-row kernel (rounded parts) in one process.  From the repository root."""
-import sys, os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, "benchmarks")
 sys.path.insert(0, "benchmarks/probes")
-from gemm_probe_kernel import *
+from common import event_ms  # noqa: E402
+from gemm_probe_kernel import run  # noqa: E402
+from seqpar.kernels.linear import linear  # noqa: E402
 dev = "cuda"
 M, K, N = 8_000_000, 64, 192
 torch.manual_seed(0)
