@@ -168,6 +168,19 @@ def epilogue_iteration(D: int, B: int, T: int, a, dev) -> dict:
     return row
 
 
+def measured_solve(cell, x, h0, m, reps: int, warmup: int = 0):
+    """``(states, row)`` of ``seqpar.solve(cell, x, h0, jacobian="diag")`` (triton backend, no fallback): the
+    first solve (compiles; gives the iterations and residuals), ``warmup`` more, then the wall-clock median of
+    ``reps`` more; the float64 residual of the first solve's states (the cell of ``m``)."""
+    out, info = seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none", return_info=True)
+    out = out.detach()
+    t = timed(lambda: seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none"),
+              repeats=reps, warmup=warmup)
+    return out, dict(ms=t["median_s"] * 1e3, times_ms=[v * 1e3 for v in t["times_s"]], iterations=info.iterations,
+                     converged=info.converged, residual=info.residual, residuals=info.residuals,
+                     residual_f64=float64_residual(m, x, h0, out))
+
+
 def solve_once(cell, x, h0, m, min_d, reps: int):
     """``(states, info row)`` of seqpar.solve(jacobian="diag") with ``QUASI_EPILOGUE_MIN_D = min_d``: the first
     solve (compiles, gives iterations and residuals), then the wall-clock median of ``reps`` more."""
@@ -176,16 +189,11 @@ def solve_once(cell, x, h0, m, min_d, reps: int):
     recurrent = k.default_quasi_recurrent(h0.shape[-1])
     try:
         seqpar.graphs.clear()  # (a graph captured under the other setting would be replayed)
-        out, info = seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none", return_info=True)
-        out = out.detach()
-        t = timed(lambda: seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none"),
-                  repeats=reps, warmup=0)
+        out, row = measured_solve(cell, x, h0, m, reps)
     finally:
         k.QUASI_EPILOGUE_MIN_D = default
         seqpar.graphs.clear()
-    return out, dict(recurrent=recurrent, ms=t["median_s"] * 1e3, times_ms=[v * 1e3 for v in t["times_s"]],
-                     iterations=info.iterations, converged=info.converged, residual=info.residual,
-                     residual_f64=float64_residual(m, x, h0, out))
+    return out, dict(recurrent=recurrent, **row)
 
 
 @torch.no_grad()
@@ -298,15 +306,10 @@ def pipelined_solve(cell, x, h0, m, enabled: bool, reps: int):
     default = pq.ENABLED
     pq.ENABLED = enabled
     try:
-        out, info = seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none", return_info=True)
-        out = out.detach()
-        t = timed(lambda: seqpar.solve(cell, x, h0, jacobian="diag", backend="triton", fallback="none"),
-                  repeats=reps, warmup=0)
+        out, row = measured_solve(cell, x, h0, m, reps)
     finally:
         pq.ENABLED = default
-    return out, dict(pipelined=enabled, ms=t["median_s"] * 1e3, times_ms=[v * 1e3 for v in t["times_s"]],
-                     iterations=info.iterations, converged=info.converged, residual=info.residual,
-                     residuals=info.residuals, residual_f64=float64_residual(m, x, h0, out))
+    return out, dict(pipelined=enabled, **row)
 
 
 def run_pipelined(a, dev) -> None:

@@ -35,8 +35,8 @@ import seqpar
 import seqpar.graphs
 import seqpar.kernels.linear as lin
 import seqpar.newton
-from bench_gru_quasi import cudnn_ms, float64_residual, gru_module, iteration_inputs
-from common import env_info, event_ms, out_path, timed, write_json
+from bench_gru_quasi import cudnn_ms, gru_module, iteration_inputs, measured_solve
+from common import env_info, event_ms, out_path, write_json
 from seqpar.kernels import fused_diag_gru as k
 from seqpar.kernels import quasi_gru_gemm as q
 from seqpar.kernels.scan_diag import scan_diag
@@ -155,12 +155,7 @@ def solve_row(D: int, B: int, T: int, init: str, reps: int, dev) -> dict:
     for name, ctx in VARIANTS(D):
         seqpar.graphs.clear()  # (no graph captured under the other setting)
         with ctx():
-            out, info = seqpar.solve(cell, x, h0, jacobian="diag", fallback="none", return_info=True)
-            t = timed(lambda: seqpar.solve(cell, x, h0, jacobian="diag", fallback="none"), repeats=reps)
-        outs[name] = out
-        row[name] = dict(ms=t["median_s"] * 1e3, times_ms=[v * 1e3 for v in t["times_s"]],
-                         iterations=info.iterations, converged=info.converged, residual=info.residual,
-                         residual_f64=float64_residual(m, x, h0, out))
+            outs[name], row[name] = measured_solve(cell, x, h0, m, reps, warmup=1)
         torch.cuda.empty_cache()
     for name in outs:
         row[f"{name}_vs_before_diff"] = float((outs[name] - outs["before"]).abs().max())

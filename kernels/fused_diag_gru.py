@@ -257,9 +257,8 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
         return fused_diag_gru_step(h, xp, weight_hh.new_zeros(3 * D), None, boundary, out,
                                    start=start, want_summary=want_summary)  # T == 0: no launch
     if zero_iterate:
-        W = weight_hh.detach().to(torch.float32)
-        wdiag = torch.cat([W[g * D:(g + 1) * D].diagonal() for g in range(3)])
-        bias = W.new_zeros(3 * D) if bias_hh is None else bias_hh.detach().to(torch.float32)
+        W, wdiag, bias = _quasi_weights(weight_hh, bias_hh, torch.float32)
+        bias = W.new_zeros(3 * D) if bias is None else bias
         first = torch.nn.functional.linear(boundary.to(torch.float32), W, bias).contiguous()  # (B, 3D)
         return _launch(h, xp, wdiag, first, boundary, start, out, block_t, block_n, num_warps, hh=3,
                        want_summary=want_summary, lookback_w=lookback_w, wf=bias.contiguous())
@@ -267,9 +266,7 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
         return _quasi_epilogue_step(h, xp, weight_hh, bias_hh, boundary, start, out, want_summary, precision,
                                     epilogue_tiles, dict(block_t=block_t, block_n=block_n, num_warps=num_warps,
                                                          lookback_w=lookback_w))
-    W = weight_hh.detach().to(h.dtype)
-    wdiag = torch.cat([W[g * D:(g + 1) * D].diagonal() for g in range(3)])
-    bias = None if bias_hh is None else bias_hh.detach().to(h.dtype)
+    W, wdiag, bias = _quasi_weights(weight_hh, bias_hh, h.dtype)
     if recurrent == "dot":
         bn = max(16, triton.next_power_of_2(D))
         if block_n is not None and (block_n < D or block_n < 16 or block_n & (block_n - 1)):
@@ -294,6 +291,14 @@ def fused_gru_quasi_step(h, xp, weight_hh, bias_hh, boundary, out=None,
     hh[0] = torch.nn.functional.linear(boundary.to(h.dtype), W, bias)
     return _launch(h, xp, wdiag, hh, boundary, start, out, block_t, block_n, num_warps, hh=1,
                    want_summary=want_summary, lookback_w=lookback_w)
+
+
+def _quasi_weights(weight_hh, bias_hh, dtype):
+    """``(W (3D, D), the diagonals of its three gate blocks (3D,), bias (3D,) or None)`` in ``dtype``, detached."""
+    D = weight_hh.shape[1]
+    W = weight_hh.detach().to(dtype)
+    wdiag = torch.cat([W[g * D:(g + 1) * D].diagonal() for g in range(3)])
+    return W, wdiag, None if bias_hh is None else bias_hh.detach().to(dtype)
 
 
 def default_quasi_recurrent(D: int) -> str:

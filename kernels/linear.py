@@ -11,10 +11,11 @@ an error near fp32 rounding), so the GEMM is bound by its memory traffic instead
 Two kernels:
 
 * ``K <= ROWS_MAX_K`` and ``N <= ROWS_MAX_N`` (the recurrent GEMM, K = D, N = 3D; most input
-  projections): one program holds ``ROWS_BM`` whole rows of x (all of K), splits them once, and walks the output's column tiles of ``ROWS_BN``. With
-  "tf32x3" W comes split on the host (``tf32_split``), and each product is three TF32 ``tl.dot``s of the
-  parts, small terms first.  H100, (8M x 64) @ (64 x 192): 3.5 ms against 4.8 ms for the tiled kernel,
-  6.4-6.6 ms for cuBLAS's fp32 and 2.9 ms for one TF32 product (benchmarks/bench_quasi_gemms.py, runs 82-84);
+  projections): one program holds ``ROWS_BM`` whole rows of x (all of K), splits them once, and walks the
+  output's column tiles of ``ROWS_BN``.  With "tf32x3" W comes split on the host (``tf32_split``), and each
+  product is three TF32 ``tl.dot``s of the parts, small terms first.  H100, (8M x 64) @ (64 x 192): 3.5 ms
+  against 4.8 ms for the tiled kernel, 6.4-6.6 ms for cuBLAS's fp32 and 2.9 ms for one TF32 product
+  (benchmarks/bench_quasi_gemms.py, runs 82-84);
 * otherwise, and where ``tiles`` are given: one program computes a ``BM x BN`` tile of the output, walking K
   in steps of ``BK``.
 
@@ -74,11 +75,11 @@ def _linear_rows_kernel(X, W, W2, Bias, Y, M, N, K: tl.constexpr, HAS_BIAS: tl.c
 def tf32_split(w: torch.Tensor):
     """``(hi, lo)`` float32: ``w`` rounded to TF32 (to nearest, by the bits) and the rest rounded to TF32, so
     ``hi + lo`` is ``w`` to about 2^-22 relative; what :func:`_linear_rows_kernel` multiplies at "tf32x3"."""
+    def round_tf32(t):  # to nearest, by the bits (as _common.tf32_parts)
+        return ((t.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
     w = w.float().contiguous()
-    hi = ((w.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
-    rest = (w - hi).contiguous()
-    lo = ((rest.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
-    return hi, lo
+    hi = round_tf32(w)
+    return hi, round_tf32((w - hi).contiguous())
 
 
 @triton.jit
@@ -147,8 +148,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def uses_tensor_cores(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`fp32_linear` takes :func:`linear` (3xTF32) for these arguments: CUDA float32 tensors,
     at least ``FP32_LINEAR_MIN_ROWS`` rows, the whole-row kernel's shapes (K <= ``ROWS_MAX_K``, N <=
-    ``ROWS_MAX_N``: where it was measured faster than cuBLAS), no autograd graph to record (grad disabled, or nothing requires
-    grad: the kernel has no backward), and torch's fp32 matmuls at full precision (with
+    ``ROWS_MAX_N``: where it was measured faster than cuBLAS), no autograd graph to record (grad disabled,
+    or nothing requires grad: the kernel has no backward), and torch's fp32 matmuls at full precision (with
     ``torch.backends.cuda.matmul.allow_tf32`` on, cuBLAS's TF32 is faster and the caller chose its accuracy)."""
     ts = [t for t in (x, weight, bias) if t is not None]
     if not all(t.is_cuda and t.dtype == torch.float32 for t in ts) or x.dim() < 1 or x.shape[-1] == 0:

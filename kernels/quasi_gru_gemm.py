@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ._common import DOT_PRECISIONS, dot, gru_f_jdiag, rel_residual, split_dot, tf32_parts
+from .linear import tf32_split
 
 # tile (rows BM x channels BD x reduction BK) and warps (benchmarks/bench_gru_quasi.py --epilogue --epilogue-tiles;
 # run 63, H100, D = 64, B = 8, T = 1M: 64 x 64 x 32 at 4 warps 10.3 ms, at 8 warps 14.3 ms, 128 x 64 x 32 at 8 warps
@@ -198,8 +199,6 @@ def quasi_gru_epilogue(h: torch.Tensor, xp: torch.Tensor, weight_hh: torch.Tenso
     bias = w if bias_hh is None else bias_hh.detach().contiguous()
     prec = DOT_PRECISIONS[precision]
     if tiles is None and D <= ROWS_MAX_D:
-        from .linear import tf32_split
-
         w1, w2 = tf32_split(w) if prec == 2 else (w, w)
         bd = min(ROWS_BD, max(16, triton.next_power_of_2(D)))
         n_prog = triton.cdiv(M, ROWS_BM)

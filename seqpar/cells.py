@@ -19,6 +19,7 @@ bfloat16 storage with float32 parameters (mixed precision) works.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -358,11 +359,12 @@ class GRU(_TorchWeightsCell):
         if self.hidden_size == 1:  # W_hh is its own diagonal: the DiagGRU kernel, exact, no per-iteration GEMM
             return lambda h, bnd, start, out=None, want_summary=False: fused_diag_gru_step(
                 h, xp, w.reshape(3), b, bnd, out=out, start=start, want_summary=want_summary)
-        step = lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(  # noqa: E731
-            h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary)
+        def step(h, bnd, start, out=None, want_summary=False, zero_iterate=False):
+            return fused_gru_quasi_step(h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary,
+                                        zero_iterate=zero_iterate)
+
         # the pass from the zero iterate (the solver's first without an initial guess): no recurrent GEMM
-        step.from_zeros = lambda h, bnd, start, out=None, want_summary=False: fused_gru_quasi_step(
-            h, xp, w, b, bnd, out=out, start=start, want_summary=want_summary, zero_iterate=True)
+        step.from_zeros = functools.partial(step, zero_iterate=True)
         return step
 
     def pipelined_newton_raw(self, structure, inputs):
