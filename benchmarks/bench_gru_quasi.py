@@ -196,15 +196,20 @@ def solve_once(cell, x, h0, m, min_d, reps: int):
     return out, dict(recurrent=recurrent, **row)
 
 
+def solve_problem(D: int, B: int, T: int, init: str, dev):
+    """``(m, cell, x, h0)`` of the whole-solve rows: torch.nn.GRU(D, D) at ``init`` (:func:`gru_module`), its
+    seqpar cell, inputs (T, B, D) from seed 1, h0 zeros."""
+    m = gru_module(D, init, dev)
+    cell = seqpar.cells.GRU.from_torch(m)  # (before the seed: building the cell may draw random numbers)
+    torch.manual_seed(1)
+    return m, cell, torch.randn(T, B, D, device=dev), torch.zeros(B, D, device=dev)
+
+
 @torch.no_grad()
 def off_on_solves(D: int, B: int, T: int, init: str, a, dev, solve) -> dict:
     """Whole solves of one init with a variant off and on (``solve(cell, x, h0, m, on) -> (states, row)``),
     the largest state difference between the two, and cuDNN."""
-    m = gru_module(D, init, dev)
-    cell = seqpar.cells.GRU.from_torch(m)
-    torch.manual_seed(1)
-    x = torch.randn(T, B, D, device=dev)
-    h0 = torch.zeros(B, D, device=dev)
+    m, cell, x, h0 = solve_problem(D, B, T, init, dev)
     srow = dict(D=D, B=B, T=T, init=init)
     ref, srow["off"] = solve(cell, x, h0, m, False)
     torch.cuda.empty_cache()

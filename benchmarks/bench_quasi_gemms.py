@@ -35,7 +35,7 @@ import seqpar
 import seqpar.graphs
 import seqpar.kernels.linear as lin
 import seqpar.newton
-from bench_gru_quasi import cudnn_ms, gru_module, iteration_inputs, measured_solve
+from bench_gru_quasi import cudnn_ms, iteration_inputs, measured_solve, solve_problem
 from common import env_info, event_ms, out_path, write_json
 from seqpar.kernels import fused_diag_gru as k
 from seqpar.kernels import quasi_gru_gemm as q
@@ -145,11 +145,7 @@ def VARIANTS(D: int):
 
 @torch.no_grad()
 def solve_row(D: int, B: int, T: int, init: str, reps: int, dev) -> dict:
-    m = gru_module(D, init, dev)
-    cell = seqpar.cells.GRU.from_torch(m)
-    torch.manual_seed(1)
-    x = torch.randn(T, B, D, device=dev)
-    h0 = torch.zeros(B, D, device=dev)
+    m, cell, x, h0 = solve_problem(D, B, T, init, dev)
     row = dict(D=D, B=B, T=T, init=init)
     outs = {}
     for name, ctx in VARIANTS(D):
